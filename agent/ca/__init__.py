@@ -1,0 +1,1 @@
+"""Certificate authority server, client and the agent-side certificate manager."""

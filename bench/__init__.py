@@ -1,0 +1,1 @@
+"""Benchmarks: each module prints figures beside a reference measured in the same run."""
