@@ -57,6 +57,8 @@ def _check_trust_domain(name: str) -> None:
     # Name the most specific rule: these are the usual ways a URI authority smuggles aliases.
     if "@" in name:
         raise SpiffeIdError("trust-domain-userinfo", f"trust domain {name!r} contains userinfo ('@')")
+    if "[" in name or "]" in name:
+        raise SpiffeIdError("trust-domain-charset", f"trust domain {name!r} is an IP literal; names only")
     if ":" in name:
         raise SpiffeIdError("trust-domain-port", f"trust domain {name!r} contains a port (':')")
     if "%" in name:
