@@ -1,0 +1,218 @@
+"""Prometheus metrics, with Istio's standard TCP metric names and labels.
+
+Istio's dashboards and alerts query ``istio_tcp_*`` with the standard label set (the same one
+ztunnel exports), so we export exactly those names and labels; values we cannot know are
+``unknown`` as in Istio. Everything lives in one :class:`AgentMetrics` with its own registry,
+so two agents in one test process (or the CA and the agent) never share counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+UNKNOWN: Final = "unknown"
+
+# Istio standard metric labels (istio.io/latest/docs/reference/config/metrics), in the order
+# ztunnel exports them for TCP.
+ISTIO_TCP_LABELS: Final = (
+    "reporter",
+    "source_workload",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_cluster",
+    "destination_service",
+    "destination_service_namespace",
+    "destination_service_name",
+    "destination_workload",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_cluster",
+    "request_protocol",
+    "response_flags",
+    "connection_security_policy",
+)
+
+
+@dataclass(frozen=True)
+class ConnectionLabels:
+    """One connection's Istio labels. ``reporter`` is ``source`` or ``destination``."""
+
+    reporter: str
+    source_workload: str = UNKNOWN
+    source_canonical_service: str = UNKNOWN
+    source_canonical_revision: str = UNKNOWN
+    source_workload_namespace: str = UNKNOWN
+    source_principal: str = UNKNOWN
+    source_app: str = UNKNOWN
+    source_version: str = UNKNOWN
+    source_cluster: str = UNKNOWN
+    destination_service: str = UNKNOWN
+    destination_service_namespace: str = UNKNOWN
+    destination_service_name: str = UNKNOWN
+    destination_workload: str = UNKNOWN
+    destination_canonical_service: str = UNKNOWN
+    destination_canonical_revision: str = UNKNOWN
+    destination_workload_namespace: str = UNKNOWN
+    destination_principal: str = UNKNOWN
+    destination_app: str = UNKNOWN
+    destination_version: str = UNKNOWN
+    destination_cluster: str = UNKNOWN
+    request_protocol: str = "tcp"
+    response_flags: str = "-"
+    # "mutual_tls" for HBONE, "none" for plaintext (Istio's values).
+    connection_security_policy: str = UNKNOWN
+
+    def values(self) -> tuple[str, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+
+assert tuple(f.name for f in fields(ConnectionLabels)) == ISTIO_TCP_LABELS
+
+
+class ConnectionStats:
+    """Counters for one open connection: byte counts go to Prometheus as they flow.
+
+    Sent/received follow Istio's convention at each reporter: ``received`` are bytes from the
+    downstream (request direction), ``sent`` bytes towards the downstream (response direction).
+    """
+
+    def __init__(self, metrics: AgentMetrics, labels: ConnectionLabels) -> None:
+        self.labels = labels
+        v = labels.values()
+        self._sent = metrics.tcp_sent_bytes.labels(*v)
+        self._received = metrics.tcp_received_bytes.labels(*v)
+        self._closed = metrics.tcp_connections_closed.labels(*v)
+        self.sent = 0
+        self.received = 0
+        self._done = False
+        metrics.tcp_connections_opened.labels(*v).inc()
+
+    def add_sent(self, n: int) -> None:
+        self.sent += n
+        self._sent.inc(n)
+
+    def add_received(self, n: int) -> None:
+        self.received += n
+        self._received.inc(n)
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._closed.inc()
+
+
+class AgentMetrics:
+    """All metrics of one agent, in one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.tcp_connections_opened = Counter(
+            "istio_tcp_connections_opened", "TCP connections opened", ISTIO_TCP_LABELS, registry=r
+        )
+        self.tcp_connections_closed = Counter(
+            "istio_tcp_connections_closed", "TCP connections closed", ISTIO_TCP_LABELS, registry=r
+        )
+        self.tcp_sent_bytes = Counter(
+            "istio_tcp_sent_bytes",
+            "Bytes sent towards the downstream (response direction) on TCP connections",
+            ISTIO_TCP_LABELS,
+            registry=r,
+        )
+        self.tcp_received_bytes = Counter(
+            "istio_tcp_received_bytes",
+            "Bytes received from the downstream (request direction) on TCP connections",
+            ISTIO_TCP_LABELS,
+            registry=r,
+        )
+        self.policy_decisions = Counter(
+            "ztagent_policy_decisions",
+            "Authorization decisions at this (destination) agent",
+            ("action", "reason"),
+            registry=r,
+        )
+        self.handshake_failures = Counter(
+            "ztagent_handshake_failures",
+            "Failed mTLS/HBONE handshakes by reason and direction",
+            ("direction", "reason"),
+            registry=r,
+        )
+        self.plaintext_connections = Counter(
+            "ztagent_plaintext_connections",
+            "Captured inbound connections accepted in plaintext (PERMISSIVE), by destination namespace: "
+            "watch it fall to zero before switching a namespace to STRICT",
+            ("namespace",),
+            registry=r,
+        )
+        self.connections_closed_by_policy = Counter(
+            "ztagent_connections_closed_by_policy",
+            "Open connections closed because a policy change now denies them",
+            ("namespace",),
+            registry=r,
+        )
+        self.cert_rotation_failures = Counter(
+            "ztagent_cert_rotation_failures",
+            "Failed certificate renewals by identity",
+            ("identity",),
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "ztagent_config_reloads", "Config reload attempts by result", ("result",), registry=r
+        )
+        self.open_tunnels = Gauge(
+            "ztagent_open_tunnels", "Open HBONE streams by direction", ("direction",), registry=r
+        )
+        self.ready = Gauge("ztagent_ready", "1 when certificates and capture are in place", registry=r)
+        self._expiry = _CertExpiryCollector()
+        r.register(self._expiry)
+
+    def set_cert_expiry(self, expiries: Iterable[tuple[str, float]]) -> None:
+        """Replace the certificate-expiry gauge's series: (SPIFFE ID, expiry unix seconds)."""
+        self._expiry.set(expiries)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _CertExpiryCollector(Collector):
+    """``ztagent_cert_expiry_timestamp_seconds{identity}``: a set that changes as workloads come and go.
+
+    A custom collector (instead of a Gauge) so identities that left the node vanish from the
+    scrape rather than lingering with a stale value.
+    """
+
+    def __init__(self) -> None:
+        self._values: tuple[tuple[str, float], ...] = ()
+
+    def set(self, values: Iterable[tuple[str, float]]) -> None:
+        self._values = tuple(values)
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return [self._family()]
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "ztagent_cert_expiry_timestamp_seconds",
+            "Expiry (NotAfter) of each workload certificate held by this agent",
+            labels=("identity",),
+        )
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        fam = self._family()
+        for ident, ts in self._values:
+            fam.add_metric((ident,), ts)
+        return [fam]
