@@ -1,0 +1,241 @@
+"""The node agent's side of `IstioCertificateService/CreateCertificate`.
+
+The agent authenticates with its node credential (``ztagent ca bootstrap-node`` output: key.pem,
+cert-chain.pem, root-cert.pem) over TLS, checks the CA server by its DNS name
+(:data:`agent.ca.identities.CA_SERVER_NAME`) against the node credential's trust bundle, and
+asks for a workload certificate the way ztunnel does: a fresh P-256 key per request, a CSR with
+the workload's SPIFFE ID, the same ID in the ``ImpersonatedIdentity`` metadata.
+
+Nothing from the answer is trusted until checked: the leaf must be for our key and our SPIFFE
+ID and must verify, with the intermediates sent, against the trust bundle we already hold.
+
+Every failure is a :class:`CaClientError` whose ``kind`` says what class of problem it is
+(``unreachable``, ``unauthenticated``, ``denied``, ``rejected``, ``malformed-answer``,
+``ca-error``) and whose message names the CA address and the identity.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from google.protobuf import struct_pb2
+
+from agent.ca.identities import CA_SERVER_NAME, IMPERSONATED_IDENTITY
+from agent.ca.proto import ca_pb2, ca_pb2_grpc
+from agent.ca.store import CaStoreError, CredentialFiles, read_credentials
+from identity.bundle import BundleError, TrustBundle, TrustBundleSet
+from identity.keys import build_csr, generate_key
+from identity.spiffe import SpiffeId
+from identity.svid import SvidError, WorkloadCredential, load_pem_chain, verify_svid
+
+Clock = Callable[[], dt.datetime]
+MAX_ANSWER_CERTS = 16
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class CaClientError(Exception):
+    def __init__(self, kind: str, message: str, identity: SpiffeId | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.identity = identity
+
+
+@dataclass(frozen=True)
+class NodeCredentials:
+    """The node's own credential for talking to the CA, checked on load."""
+
+    credential: WorkloadCredential
+    bundles: TrustBundleSet
+    files: CredentialFiles
+
+    @classmethod
+    def from_files(cls, files: CredentialFiles, *, now: dt.datetime | None = None) -> NodeCredentials:
+        try:
+            cred = WorkloadCredential.from_pem(files.chain_pem, files.key_pem)
+            bundle = TrustBundle.from_pem(cred.spiffe_id.trust_domain, files.roots_pem)
+        except (SvidError, BundleError) as exc:
+            raise CaClientError("bad-credentials", f"node credential unusable: {exc}") from None
+        bundles = TrustBundleSet.of(bundle)
+        if now is not None:
+            try:
+                verify_svid(cred.chain, bundles, now)
+            except SvidError as exc:
+                raise CaClientError(
+                    "bad-credentials", f"node credential {cred.spiffe_id} is not valid: {exc}"
+                ) from None
+        return cls(cred, bundles, files)
+
+    @classmethod
+    def from_dir(
+        cls, directory: str | os.PathLike[str], *, now: dt.datetime | None = None
+    ) -> NodeCredentials:
+        try:
+            files = read_credentials(directory)
+        except CaStoreError as exc:
+            raise CaClientError("bad-credentials", str(exc)) from None
+        return cls.from_files(files, now=now)
+
+    @property
+    def spiffe_id(self) -> SpiffeId:
+        return self.credential.spiffe_id
+
+
+def _kind_for(code: grpc.StatusCode) -> str:
+    return {
+        grpc.StatusCode.UNAVAILABLE: "unreachable",
+        grpc.StatusCode.DEADLINE_EXCEEDED: "unreachable",
+        grpc.StatusCode.UNAUTHENTICATED: "unauthenticated",
+        grpc.StatusCode.PERMISSION_DENIED: "denied",
+        grpc.StatusCode.INVALID_ARGUMENT: "rejected",
+        grpc.StatusCode.RESOURCE_EXHAUSTED: "rejected",
+        grpc.StatusCode.FAILED_PRECONDITION: "rejected",
+    }.get(code, "ca-error")
+
+
+class CaClient:
+    """An async client for one CA address (``unix:/path`` or ``host:port``)."""
+
+    def __init__(
+        self,
+        address: str,
+        node: NodeCredentials,
+        *,
+        timeout: float = 10.0,
+        clock: Clock = utc_now,
+        impersonate: bool = True,
+        server_name: str = CA_SERVER_NAME,
+    ) -> None:
+        if not (address.startswith("unix:/") or (":" in address and not address.startswith("unix:"))):
+            raise ValueError(f"CA address {address!r}: expected unix:/absolute/path or host:port")
+        self.address = address
+        self.node = node
+        self.timeout = timeout
+        self._clock = clock
+        self._impersonate = impersonate
+        self._server_name = server_name
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: Any = None
+
+    def bundles(self) -> TrustBundleSet:
+        return self.node.bundles
+
+    def _get_stub(self) -> Any:
+        if self._stub is None:
+            files = self.node.files
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=self.node.bundles.all_roots_pem(),
+                private_key=files.key_pem,
+                certificate_chain=files.chain_pem,
+            )
+            self._channel = grpc.aio.secure_channel(
+                self.address,
+                creds,
+                options=[
+                    ("grpc.ssl_target_name_override", self._server_name),
+                    ("grpc.default_authority", self._server_name),
+                    # Fail fast and retry in the certificate manager, which owns the schedule.
+                    ("grpc.enable_retries", 0),
+                    ("grpc.initial_reconnect_backoff_ms", 200),
+                    ("grpc.max_reconnect_backoff_ms", 2000),
+                ],
+            )
+            self._stub = ca_pb2_grpc.IstioCertificateServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        return self._stub
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+        self._channel = None
+        self._stub = None
+
+    async def __aenter__(self) -> CaClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def fetch(self, spiffe_id: SpiffeId, ttl: dt.timedelta | None = None) -> WorkloadCredential:
+        """Obtain a fresh credential for ``spiffe_id`` (what the certificate manager calls)."""
+        return await self.create_certificate(spiffe_id, ttl)
+
+    async def create_certificate(
+        self, spiffe_id: SpiffeId, ttl: dt.timedelta | None = None
+    ) -> WorkloadCredential:
+        key = generate_key()
+        request = ca_pb2.IstioCertificateRequest(
+            csr=build_csr(key, spiffe_id).decode("ascii"),
+            validity_duration=int(ttl.total_seconds()) if ttl is not None else 0,
+        )
+        if self._impersonate:
+            value = struct_pb2.Value(string_value=str(spiffe_id))
+            request.metadata.CopyFrom(struct_pb2.Struct(fields={IMPERSONATED_IDENTITY: value}))
+        try:
+            answer = await self._get_stub().CreateCertificate(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            kind = _kind_for(exc.code())
+            details = exc.details() or ""
+            if kind == "unreachable":
+                hint = (
+                    "is the CA running there, and does it accept this node's credential "
+                    f"({self.node.spiffe_id})? TLS handshake failures also show up this way"
+                )
+                msg = (
+                    f"CA at {self.address} unreachable for {spiffe_id}: {exc.code().name}: {details} ({hint})"
+                )
+            else:
+                msg = f"CA at {self.address} refused {spiffe_id}: {exc.code().name}: {details}"
+            raise CaClientError(kind, msg, spiffe_id) from None
+        return self._check_answer(answer, key, spiffe_id)
+
+    def _check_answer(self, answer: Any, key: Any, spiffe_id: SpiffeId) -> WorkloadCredential:
+        def bad(why: str) -> CaClientError:
+            return CaClientError(
+                "malformed-answer", f"CA at {self.address} answered badly for {spiffe_id}: {why}", spiffe_id
+            )
+
+        entries = list(answer.cert_chain)
+        if not entries:
+            raise bad("empty cert_chain")
+        certs: list[x509.Certificate] = []
+        for i, entry in enumerate(entries):
+            try:
+                certs.extend(load_pem_chain(entry.encode("ascii")))
+            except (SvidError, UnicodeEncodeError) as exc:
+                raise bad(f"cert_chain[{i}] is not PEM certificates: {exc}") from None
+            if len(certs) > MAX_ANSWER_CERTS:
+                raise bad(f"more than {MAX_ANSWER_CERTS} certificates")
+        # istiod's shape: leaf, intermediates, then the root(s); drop the self-signed tail.
+        chain = [c for c in certs if not _self_signed(c)]
+        if not chain or chain[0] is not certs[0]:
+            raise bad("the first certificate is not a leaf")
+        try:
+            cred = WorkloadCredential.from_chain(key, chain)
+        except SvidError as exc:
+            raise bad(f"{exc}") from None
+        if cred.spiffe_id != spiffe_id:
+            raise bad(f"certificate is for {cred.spiffe_id}")
+        try:
+            verify_svid(cred.chain, self.node.bundles, self._clock())
+        except SvidError as exc:
+            raise bad(f"issued certificate does not verify against our trust bundle: {exc}") from None
+        return cred
+
+
+def _self_signed(cert: x509.Certificate) -> bool:
+    if cert.issuer != cert.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True

@@ -1,0 +1,306 @@
+"""`ztagent ca`: the certificate authority's operator commands and its server.
+
+    ztagent ca init   --dir D --trust-domain TD [--force]                 self-signed root
+    ztagent ca init   --dir D --cert-chain C --key K [--root R] [--trust-domain TD] [--force]
+                                                                          plug-in CA (root stays offline)
+    ztagent ca issue  --dir D --id SPIFFE_ID [--ttl 1h] --out DIR [-o json]   local issuance
+    ztagent ca bootstrap-node --dir D --node NAME [--ttl 24h] --out DIR [-o json]
+    ztagent ca bundle --dir D [--format pem|jwks]
+    ztagent ca serve  --dir D --config F --listen unix:/path|host:port [--default-ttl 1h] [--max-ttl 24h]
+
+Output is stable: ``issue`` and ``bootstrap-node`` print ``key: value`` lines in a fixed order
+(RFC 3339 UTC times), or one JSON object with ``-o json``. Errors go to stderr as ``error: ...``
+with exit status 1 (2 for usage errors) and leave every file as it was.
+
+Bootstrap. ``bootstrap-node`` is the file-based way to give a node agent its first credential:
+run it where the CA directory is, copy the output directory to the node (``ztagent run
+--node-credentials DIR``). In Kubernetes the agent would instead present its projected
+service-account token (audience ``ztagent-ca``) on a first CreateCertificate call; the CA would
+check it with a TokenReview, read the pod's ``spec.nodeName``, and issue the node identity, the
+way istiod authenticates ztunnel by token. That token path is not implemented here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import re
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent.ca import store as ca_store
+from agent.ca.identities import NodeNameError, node_identity
+from agent.ca.server import CaServer, ConfigMismatch
+from agent.config import ConfigError, FileConfigSource
+from identity.ca import DEFAULT_MAX_TTL, DEFAULT_WORKLOAD_TTL, CaError
+from identity.keys import build_csr, generate_key, key_to_pem
+from identity.spiffe import SpiffeId, SpiffeIdError
+
+_DURATION = re.compile(r"(\d+)([smhd])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """``90s``, ``30m``, ``1h``, ``7d``, ``1h30m``; positive only."""
+    pos = 0
+    seconds = 0
+    for m in _DURATION.finditer(text):
+        if m.start() != pos:
+            break
+        seconds += int(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text or seconds <= 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a positive duration like 90s, 30m, 1h, 7d or 1h30m"
+        )
+    return dt.timedelta(seconds=seconds)
+
+
+def _rfc3339(t: dt.datetime) -> str:
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _err(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 1
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("ca", help="certificate authority: init, issue, bundle, bootstrap-node, serve")
+    csub = p.add_subparsers(dest="ca_command", metavar="ACTION", required=True)
+
+    i = csub.add_parser("init", help="create a CA directory (self-signed root or plug-in intermediate)")
+    i.add_argument("--dir", required=True, help="CA directory to create")
+    i.add_argument("--trust-domain", help="trust domain (required for a self-signed root)")
+    i.add_argument("--cert-chain", help="plug-in CA: PEM file with the intermediate (and more) certificates")
+    i.add_argument("--key", help="plug-in CA: PEM private key of the intermediate")
+    i.add_argument("--root", help="plug-in CA: PEM root certificate, if not at the end of --cert-chain")
+    i.add_argument(
+        "--force", action="store_true", help="replace an existing CA (invalidates its certificates)"
+    )
+    i.set_defaults(func=cmd_init)
+
+    s = csub.add_parser("issue", help="issue a workload certificate locally from the CA's files")
+    s.add_argument("--dir", required=True, help="CA directory")
+    s.add_argument("--id", required=True, dest="spiffe_id", help="SPIFFE ID, e.g. spiffe://td/ns/a/sa/b")
+    s.add_argument("--ttl", type=parse_duration, default=DEFAULT_WORKLOAD_TTL, help="lifetime (default 1h)")
+    s.add_argument("--out", required=True, help="directory for key.pem, cert-chain.pem, root-cert.pem")
+    s.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    s.set_defaults(func=cmd_issue)
+
+    b = csub.add_parser("bootstrap-node", help="issue a node agent's credential for talking to the CA")
+    b.add_argument("--dir", required=True, help="CA directory")
+    b.add_argument("--node", required=True, help="node name (as in the mesh config)")
+    b.add_argument(
+        "--ttl", type=parse_duration, default=dt.timedelta(hours=24), help="lifetime (default 24h)"
+    )
+    b.add_argument("--out", required=True, help="directory for key.pem, cert-chain.pem, root-cert.pem")
+    b.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    b.set_defaults(func=cmd_bootstrap_node)
+
+    u = csub.add_parser("bundle", help="print the trust bundle")
+    u.add_argument("--dir", required=True, help="CA directory")
+    u.add_argument("--format", choices=["pem", "jwks"], default="pem")
+    u.set_defaults(func=cmd_bundle)
+
+    v = csub.add_parser("serve", help="serve istio.v1.auth.IstioCertificateService to node agents")
+    v.add_argument("--dir", required=True, help="CA directory")
+    v.add_argument("--config", required=True, help="mesh config file (workload placement)")
+    v.add_argument("--listen", required=True, help="unix:/absolute/path or host:port (port 0: any)")
+    v.add_argument("--default-ttl", type=parse_duration, default=DEFAULT_WORKLOAD_TTL)
+    v.add_argument("--max-ttl", type=parse_duration, default=DEFAULT_MAX_TTL)
+    v.add_argument("--config-poll", type=float, default=1.0, help="seconds between config file checks")
+    v.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    v.set_defaults(func=cmd_serve)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    now = _now()
+    try:
+        if args.cert_chain or args.key or args.root:
+            if not (args.cert_chain and args.key):
+                return _err("a plug-in CA needs both --cert-chain and --key")
+            chain = Path(args.cert_chain).read_bytes()
+            key = Path(args.key).read_bytes()
+            root = Path(args.root).read_bytes() if args.root else None
+            st = ca_store.init_plugin(
+                args.dir,
+                chain_pem=chain,
+                key_pem=key,
+                root_pem=root,
+                trust_domain=args.trust_domain,
+                now=now,
+                force=args.force,
+            )
+        else:
+            if not args.trust_domain:
+                return _err(
+                    "--trust-domain is required for a self-signed root (or give --cert-chain and --key)"
+                )
+            st = ca_store.init_self_signed(args.dir, args.trust_domain, now=now, force=args.force)
+    except OSError as exc:
+        return _err(f"cannot read {exc.filename}: {exc.strerror}")
+    except ca_store.CaStoreError as exc:
+        return _err(str(exc))
+    print(f"trust_domain: {st.trust_domain}")
+    print(f"kind: {st.kind}")
+    print(f"not_after: {_rfc3339(st.ca.not_after)}")
+    print(f"dir: {st.directory}")
+    return 0
+
+
+def _issue(
+    args: argparse.Namespace, spiffe_id: SpiffeId, ttl: dt.timedelta, extra: dict[str, str]
+) -> int:
+    try:
+        st = ca_store.load(args.dir, max_ttl=max(ttl, DEFAULT_MAX_TTL))
+        if spiffe_id.trust_domain != st.trust_domain:
+            return _err(f"{spiffe_id} is not in this CA's trust domain {st.trust_domain}")
+        key = generate_key()
+        now = _now()
+        issued = st.ca.sign_csr(build_csr(key, spiffe_id), allowed=lambda s: s == spiffe_id, ttl=ttl, now=now)
+        files = ca_store.write_credentials(
+            args.out, ca_store.CredentialFiles(key_to_pem(key), issued.chain_pem, st.bundle.to_pem())
+        )
+    except (ca_store.CaStoreError, CaError) as exc:
+        return _err(str(exc))
+    out: dict[str, Any] = {
+        **extra,
+        "spiffe_id": str(issued.spiffe_id),
+        "serial": format(issued.certificate.serial_number, "x"),
+        "not_before": _rfc3339(issued.not_before),
+        "not_after": _rfc3339(issued.not_after),
+        **files,
+    }
+    if args.output == "json":
+        print(json.dumps(out, indent=2))
+    else:
+        for k, v in out.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+def cmd_issue(args: argparse.Namespace) -> int:
+    try:
+        sid = SpiffeId.parse(args.spiffe_id)
+    except SpiffeIdError as exc:
+        return _err(f"--id {args.spiffe_id!r}: {exc}")
+    return _issue(args, sid, args.ttl, {})
+
+
+def cmd_bootstrap_node(args: argparse.Namespace) -> int:
+    try:
+        st = ca_store.load(args.dir)
+        sid = node_identity(st.trust_domain, args.node)
+    except ca_store.CaStoreError as exc:
+        return _err(str(exc))
+    except NodeNameError as exc:
+        return _err(f"--node: {exc}")
+    return _issue(args, sid, args.ttl, {"node": args.node})
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    try:
+        st = ca_store.load(args.dir)
+    except ca_store.CaStoreError as exc:
+        return _err(str(exc))
+    if args.format == "jwks":
+        print(json.dumps(st.bundle.to_jwks(), indent=2, sort_keys=True))
+    else:
+        sys.stdout.write(st.bundle.to_pem().decode("ascii"))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class _JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the record's structured extras."""
+
+    _STD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for k, v in vars(record).items():
+            if k not in self._STD:
+                out[k] = v
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonLogFormatter())
+    root = logging.getLogger("ztagent")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        return asyncio.run(_serve(args))
+    finally:
+        root.removeHandler(handler)
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    try:
+        st = ca_store.load(args.dir, max_ttl=args.max_ttl)
+        source = FileConfigSource(args.config, interval=args.config_poll)
+        cfg = source.initial()
+        server = CaServer(st, cfg, default_ttl=args.default_ttl)
+    except ca_store.CaStoreError as exc:
+        return _err(str(exc))
+    except ConfigError as exc:
+        return _err(f"config refused: {exc}")
+    except (ConfigMismatch, ValueError) as exc:
+        return _err(str(exc))
+    try:
+        address = await server.start(args.listen)
+    except (OSError, ValueError) as exc:
+        return _err(str(exc))
+    info = {
+        "event": "serving",
+        "service": "istio.v1.auth.IstioCertificateService",
+        "address": address,
+        "trust_domain": str(st.trust_domain),
+        "config": cfg.source,
+        "config_sha256": cfg.digest,
+    }
+    if args.output == "json":
+        print(json.dumps(info), flush=True)
+    else:
+        print(
+            f"serving {info['service']} on {address} (trust domain {st.trust_domain}, "
+            f"config {cfg.source} sha256 {cfg.digest[:12]})",
+            flush=True,
+        )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    watcher = asyncio.create_task(server.watch_config(source), name="ca-config-watch")
+    try:
+        await stop.wait()
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await server.stop(grace=2.0)
+    return 0
