@@ -77,6 +77,23 @@ def _check_root(cert: x509.Certificate) -> None:
         raise BundleError("root-not-ca", f"bundle certificate {cert.subject.rfc4514_string()!r} is not a CA")
 
 
+def load_pem_roots(pem: bytes) -> tuple[x509.Certificate, ...]:
+    """Parse PEM CA certificates for a bundle; BundleError if unusable or not CAs."""
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise BundleError("pem", "no PEM certificate found")
+    if pem.count(b"-----BEGIN CERTIFICATE-----") != pem.count(b"-----END CERTIFICATE-----"):
+        raise BundleError("pem", "a PEM certificate block is truncated (BEGIN without END)")
+    try:
+        certs = tuple(x509.load_pem_x509_certificates(pem))
+    except ValueError as exc:
+        raise BundleError("pem", f"bad PEM certificate data: {exc}") from None
+    if len(certs) > MAX_ROOTS:
+        raise BundleError("too-many-roots", f"{len(certs)} certificates, at most {MAX_ROOTS}")
+    for cert in certs:
+        _check_root(cert)
+    return certs
+
+
 @dataclass(frozen=True)
 class TrustBundle:
     """The X.509 roots of one trust domain, plus the SPIFFE bundle metadata we publish."""
@@ -96,14 +113,7 @@ class TrustBundle:
 
     @classmethod
     def from_pem(cls, trust_domain: TrustDomain | str, pem: bytes) -> TrustBundle:
-        td = _td(trust_domain)
-        if b"-----BEGIN" not in pem:
-            raise BundleError("pem", "no PEM certificate found")
-        try:
-            certs = x509.load_pem_x509_certificates(pem)
-        except ValueError as exc:
-            raise BundleError("pem", f"bad PEM certificate data: {exc}") from None
-        return cls(td, tuple(certs))
+        return cls(_td(trust_domain), load_pem_roots(pem))
 
     def to_pem(self) -> bytes:
         return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.roots)
