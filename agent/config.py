@@ -768,10 +768,26 @@ def _document_index_at(text: str, line: int) -> int:
 def default_policy_parser(docs: Sequence[PolicyDocument]) -> tuple[Any, Sequence[ConfigIssue]]:
     """Compile policies with the policy/ package, mapping its errors to :class:`ConfigIssue`.
 
-    Until the policy package exposes its parser this accepts the envelope-checked documents
-    as they are (their specs unchecked) and returns ``None`` as the parsed form.
+    The policy package keeps invalid documents "poisoned" (enforced fail-closed) for sources
+    that cannot refuse an update; a file can, so here any error refuses the whole config and the
+    last good one keeps serving. Warnings stay on the returned ``PolicySet``.
     """
-    return None, ()
+    from policy import parse_policies  # the pure policy ring; imported here to keep config light
+
+    policy_set = parse_policies([thaw(d.raw) for d in docs])
+    issues = []
+    for e in policy_set.errors:
+        d = docs[e.document]
+        issues.append(ConfigIssue(d.file, d.document, d.kind, _join_path(d.path, e.path), e.message))
+    return policy_set, issues
+
+
+def _join_path(prefix: str, path: str) -> str:
+    if not prefix:
+        return path
+    if not path:
+        return prefix
+    return f"{prefix}{path}" if path.startswith("[") else f"{prefix}.{path}"
 
 
 def load_config(path: str | os.PathLike[str], *, policy_parser: PolicyParser | None = None) -> MeshConfig:

@@ -8,13 +8,10 @@ so two agents in one test process (or the CA and the agent) never share counters
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 UNKNOWN: Final = "unknown"
 
@@ -164,12 +161,6 @@ class AgentMetrics:
             ("namespace",),
             registry=r,
         )
-        self.cert_rotation_failures = Counter(
-            "ztagent_cert_rotation_failures",
-            "Failed certificate renewals by identity",
-            ("identity",),
-            registry=r,
-        )
         self.config_reloads = Counter(
             "ztagent_config_reloads", "Config reload attempts by result", ("result",), registry=r
         )
@@ -177,42 +168,9 @@ class AgentMetrics:
             "ztagent_open_tunnels", "Open HBONE streams by direction", ("direction",), registry=r
         )
         self.ready = Gauge("ztagent_ready", "1 when certificates and capture are in place", registry=r)
-        self._expiry = _CertExpiryCollector()
-        r.register(self._expiry)
-
-    def set_cert_expiry(self, expiries: Iterable[tuple[str, float]]) -> None:
-        """Replace the certificate-expiry gauge's series: (SPIFFE ID, expiry unix seconds)."""
-        self._expiry.set(expiries)
+        # Certificate expiry and rotation failures (ztagent_cert_expiry_timestamp_seconds,
+        # ztagent_cert_rotation_failures_total) are registered here by agent.ca's
+        # CertificateManager, which owns those facts.
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-class _CertExpiryCollector(Collector):
-    """``ztagent_cert_expiry_timestamp_seconds{identity}``: a set that changes as workloads come and go.
-
-    A custom collector (instead of a Gauge) so identities that left the node vanish from the
-    scrape rather than lingering with a stale value.
-    """
-
-    def __init__(self) -> None:
-        self._values: tuple[tuple[str, float], ...] = ()
-
-    def set(self, values: Iterable[tuple[str, float]]) -> None:
-        self._values = tuple(values)
-
-    def describe(self) -> Iterable[GaugeMetricFamily]:
-        return [self._family()]
-
-    def _family(self) -> GaugeMetricFamily:
-        return GaugeMetricFamily(
-            "ztagent_cert_expiry_timestamp_seconds",
-            "Expiry (NotAfter) of each workload certificate held by this agent",
-            labels=("identity",),
-        )
-
-    def collect(self) -> Iterable[GaugeMetricFamily]:
-        fam = self._family()
-        for ident, ts in self._values:
-            fam.add_metric((ident,), ts)
-        return [fam]

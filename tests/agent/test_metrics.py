@@ -34,7 +34,6 @@ def test_istio_names_and_labels_in_exposition() -> None:
     st.close()
     st.close()  # idempotent
     m.policy_decisions.labels("deny", "no-allow-match").inc()
-    m.set_cert_expiry([("spiffe://cluster.local/ns/ns1/sa/sleep", 1.7e9)])
     fams = {f.name: f for f in text_string_to_metric_families(m.render().decode())}
     for name in ("istio_tcp_connections_opened", "istio_tcp_connections_closed"):
         (s,) = [s for s in fams[name].samples if s.name == name + "_total"]
@@ -44,9 +43,8 @@ def test_istio_names_and_labels_in_exposition() -> None:
     sent = [s for s in fams["istio_tcp_sent_bytes"].samples if s.name.endswith("_total")]
     recv = [s for s in fams["istio_tcp_received_bytes"].samples if s.name.endswith("_total")]
     assert sent[0].value == 7 and recv[0].value == 100
-    assert fams["ztagent_cert_expiry_timestamp_seconds"].samples[0].value == 1.7e9
-    m.set_cert_expiry([])  # identities that left disappear from the scrape
-    assert "ztagent_cert_expiry_timestamp_seconds{" not in m.render().decode()
+    (d,) = [s for s in fams["ztagent_policy_decisions"].samples if s.name.endswith("_total")]
+    assert d.labels == {"action": "deny", "reason": "no-allow-match"} and d.value == 1
 
 
 async def test_real_prometheus_scrapes_and_queries_a_series() -> None:
