@@ -141,6 +141,12 @@ BAD = [
         "invalid YAML: line 4, column 1: duplicate key 'trustDomain'",
     ),
     (("spec:\n  action", "spec:\n action: [\n  action"), "document 1: invalid YAML"),
+    # Policy specs are checked by the policy package; its errors carry the same location.
+    (("action: ALLOW", "action: ALOW"), "document 1 (AuthorizationPolicy): spec.action: invalid action"),
+    (
+        ("principals: [", "principles: ["),
+        "document 1 (AuthorizationPolicy): spec.rules[0].from[0].source.principles: unknown field",
+    ),
 ]
 
 
