@@ -168,7 +168,8 @@ class CertificateAuthority:
         issuing = () if certificate in self.roots else (certificate, *self.intermediates)
         self.issuer_chain: tuple[x509.Certificate, ...] = issuing
         # A leaf must not outlive any certificate on its path, or peers reject it mid-life.
-        path = [certificate, *self.intermediates]
+        # Roots count too: an operator's root may expire before the intermediate it signed.
+        path = [certificate, *self.intermediates, *self.roots]
         self.not_before = max(c.not_valid_before_utc for c in path)
         self.not_after = min(c.not_valid_after_utc for c in path)
 

@@ -166,6 +166,36 @@ def test_leaf_not_after_is_capped_by_the_ca(root_ca: CertificateAuthority) -> No
     assert verify_svid(issued.chain, TrustBundleSet.of(root_ca.bundle), issued.not_after) == SID
 
 
+def test_leaf_not_after_is_capped_by_an_operator_root_that_expires_first() -> None:
+    root = build_cert(ca_spec("short root", not_after=NOW + dt.timedelta(minutes=40)), key(32))
+    inter = build_cert(ca_spec("long intermediate"), key(33), key(32), root)
+    ca = CertificateAuthority.load(_pem(inter, root), key_to_pem(key(33)))
+    issued = ca.sign_csr(csr_for(), allowed=allow_all, ttl=HOUR, now=NOW)
+    assert issued.not_after == NOW + dt.timedelta(minutes=40)
+
+
+def test_requested_extensions_are_ignored(root_ca: CertificateAuthority) -> None:
+    # A CSR asking to be a CA (or for extra key usages) still gets a plain workload leaf.
+    req = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "evil")]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(WORKLOAD_ID)]), critical=False
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
+        )
+        .sign(key(22), hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+    )
+    cert = root_ca.sign_csr(req, allowed=allow_all, now=NOW).certificate
+    assert cert.subject == x509.Name([])
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    kuse = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert kuse.digital_signature and not kuse.key_cert_sign and not kuse.crl_sign
+
+
 def test_openssl_accepts_our_chain(tmp_path: Path, plugin_ca: CertificateAuthority) -> None:
     # An independent implementation agrees the CA's output is a valid X.509 chain.
     issued = plugin_ca.sign_csr(csr_for(), allowed=allow_all, ttl=HOUR, now=NOW)
