@@ -12,6 +12,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from identity.bundle import BundleError, TrustBundle, TrustBundleSet
 from identity.ca import BACKDATE, CaError, CertificateAuthority
@@ -507,3 +509,17 @@ def test_bundle_refusals(pem: bytes | Callable[[], bytes], rule: str) -> None:
     with pytest.raises(BundleError) as info:
         TrustBundle.from_pem(TD, data)
     assert info.value.rule == rule
+
+
+_seg = st.text(st.sampled_from("abcXYZ019._-"), min_size=1, max_size=40).filter(
+    lambda s: s not in (".", "..")
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(_seg, min_size=1, max_size=30))
+def test_any_valid_id_round_trips_through_issuance_and_verification(segments: list[str]) -> None:
+    sid = SpiffeId(TrustDomain(TD), "".join("/" + s for s in segments))
+    ca = CertificateAuthority.create_root(TD, NOW - HOUR, key=key(20))
+    issued = ca.sign_csr(build_csr(key(22), sid), allowed=lambda i: i == sid, now=NOW)
+    assert verify_svid(issued.chain, TrustBundleSet.of(ca.bundle), NOW) == sid
