@@ -1,0 +1,1111 @@
+"""Parse Istio security policy documents (already loaded from YAML) into :mod:`policy.model`.
+
+Documents are accepted verbatim: ``security.istio.io/v1`` or ``v1beta1``, kinds
+AuthorizationPolicy, PeerAuthentication and RequestAuthentication. Validation follows istiod's
+webhook (pkg/config/validation) plus the CRD schema: unknown fields are errors, because a typo
+such as ``principal:`` for ``principals:`` would otherwise silently widen a policy.
+
+Every error names the field path, e.g.
+``spec.rules[0].from[1].source.ipBlocks[2]: invalid CIDR "10.0.0/33"``.
+
+Invalid input never fails open. A document that is recognisably a policy but has errors is still
+returned, carrying its ``errors`` (it is "poisoned"), with the widest fail-closed reading of the
+parts that could not be parsed:
+
+* an action that cannot be read is taken as DENY;
+* a selector that cannot be read selects every workload in the namespace;
+* a missing namespace makes the policy mesh-wide (namespace ``""``, treated as the root);
+* the evaluators then enforce a poisoned ALLOW as "allows nothing" and a poisoned DENY/CUSTOM
+  as "denies everything it selects" (see :mod:`policy.authz`), and a poisoned
+  PeerAuthentication as STRICT (see :mod:`policy.peerauth`).
+
+Only a document that is not a policy at all (not a mapping, unknown kind or apiVersion) has no
+parsed form: :func:`parse_policy` raises :class:`PolicyParseError` for it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any, Final
+
+from policy.model import (
+    Action,
+    AuthorizationPolicy,
+    Condition,
+    FieldError,
+    IPNetwork,
+    JwtHeader,
+    JwtRule,
+    Meta,
+    MtlsMode,
+    Operation,
+    PeerAuthentication,
+    Policy,
+    RequestAuthentication,
+    Rule,
+    Selector,
+    ServiceAccountMatch,
+    Source,
+    StringMatch,
+    TargetRef,
+)
+
+API_VERSIONS: Final = ("security.istio.io/v1", "security.istio.io/v1beta1")
+KINDS: Final = ("AuthorizationPolicy", "PeerAuthentication", "RequestAuthentication")
+
+_TOP_KEYS: Final = frozenset({"apiVersion", "kind", "metadata", "spec", "status"})
+
+# Condition keys istiod accepts (pkg/config/security ValidateAttribute), and how their values
+# are checked. Map-style keys ("request.headers[x]") are matched by prefix.
+_EXACT_KEYS: Final = {
+    "source.ip": "ip",
+    "remote.ip": "ip",
+    "source.namespace": "string",
+    "source.serviceAccount": "serviceaccount",
+    "source.principal": "string",
+    "request.auth.principal": "string",
+    "request.auth.audiences": "string",
+    "request.auth.presenter": "string",
+    "destination.ip": "ip",
+    "destination.port": "port",
+    "connection.sni": "string",
+}
+_MAP_KEY_PREFIXES: Final = (
+    "request.headers",
+    "request.experimental.inline.headers",
+    "request.auth.claims",
+    "experimental.envoy.filters.",
+)
+_REPLACED_KEYS: Final = {
+    "destination.namespace": "is replaced by the policy's metadata.namespace",
+    "destination.name": "is deprecated (only supported in v1alpha1)",
+    "destination.user": "is deprecated (only supported in v1alpha1)",
+}
+
+_LABEL_KEY = re.compile(
+    r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
+)
+_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+_DURATION = re.compile(r"(\d+(\.\d+)?)(ms|s|m|h)")
+
+
+class PolicyParseError(ValueError):
+    """The document is not a policy this package knows (so it has no fail-closed reading)."""
+
+    def __init__(self, errors: Sequence[FieldError]) -> None:
+        self.errors = tuple(errors)
+        super().__init__("; ".join(str(e) for e in self.errors))
+
+
+@dataclass(frozen=True)
+class DocumentIssue:
+    """An error or warning of one document in a set, located by its index in the input."""
+
+    document: int
+    kind: str | None
+    key: str | None  # "namespace/name" when known
+    error: FieldError
+
+    @property
+    def path(self) -> str:
+        return self.error.path
+
+    @property
+    def message(self) -> str:
+        return self.error.message
+
+    def __str__(self) -> str:
+        where = f"document {self.document}"
+        if self.kind:
+            where += f" ({self.kind}"
+            where += f" {self.key})" if self.key else ")"
+        return f"{where}: {self.error}"
+
+
+@dataclass(frozen=True)
+class PolicySet:
+    """Everything parsed from a sequence of documents, poisoned policies included."""
+
+    authorization: tuple[AuthorizationPolicy, ...] = ()
+    peer_authentication: tuple[PeerAuthentication, ...] = ()
+    request_authentication: tuple[RequestAuthentication, ...] = ()
+    errors: tuple[DocumentIssue, ...] = ()
+    warnings: tuple[DocumentIssue, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def __iter__(self) -> Any:
+        yield from self.authorization
+        yield from self.peer_authentication
+        yield from self.request_authentication
+
+
+# --------------------------------------------------------------------------------------------
+# Context: collects errors and warnings for one document
+
+
+class _Ctx:
+    def __init__(self) -> None:
+        self.errors: list[FieldError] = []
+        self.warnings: list[FieldError] = []
+
+    def err(self, path: str, message: str) -> None:
+        self.errors.append(FieldError(path, message))
+
+    def warn(self, path: str, message: str) -> None:
+        self.warnings.append(FieldError(path, message))
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def _tname(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, Mapping):
+        return "mapping"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, (list, tuple)):
+        return "list"
+    if isinstance(v, int):
+        return "integer"
+    return type(v).__name__
+
+
+def _q(s: str) -> str:
+    """Quote a value the way Istio/Go messages do: "value"."""
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _mapping(ctx: _Ctx, path: str, v: Any, allowed: Iterable[str]) -> Mapping[str, Any] | None:
+    if not isinstance(v, Mapping):
+        ctx.err(path, f"expected a mapping, got {_tname(v)}")
+        return None
+    allowed_set = set(allowed)
+    for k in v:
+        if not isinstance(k, str):
+            ctx.err(path, f"key {k!r} is not a string")
+        elif k not in allowed_set:
+            ctx.err(_join(path, k), f"unknown field (allowed: {', '.join(sorted(allowed_set))})")
+    return v
+
+
+def _list(ctx: _Ctx, path: str, v: Any) -> Sequence[Any] | None:
+    if isinstance(v, (list, tuple)):
+        return v
+    ctx.err(path, f"expected a list, got {_tname(v)}")
+    return None
+
+
+def _string(ctx: _Ctx, path: str, v: Any) -> str | None:
+    if not isinstance(v, str):
+        ctx.err(path, f"expected a string, got {_tname(v)}")
+        return None
+    return v
+
+
+def _strings(ctx: _Ctx, path: str, v: Any) -> list[tuple[str, str]]:
+    """A list of non-empty strings -> [(path, value)]; bad items are reported and skipped."""
+    if v is None:
+        return []
+    items = _list(ctx, path, v)
+    if items is None:
+        return []
+    out = []
+    for i, item in enumerate(items):
+        p = _join(path, i)
+        if not isinstance(item, str):
+            ctx.err(p, f"expected a string, got {_tname(item)}")
+        elif item == "":
+            ctx.err(p, "empty value not allowed")
+        else:
+            out.append((p, item))
+    return out
+
+
+def _string_matches(ctx: _Ctx, path: str, v: Any) -> tuple[StringMatch, ...]:
+    return tuple(StringMatch.parse(s) for _, s in _strings(ctx, path, v))
+
+
+def _ip_blocks(ctx: _Ctx, path: str, v: Any) -> tuple[IPNetwork, ...]:
+    out: list[IPNetwork] = []
+    for p, s in _strings(ctx, path, v):
+        net = parse_ip_block(s)
+        if net is None:
+            ctx.err(p, f"invalid CIDR {_q(s)}" if "/" in s else f"invalid IP address {_q(s)}")
+        else:
+            out.append(net)
+    return tuple(out)
+
+
+def parse_ip_block(s: str) -> IPNetwork | None:
+    # Go's netip.ParsePrefix accepts host bits ("10.0.0.1/24" = 10.0.0.0/24), so strict=False;
+    # but it rejects surrounding space, zones and a missing/oversized length, as we do.
+    if s != s.strip() or "%" in s:
+        return None
+    try:
+        if "/" in s:
+            addr, _, bits = s.partition("/")
+            if not bits.isdigit() or (len(bits) > 1 and bits[0] == "0"):
+                return None
+            ipaddress.ip_address(addr)  # refuse "10.0.0/8", which ip_network would also refuse
+            return ipaddress.ip_network(s, strict=False)
+        return ipaddress.ip_network(ipaddress.ip_address(s))
+    except ValueError:
+        return None
+
+
+def _port(ctx: _Ctx, path: str, v: Any) -> int | None:
+    # Istio declares ports as strings; a YAML integer is unambiguous, so it is accepted too.
+    if isinstance(v, bool):
+        ctx.err(path, f"invalid port: expected a number, got {_tname(v)}")
+        return None
+    if isinstance(v, int):
+        n = v
+    elif isinstance(v, str) and v.isdigit() and v.isascii():
+        n = int(v)
+    else:
+        ctx.err(
+            path,
+            f"invalid port {_q(str(v))}: not a number"
+            if isinstance(v, str)
+            else f"invalid port: expected a number, got {_tname(v)}",
+        )
+        return None
+    if not 0 <= n <= 65535:
+        ctx.err(path, f"invalid port {n}: must be in 0..65535")
+        return None
+    return n
+
+
+def _ports(ctx: _Ctx, path: str, v: Any) -> tuple[int, ...]:
+    if v is None:
+        return ()
+    items = _list(ctx, path, v)
+    if items is None:
+        return ()
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, str) and item == "":
+            ctx.err(_join(path, i), "empty value not allowed")
+            continue
+        n = _port(ctx, _join(path, i), item)
+        if n is not None:
+            out.append(n)
+    return tuple(out)
+
+
+def _service_accounts(ctx: _Ctx, path: str, v: Any, policy_ns: str) -> tuple[ServiceAccountMatch, ...]:
+    raw = _strings(ctx, path, v)
+    if len(raw) > 16:
+        ctx.err(path, f"may not have more than 16 values, found {len(raw)}")
+    out = []
+    for p, s in raw:
+        if "*" in s:
+            ctx.err(p, f"wildcard not allowed in {_q(s)}")
+            continue
+        if len(s) > 320:
+            ctx.err(p, "value cannot exceed 320 characters")
+            continue
+        if s.count("/") > 1:
+            ctx.err(p, f"expected format 'serviceAccount' or 'namespace/serviceAccount', found {_q(s)}")
+            continue
+        ns, sep, sa = s.partition("/")
+        if not sep:
+            # istiod's ambient conversion reads a bare name as a service account of the policy's
+            # own namespace.
+            ns, sa = policy_ns, s
+        if not ns or not sa:
+            ctx.err(p, f"expected format 'serviceAccount' or 'namespace/serviceAccount', found {_q(s)}")
+            continue
+        out.append(ServiceAccountMatch(ns, sa, s))
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces: metadata, selector, targetRefs
+
+
+def _parse_bool_annotation(s: str) -> bool | None:
+    # Go's strconv.ParseBool, which istiod uses for istio.io/dry-run.
+    if s in ("1", "t", "T", "TRUE", "true", "True"):
+        return True
+    if s in ("0", "f", "F", "FALSE", "false", "False"):
+        return False
+    return None
+
+
+def _timestamp(ctx: _Ctx, path: str, v: Any) -> datetime | None:
+    if v is None:
+        return None
+    if isinstance(v, datetime):
+        dt = v
+    elif isinstance(v, str):
+        try:
+            dt = datetime.fromisoformat(v.replace("Z", "+00:00"))
+        except ValueError:
+            ctx.err(path, f"invalid RFC 3339 timestamp {_q(v)}")
+            return None
+    else:
+        ctx.err(path, f"expected an RFC 3339 timestamp, got {_tname(v)}")
+        return None
+    # PyYAML gives naive datetimes for "...Z": they are UTC.
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
+
+
+def _meta(ctx: _Ctx, doc: Mapping[str, Any]) -> Meta:
+    raw = doc.get("metadata")
+    name, namespace = "", ""
+    annotations: dict[str, str] = {}
+    created: datetime | None = None
+    if raw is None:
+        ctx.err("metadata", "required field is missing")
+    elif not isinstance(raw, Mapping):
+        ctx.err("metadata", f"expected a mapping, got {_tname(raw)}")
+    else:
+        n = raw.get("name")
+        if n is None:
+            ctx.err("metadata.name", "required field is missing")
+        elif not isinstance(n, str) or not n:
+            ctx.err("metadata.name", f"expected a non-empty string, got {_tname(n)}")
+        else:
+            name = n
+        ns = raw.get("namespace")
+        if ns is None:
+            ctx.err(
+                "metadata.namespace",
+                "required field is missing (the policy is applied mesh-wide until fixed, failing closed)",
+            )
+        elif not isinstance(ns, str) or not ns:
+            ctx.err("metadata.namespace", f"expected a non-empty string, got {_tname(ns)}")
+        else:
+            namespace = ns
+        ann = raw.get("annotations")
+        if ann is not None:
+            if not isinstance(ann, Mapping):
+                ctx.err("metadata.annotations", f"expected a mapping, got {_tname(ann)}")
+            else:
+                for k, v in ann.items():
+                    if not isinstance(k, str) or not isinstance(v, str):
+                        ctx.err(
+                            _join("metadata.annotations", str(k)),
+                            f"annotation values must be strings, got {_tname(v)}",
+                        )
+                    else:
+                        annotations[k] = v
+        created = _timestamp(ctx, "metadata.creationTimestamp", raw.get("creationTimestamp"))
+    return Meta(
+        name=name or "<unnamed>",
+        namespace=namespace,
+        annotations=MappingProxyType(annotations),
+        creation_timestamp=created,
+    )
+
+
+def _selector(ctx: _Ctx, path: str, v: Any) -> Selector | None:
+    """None if not set. A selector that cannot be read selects everything in scope (fail closed)."""
+    if v is None:
+        return None
+    m = _mapping(ctx, path, v, ("matchLabels",))
+    if m is None:
+        return Selector()
+    labels = m.get("matchLabels")
+    if labels is None:
+        return Selector()
+    lp = _join(path, "matchLabels")
+    if not isinstance(labels, Mapping):
+        ctx.err(lp, f"expected a mapping, got {_tname(labels)}")
+        return Selector()
+    out: dict[str, str] = {}
+    bad = False
+    for k, val in labels.items():
+        p = _join(lp, str(k))
+        if not isinstance(k, str) or not isinstance(val, str):
+            ctx.err(p, f"label keys and values must be strings, got {_tname(val)}")
+            bad = True
+        elif "*" in k or "*" in val:
+            ctx.err(p, f"wildcard is not supported in selector: {_q(f'{k}={val}')}")
+            bad = True
+        elif not _LABEL_KEY.fullmatch(k) or len(k.rsplit("/", 1)[-1]) > 63:
+            ctx.err(p, f"invalid label key {_q(k)}")
+            bad = True
+        elif len(val) > 63 or not _LABEL_VALUE.fullmatch(val):
+            ctx.err(p, f"invalid label value {_q(val)}")
+            bad = True
+        else:
+            out[k] = val
+    if bad:
+        return Selector()
+    return Selector(MappingProxyType(out))
+
+
+def _target_refs(ctx: _Ctx, spec: Mapping[str, Any]) -> tuple[TargetRef, ...]:
+    refs: list[tuple[str, Any]] = []
+    if spec.get("targetRef") is not None:
+        refs.append(("spec.targetRef", spec["targetRef"]))
+    if spec.get("targetRefs") is not None:
+        items = _list(ctx, "spec.targetRefs", spec["targetRefs"])
+        for i, r in enumerate(items or ()):
+            refs.append((_join("spec.targetRefs", i), r))
+    out = []
+    for path, r in refs:
+        m = _mapping(ctx, path, r, ("group", "kind", "name", "namespace"))
+        if m is None:
+            continue
+        kind = m.get("kind")
+        name = m.get("name")
+        if not isinstance(kind, str) or not kind:
+            ctx.err(_join(path, "kind"), "required non-empty string")
+            continue
+        if not isinstance(name, str) or not name:
+            ctx.err(_join(path, "name"), "required non-empty string")
+            continue
+        group = m.get("group", "")
+        ns = m.get("namespace")
+        out.append(
+            TargetRef(
+                group=group if isinstance(group, str) else "",
+                kind=kind,
+                name=name,
+                namespace=ns if isinstance(ns, str) else None,
+            )
+        )
+    if spec.get("targetRef") is not None and spec.get("targetRefs") is not None:
+        ctx.err("spec.targetRefs", "at most one of targetRef and targetRefs may be set")
+    if out and spec.get("selector") is not None:
+        ctx.err("spec.selector", "at most one of selector and targetRef(s) may be set")
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------------------------
+# AuthorizationPolicy
+
+_SOURCE_FIELDS: Final = (
+    "principals",
+    "notPrincipals",
+    "requestPrincipals",
+    "notRequestPrincipals",
+    "namespaces",
+    "notNamespaces",
+    "serviceAccounts",
+    "notServiceAccounts",
+    "ipBlocks",
+    "notIpBlocks",
+    "remoteIpBlocks",
+    "notRemoteIpBlocks",
+)
+_OPERATION_FIELDS: Final = (
+    "hosts",
+    "notHosts",
+    "ports",
+    "notPorts",
+    "methods",
+    "notMethods",
+    "paths",
+    "notPaths",
+)
+
+
+def _source(ctx: _Ctx, path: str, v: Any, policy_ns: str, action: Action) -> Source | None:
+    m = _mapping(ctx, path, v, _SOURCE_FIELDS)
+    if m is None:
+        return None
+    set_fields = [k for k in _SOURCE_FIELDS if m.get(k) is not None]
+    if not set_fields:
+        ctx.err(path, "`from.source` must not be empty")
+        return None
+    if any(m.get(k) is not None for k in ("serviceAccounts", "notServiceAccounts")) and any(
+        m.get(k) is not None for k in ("principals", "notPrincipals", "namespaces", "notNamespaces")
+    ):
+        ctx.err(path, "cannot set serviceAccounts with namespaces or principals")
+    if action is Action.CUSTOM:
+        for k in (
+            "principals",
+            "notPrincipals",
+            "requestPrincipals",
+            "notRequestPrincipals",
+            "namespaces",
+            "notNamespaces",
+            "serviceAccounts",
+            "notServiceAccounts",
+        ):
+            if m.get(k) is not None:
+                ctx.err(
+                    _join(path, k),
+                    f"From.{k[0].upper()}{k[1:]} is currently not supported with CUSTOM action",
+                )
+    return Source(
+        principals=_string_matches(ctx, _join(path, "principals"), m.get("principals")),
+        not_principals=_string_matches(ctx, _join(path, "notPrincipals"), m.get("notPrincipals")),
+        request_principals=_string_matches(ctx, _join(path, "requestPrincipals"), m.get("requestPrincipals")),
+        not_request_principals=_string_matches(
+            ctx, _join(path, "notRequestPrincipals"), m.get("notRequestPrincipals")
+        ),
+        namespaces=_string_matches(ctx, _join(path, "namespaces"), m.get("namespaces")),
+        not_namespaces=_string_matches(ctx, _join(path, "notNamespaces"), m.get("notNamespaces")),
+        service_accounts=_service_accounts(
+            ctx, _join(path, "serviceAccounts"), m.get("serviceAccounts"), policy_ns
+        ),
+        not_service_accounts=_service_accounts(
+            ctx, _join(path, "notServiceAccounts"), m.get("notServiceAccounts"), policy_ns
+        ),
+        ip_blocks=_ip_blocks(ctx, _join(path, "ipBlocks"), m.get("ipBlocks")),
+        not_ip_blocks=_ip_blocks(ctx, _join(path, "notIpBlocks"), m.get("notIpBlocks")),
+        remote_ip_blocks=_ip_blocks(ctx, _join(path, "remoteIpBlocks"), m.get("remoteIpBlocks")),
+        not_remote_ip_blocks=_ip_blocks(ctx, _join(path, "notRemoteIpBlocks"), m.get("notRemoteIpBlocks")),
+    )
+
+
+def _operation(ctx: _Ctx, path: str, v: Any) -> Operation | None:
+    m = _mapping(ctx, path, v, _OPERATION_FIELDS)
+    if m is None:
+        return None
+    if not any(m.get(k) is not None for k in _OPERATION_FIELDS):
+        ctx.err(path, "`to.operation` must not be empty")
+        return None
+    for k in ("paths", "notPaths"):
+        for p, s in _strings(_Ctx(), _join(path, k), m.get(k)):
+            if ("{" in s or "}" in s) and not _valid_path_template(s):
+                ctx.err(p, f"invalid or unsupported path template {_q(s)}")
+    return Operation(
+        hosts=_string_matches(ctx, _join(path, "hosts"), m.get("hosts")),
+        not_hosts=_string_matches(ctx, _join(path, "notHosts"), m.get("notHosts")),
+        ports=_ports(ctx, _join(path, "ports"), m.get("ports")),
+        not_ports=_ports(ctx, _join(path, "notPorts"), m.get("notPorts")),
+        methods=_string_matches(ctx, _join(path, "methods"), m.get("methods")),
+        not_methods=_string_matches(ctx, _join(path, "notMethods"), m.get("notMethods")),
+        paths=_string_matches(ctx, _join(path, "paths"), m.get("paths")),
+        not_paths=_string_matches(ctx, _join(path, "notPaths"), m.get("notPaths")),
+    )
+
+
+def _valid_path_template(path: str) -> bool:
+    # istiod: "{*}" matches one segment, "{**}" any number and must be the last operator; no other
+    # braces are allowed.
+    seen_any = False
+    for glob in path.strip("/").split("/"):
+        if glob in ("{*}", "{**}"):
+            if seen_any:
+                return False
+            seen_any = glob == "{**}"
+            continue
+        if "{" in glob or "}" in glob:
+            return False
+    return True
+
+
+def _condition(ctx: _Ctx, path: str, v: Any, action: Action) -> Condition | None:
+    if v is None:
+        ctx.err(path, "`when` condition must not be null")
+        return None
+    m = _mapping(ctx, path, v, ("key", "values", "notValues"))
+    if m is None:
+        return None
+    key = m.get("key")
+    if key is None or key == "":
+        ctx.err(_join(path, "key"), "`key` must not be empty")
+        return None
+    if not isinstance(key, str):
+        ctx.err(_join(path, "key"), f"expected a string, got {_tname(key)}")
+        return None
+    values = _strings(ctx, _join(path, "values"), m.get("values"))
+    not_values = _strings(ctx, _join(path, "notValues"), m.get("notValues"))
+    if m.get("values") is None and m.get("notValues") is None:
+        ctx.err(path, f"at least one of `values` or `notValues` must be set for key {key}")
+    kind = _EXACT_KEYS.get(key)
+    kp = _join(path, "key")
+    if kind is None:
+        if key in _REPLACED_KEYS:
+            ctx.err(kp, f"attribute {key} {_REPLACED_KEYS[key]}")
+            return None
+        if key.startswith("destination.labels"):
+            ctx.err(kp, f"attribute {key} is replaced by the workload selector")
+            return None
+        if not any(key.startswith(prefix) for prefix in _MAP_KEY_PREFIXES):
+            ctx.err(kp, f"unknown attribute: {key}")
+            return None
+        if not (key.endswith("]") and 0 < key.find("[") < len(key) - 2):
+            ctx.err(kp, f"bad key ({key}): should have format a[b]")
+            return None
+        kind = "string"
+    if action is Action.CUSTOM and (
+        key in ("source.namespace", "source.serviceAccount", "source.principal")
+        or key.startswith("request.auth.")
+    ):
+        ctx.err(kp, f"{key} is currently not supported with CUSTOM action")
+    for label, items in (("values", values), ("notValues", not_values)):
+        for p, s in items:
+            if kind == "ip" and parse_ip_block(s) is None:
+                ctx.err(p, f"invalid CIDR {_q(s)}" if "/" in s else f"invalid IP address {_q(s)}")
+            elif kind == "port":
+                _port(ctx, p, s)
+            elif kind == "serviceaccount":
+                _service_accounts(ctx, _join(path, label), [s], "x")
+    return Condition(key=key, values=tuple(s for _, s in values), not_values=tuple(s for _, s in not_values))
+
+
+def _rule(ctx: _Ctx, path: str, v: Any, policy_ns: str, action: Action) -> Rule | None:
+    if v is None:
+        ctx.err(path, "`rule` must not be null")
+        return None
+    m = _mapping(ctx, path, v, ("from", "to", "when"))
+    if m is None:
+        return None
+    sources: tuple[Source, ...] | None = None
+    operations: tuple[Operation, ...] | None = None
+    conditions: tuple[Condition, ...] | None = None
+    ok = True
+    if m.get("from") is not None:
+        fp = _join(path, "from")
+        items = _list(ctx, fp, m["from"])
+        if items is not None and len(items) == 0:
+            ctx.err(fp, "`from` must not be empty")
+        got = []
+        for i, item in enumerate(items or ()):
+            ip = _join(fp, i)
+            fm = _mapping(ctx, ip, item, ("source",))
+            if fm is None:
+                ok = False
+                continue
+            if fm.get("source") is None:
+                ctx.err(_join(ip, "source"), "`from.source` must not be null")
+                ok = False
+                continue
+            s = _source(ctx, _join(ip, "source"), fm["source"], policy_ns, action)
+            if s is None:
+                ok = False
+            else:
+                got.append(s)
+        sources = tuple(got)
+    if m.get("to") is not None:
+        tp = _join(path, "to")
+        items = _list(ctx, tp, m["to"])
+        if items is not None and len(items) == 0:
+            ctx.err(tp, "`to` must not be empty")
+        got_ops = []
+        for i, item in enumerate(items or ()):
+            ip = _join(tp, i)
+            tm = _mapping(ctx, ip, item, ("operation",))
+            if tm is None:
+                ok = False
+                continue
+            if tm.get("operation") is None:
+                ctx.err(_join(ip, "operation"), "`to.operation` must not be null")
+                ok = False
+                continue
+            o = _operation(ctx, _join(ip, "operation"), tm["operation"])
+            if o is None:
+                ok = False
+            else:
+                got_ops.append(o)
+        operations = tuple(got_ops)
+    if m.get("when") is not None:
+        wp = _join(path, "when")
+        items = _list(ctx, wp, m["when"])
+        got_conds = []
+        for i, item in enumerate(items or ()):
+            c = _condition(ctx, _join(wp, i), item, action)
+            if c is None:
+                ok = False
+            else:
+                got_conds.append(c)
+        conditions = tuple(got_conds)
+    if not ok:
+        return None
+    return Rule(sources=sources, operations=operations, conditions=conditions)
+
+
+def _action(ctx: _Ctx, v: Any) -> Action:
+    if v is None:
+        return Action.ALLOW  # Istio's default
+    if isinstance(v, str):
+        try:
+            return Action(v)
+        except ValueError:
+            pass
+    allowed = ", ".join(a.value for a in Action)
+    ctx.err(
+        "spec.action",
+        f"invalid action {_q(str(v))} (expected one of {allowed}); enforced as DENY until fixed",
+    )
+    return Action.DENY
+
+
+def _authorization_policy(ctx: _Ctx, doc: Mapping[str, Any], api_version: str) -> AuthorizationPolicy:
+    meta = _meta(ctx, doc)
+    raw_spec = doc.get("spec")
+    spec: Mapping[str, Any]
+    if raw_spec is None:
+        spec = {}  # "spec: {}" and a missing spec are the same thing: an ALLOW that matches nothing
+    else:
+        m = _mapping(
+            ctx, "spec", raw_spec, ("selector", "targetRef", "targetRefs", "rules", "action", "provider")
+        )
+        spec = m if m is not None else {"action": "DENY", "rules": [{}]}  # unreadable: fail closed
+    action = _action(ctx, spec.get("action"))
+    selector = _selector(ctx, "spec.selector", spec.get("selector"))
+    target_refs = _target_refs(ctx, spec)
+    provider: str | None = None
+    if spec.get("provider") is not None:
+        pm = _mapping(ctx, "spec.provider", spec["provider"], ("name",))
+        if pm is not None:
+            name = pm.get("name")
+            if isinstance(name, str) and name:
+                provider = name
+            elif action is Action.CUSTOM:
+                ctx.err("spec.provider.name", "`provider.name` must not be empty")
+        if action is not Action.CUSTOM:
+            ctx.err("spec.provider", f"`provider` must not be with non CUSTOM action, found {action.value}")
+
+    rules: tuple[Rule, ...] | None = None
+    if spec.get("rules") is not None:
+        items = _list(ctx, "spec.rules", spec["rules"])
+        parsed = []
+        for i, item in enumerate(items or ()):
+            r = _rule(ctx, _join("spec.rules", i), item, meta.namespace, action)
+            if r is not None:
+                parsed.append(r)
+        # `rules: []` is what proto3 calls unset: it never matches (an allow-nothing ALLOW).
+        rules = tuple(parsed) if items else None
+    if rules is None and action in (Action.DENY, Action.CUSTOM):
+        ctx.err(
+            "spec.rules",
+            f"{action.value} action without `rules` is meaningless as it will never be "
+            "triggered; add an empty rule `{}` if you want it triggered for every connection",
+        )
+    if action is Action.CUSTOM and rules is not None and provider is None and spec.get("provider") is None:
+        ctx.err("spec.provider.name", "`provider.name` must not be empty")
+
+    dry_run = False
+    raw_dry = meta.annotations.get("istio.io/dry-run")
+    if raw_dry is not None:
+        b = _parse_bool_annotation(raw_dry)
+        if b is None:
+            ctx.err(
+                "metadata.annotations.istio.io/dry-run",
+                f"invalid boolean {_q(raw_dry)}; the policy is enforced until fixed",
+            )
+        else:
+            dry_run = b
+
+    if target_refs:
+        ctx.warn(
+            "spec.targetRefs" if spec.get("targetRefs") is not None else "spec.targetRef",
+            "policies attached with targetRef(s) are enforced by a waypoint or gateway, "
+            "not by the node agent: ignored at L4",
+        )
+    for i, r in enumerate(rules or ()):
+        http = r.http_fields()
+        if not http or target_refs:
+            continue
+        found = ", ".join(http)
+        if action is Action.ALLOW:
+            ctx.warn(
+                _join("spec.rules", i),
+                f"the node agent does not evaluate HTTP attributes (found: {found}); "
+                "at L4 this ALLOW rule is omitted (allows nothing). Use a waypoint to enforce HTTP rules.",
+            )
+        elif action in (Action.DENY, Action.CUSTOM, Action.AUDIT):
+            ctx.warn(
+                _join("spec.rules", i),
+                f"the node agent does not evaluate HTTP attributes (found: {found}); "
+                f"at L4 this {action.value} rule is enforced without them, which is more restrictive.",
+            )
+
+    return AuthorizationPolicy(
+        meta=meta,
+        action=action,
+        selector=selector,
+        target_refs=target_refs,
+        rules=rules,
+        provider=provider,
+        dry_run=dry_run,
+        api_version=api_version,
+        errors=tuple(ctx.errors),
+        warnings=tuple(ctx.warnings),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# PeerAuthentication
+
+
+def _mtls_mode(ctx: _Ctx, path: str, v: Any) -> MtlsMode:
+    if v is None:
+        return MtlsMode.UNSET
+    m = _mapping(ctx, path, v, ("mode",))
+    if m is None:
+        return MtlsMode.STRICT
+    mode = m.get("mode")
+    if mode is None:
+        return MtlsMode.UNSET
+    if isinstance(mode, str):
+        try:
+            return MtlsMode(mode)
+        except ValueError:
+            pass
+    allowed = ", ".join(x.value for x in MtlsMode)
+    ctx.err(
+        _join(path, "mode"),
+        f"invalid mode {_q(str(mode))} (expected one of {allowed}); enforced as STRICT until fixed",
+    )
+    return MtlsMode.STRICT
+
+
+def _peer_authentication(ctx: _Ctx, doc: Mapping[str, Any], api_version: str) -> PeerAuthentication:
+    meta = _meta(ctx, doc)
+    raw_spec = doc.get("spec")
+    spec: Mapping[str, Any] = {}
+    if raw_spec is not None:
+        m = _mapping(ctx, "spec", raw_spec, ("selector", "mtls", "portLevelMtls"))
+        spec = m if m is not None else {"mtls": {"mode": "STRICT"}}
+    selector = _selector(ctx, "spec.selector", spec.get("selector"))
+    mode = _mtls_mode(ctx, "spec.mtls", spec.get("mtls"))
+    ports: dict[int, MtlsMode] = {}
+    raw_ports = spec.get("portLevelMtls")
+    if raw_ports is not None:
+        pp = "spec.portLevelMtls"
+        if not isinstance(raw_ports, Mapping):
+            ctx.err(pp, f"expected a mapping of port to mtls, got {_tname(raw_ports)}")
+        else:
+            if len(raw_ports) == 0:
+                ctx.err(pp, "port level mTLS, if defined, must have at least one element")
+            if selector is None or not selector.match_labels:
+                ctx.err(pp, "mesh/namespace peer authentication cannot have port level mTLS")
+            for k, v in raw_ports.items():
+                kp = _join(pp, str(k))
+                n = _port(ctx, kp, k)
+                if n is None:
+                    continue
+                if n == 0:
+                    ctx.err(kp, "port must be in range 1..65535")
+                    continue
+                ports[n] = _mtls_mode(ctx, kp, v)
+    return PeerAuthentication(
+        meta=meta,
+        mode=mode,
+        selector=selector,
+        port_level=MappingProxyType(ports),
+        api_version=api_version,
+        errors=tuple(ctx.errors),
+        warnings=tuple(ctx.warnings),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# RequestAuthentication (validated here; the waypoint enforces it)
+
+_JWT_FIELDS: Final = (
+    "issuer",
+    "audiences",
+    "jwksUri",
+    "jwks",
+    "fromHeaders",
+    "fromParams",
+    "fromCookies",
+    "outputPayloadToHeader",
+    "forwardOriginalToken",
+    "outputClaimToHeaders",
+    "timeout",
+)
+
+
+def _jwt_rule(ctx: _Ctx, path: str, v: Any) -> JwtRule | None:
+    m = _mapping(ctx, path, v, _JWT_FIELDS)
+    if m is None:
+        return None
+    issuer = m.get("issuer", "")
+    if not isinstance(issuer, str):
+        ctx.err(_join(path, "issuer"), f"expected a string, got {_tname(issuer)}")
+        issuer = ""
+    jwks_uri = m.get("jwksUri")
+    if jwks_uri is not None:
+        jwks_uri = _string(ctx, _join(path, "jwksUri"), jwks_uri)
+        if jwks_uri is not None and not (jwks_uri.startswith("http://") or jwks_uri.startswith("https://")):
+            ctx.err(_join(path, "jwksUri"), f"URI scheme of {_q(jwks_uri)} is not supported (http or https)")
+    if not issuer and not jwks_uri:
+        ctx.err(path, "issuer or jwksUri must be non-empty string")
+    jwks = m.get("jwks")
+    if jwks is not None:
+        jwks = _string(ctx, _join(path, "jwks"), jwks)
+    headers = []
+    for i, h in enumerate(
+        _list(ctx, _join(path, "fromHeaders"), m["fromHeaders"]) or ()
+        if m.get("fromHeaders") is not None
+        else ()
+    ):
+        hp = _join(_join(path, "fromHeaders"), i)
+        hm = _mapping(ctx, hp, h, ("name", "prefix"))
+        if hm is None:
+            continue
+        name = hm.get("name")
+        if not isinstance(name, str) or not name:
+            ctx.err(_join(hp, "name"), "location header name must be non-empty string")
+            continue
+        prefix = hm.get("prefix", "")
+        headers.append(JwtHeader(name, prefix if isinstance(prefix, str) else ""))
+    claims = []
+    for i, c in enumerate(
+        _list(ctx, _join(path, "outputClaimToHeaders"), m["outputClaimToHeaders"]) or ()
+        if m.get("outputClaimToHeaders") is not None
+        else ()
+    ):
+        cp = _join(_join(path, "outputClaimToHeaders"), i)
+        cm = _mapping(ctx, cp, c, ("header", "claim"))
+        if cm is None:
+            continue
+        header, claim = cm.get("header"), cm.get("claim")
+        if not isinstance(header, str) or not header or not isinstance(claim, str) or not claim:
+            ctx.err(cp, "outputClaimToHeaders header and claim value must be non-empty string")
+            continue
+        claims.append((header, claim))
+    timeout: float | None = None
+    if m.get("timeout") is not None:
+        t = m["timeout"]
+        dm = _DURATION.fullmatch(t) if isinstance(t, str) else None
+        if dm is None:
+            ctx.err(_join(path, "timeout"), f'invalid duration {t!r} (e.g. "5s")')
+        else:
+            timeout = float(dm.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[dm.group(3)]
+    fwd = m.get("forwardOriginalToken", False)
+    if not isinstance(fwd, bool):
+        ctx.err(_join(path, "forwardOriginalToken"), f"expected a boolean, got {_tname(fwd)}")
+        fwd = False
+    out_hdr = m.get("outputPayloadToHeader")
+    if out_hdr is not None:
+        out_hdr = _string(ctx, _join(path, "outputPayloadToHeader"), out_hdr)
+    return JwtRule(
+        issuer=issuer,
+        audiences=tuple(s for _, s in _strings(ctx, _join(path, "audiences"), m.get("audiences"))),
+        jwks_uri=jwks_uri,
+        jwks=jwks,
+        from_headers=tuple(headers),
+        from_params=tuple(s for _, s in _strings(ctx, _join(path, "fromParams"), m.get("fromParams"))),
+        from_cookies=tuple(s for _, s in _strings(ctx, _join(path, "fromCookies"), m.get("fromCookies"))),
+        output_payload_to_header=out_hdr,
+        forward_original_token=fwd,
+        output_claim_to_headers=tuple(claims),
+        timeout_seconds=timeout,
+    )
+
+
+def _request_authentication(ctx: _Ctx, doc: Mapping[str, Any], api_version: str) -> RequestAuthentication:
+    meta = _meta(ctx, doc)
+    raw_spec = doc.get("spec")
+    spec: Mapping[str, Any] = {}
+    if raw_spec is not None:
+        m = _mapping(ctx, "spec", raw_spec, ("selector", "targetRef", "targetRefs", "jwtRules"))
+        spec = m if m is not None else {}
+    selector = _selector(ctx, "spec.selector", spec.get("selector"))
+    target_refs = _target_refs(ctx, spec)
+    rules = []
+    if spec.get("jwtRules") is not None:
+        for i, r in enumerate(_list(ctx, "spec.jwtRules", spec["jwtRules"]) or ()):
+            jr = _jwt_rule(ctx, _join("spec.jwtRules", i), r)
+            if jr is not None:
+                rules.append(jr)
+    return RequestAuthentication(
+        meta=meta,
+        selector=selector,
+        target_refs=target_refs,
+        jwt_rules=tuple(rules),
+        api_version=api_version,
+        errors=tuple(ctx.errors),
+        warnings=tuple(ctx.warnings),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+
+
+def parse_policy(doc: Mapping[str, Any]) -> Policy:
+    """Parse one document (a YAML-loaded mapping); see the module docstring for error handling.
+
+    Raises :class:`PolicyParseError` only when ``doc`` is not a recognisable policy document.
+    """
+    if not isinstance(doc, Mapping):
+        raise PolicyParseError([FieldError("", f"expected a policy document (mapping), got {_tname(doc)}")])
+    kind = doc.get("kind")
+    api = doc.get("apiVersion")
+    problems = []
+    if kind not in KINDS:
+        problems.append(FieldError("kind", f"unsupported kind {kind!r} (expected one of {', '.join(KINDS)})"))
+    if api not in API_VERSIONS:
+        problems.append(
+            FieldError("apiVersion", f"unsupported apiVersion {api!r} (expected {' or '.join(API_VERSIONS)})")
+        )
+    if problems:
+        raise PolicyParseError(problems)
+    ctx = _Ctx()
+    for k in doc:
+        if k not in _TOP_KEYS:
+            ctx.err(str(k), f"unknown field (allowed: {', '.join(sorted(_TOP_KEYS))})")
+    assert isinstance(api, str)
+    if kind == "AuthorizationPolicy":
+        return _authorization_policy(ctx, doc, api)
+    if kind == "PeerAuthentication":
+        return _peer_authentication(ctx, doc, api)
+    return _request_authentication(ctx, doc, api)
+
+
+def parse_policies(docs: Iterable[Mapping[str, Any] | None]) -> PolicySet:
+    """Parse a stream of documents (``None`` entries, i.e. empty YAML documents, are skipped).
+
+    Errors and warnings of every document are collected with the document's index; duplicate
+    ``kind namespace/name`` pairs are errors (the later one would silently replace the first).
+    """
+    authz: list[AuthorizationPolicy] = []
+    peer: list[PeerAuthentication] = []
+    req: list[RequestAuthentication] = []
+    errors: list[DocumentIssue] = []
+    warnings: list[DocumentIssue] = []
+    seen: dict[tuple[str, str], int] = {}
+    for index, doc in enumerate(docs):
+        if doc is None:
+            continue
+        try:
+            pol = parse_policy(doc)
+        except PolicyParseError as exc:
+            kind = doc.get("kind") if isinstance(doc, Mapping) else None
+            for e in exc.errors:
+                errors.append(DocumentIssue(index, kind if isinstance(kind, str) else None, None, e))
+            continue
+        for e in pol.errors:
+            errors.append(DocumentIssue(index, pol.kind, pol.key, e))
+        for w in pol.warnings:
+            warnings.append(DocumentIssue(index, pol.kind, pol.key, w))
+        ident = (pol.kind, pol.key)
+        if ident in seen:
+            errors.append(
+                DocumentIssue(
+                    index,
+                    pol.kind,
+                    pol.key,
+                    FieldError(
+                        "metadata.name", f"duplicate {pol.kind} {pol.key} (also document {seen[ident]})"
+                    ),
+                )
+            )
+        else:
+            seen[ident] = index
+        if isinstance(pol, AuthorizationPolicy):
+            authz.append(pol)
+        elif isinstance(pol, PeerAuthentication):
+            peer.append(pol)
+        else:
+            req.append(pol)
+    return PolicySet(tuple(authz), tuple(peer), tuple(req), tuple(errors), tuple(warnings))
