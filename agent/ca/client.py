@@ -185,6 +185,9 @@ class CaClient:
             kind = _kind_for(exc.code())
             details = exc.details() or ""
             if kind == "unreachable":
+                # Drop the channel: the next attempt dials afresh instead of waiting out gRPC's
+                # reconnect backoff (the certificate manager owns the retry schedule).
+                await self.close()
                 hint = (
                     "is the CA running there, and does it accept this node's credential "
                     f"({self.node.spiffe_id})? TLS handshake failures also show up this way"

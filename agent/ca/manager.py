@@ -125,6 +125,8 @@ class CertificateManager:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._sem = asyncio.Semaphore(MAX_CONCURRENT_FETCHES)
+        # Registered on the caller's registry (the agent passes AgentMetrics.registry, which
+        # leaves these two series to us).
         self.failures = Counter(
             "ztagent_cert_rotation_failures",
             "Failed certificate fetches/renewals, by workload identity",
@@ -133,7 +135,7 @@ class CertificateManager:
         )
         self.expiry = Gauge(
             "ztagent_cert_expiry_timestamp_seconds",
-            "NotAfter of the certificate currently held for each identity (Unix seconds)",
+            "NotAfter of the certificate held for each identity (Unix seconds); kept after expiry",
             ["identity"],
             registry=registry,
         )
@@ -208,9 +210,7 @@ class CertificateManager:
         failures = {s.spiffe_id: err for s, err in zip(pending, results, strict=True) if err is not None}
         if failures:
             for s in self._states.values():
-                if s.credential is not None:
-                    with contextlib.suppress(KeyError):
-                        self.expiry.remove(str(s.spiffe_id))
+                self._set_expiry(s.spiffe_id, None)
             self._states.clear()
             raise StartError(failures)
         if background:
@@ -247,8 +247,7 @@ class CertificateManager:
         if st.refs > 0:
             return
         del self._states[spiffe_id]
-        with contextlib.suppress(KeyError):
-            self.expiry.remove(str(spiffe_id))
+        self._set_expiry(spiffe_id, None)
         log.info(
             f"stopped managing {spiffe_id}",
             extra={"event": "cert_identity_removed", "identity": str(spiffe_id)},
@@ -316,7 +315,7 @@ class CertificateManager:
         st.last_error = ""
         start = max(cred.not_before, now)
         st.due = renewal_time(start, cred.not_after, rng=self._rng, jitter_fraction=self._jitter)
-        self.expiry.labels(str(st.spiffe_id)).set(cred.not_after.timestamp())
+        self._set_expiry(st.spiffe_id, cred.not_after.timestamp())
         log.info(
             f"certificate for {st.spiffe_id} installed, valid until {cred.not_after.isoformat()}, "
             f"renewal at {st.due.isoformat()}",
@@ -353,6 +352,13 @@ class CertificateManager:
                 "retry_at": st.due.isoformat(),
             },
         )
+
+    def _set_expiry(self, spiffe_id: SpiffeId, not_after: float | None) -> None:
+        if not_after is None:
+            with contextlib.suppress(KeyError):
+                self.expiry.remove(str(spiffe_id))
+        else:
+            self.expiry.labels(str(spiffe_id)).set(not_after)
 
     def _notify(self, spiffe_id: SpiffeId, cred: WorkloadCredential | None) -> None:
         for cb in list(self._subscribers):

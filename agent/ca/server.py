@@ -140,11 +140,15 @@ class CaServer(ca_pb2_grpc.IstioCertificateServiceServicer):
 
     # -- TLS ----------------------------------------------------------------------------------
 
-    def _certificate_configuration(self) -> Any:
-        """Called by gRPC on every handshake: rotate the serving certificate at half-life."""
-        now = self._clock()
+    def _certificate_configuration(self, initial: bool = False) -> Any:
+        """Called by gRPC on every handshake: rotate the serving certificate at half-life.
+
+        Uses the real clock even when signing uses an injected one: peers' TLS stacks check
+        this certificate against real time.
+        """
+        now = utc_now()
         cur = self._server_cert
-        if cur is not None and now < cur[3]:
+        if not initial and cur is not None and now < cur[3]:
             return None  # unchanged
         key_pem, chain_pem, not_after = issue_server_certificate(self.store, now=now)
         renew_at = now + (not_after - now) / 2
@@ -154,7 +158,7 @@ class CaServer(ca_pb2_grpc.IstioCertificateServiceServicer):
         )
 
     def server_credentials(self) -> grpc.ServerCredentials:
-        initial = self._certificate_configuration()
+        initial = self._certificate_configuration(initial=True)
         return grpc.dynamic_ssl_server_credentials(
             initial, self._certificate_configuration, require_client_authentication=True
         )

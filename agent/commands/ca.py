@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
-import logging
 import re
 import signal
 import sys
@@ -38,6 +37,7 @@ from agent.ca import store as ca_store
 from agent.ca.identities import NodeNameError, node_identity
 from agent.ca.server import CaServer, ConfigMismatch
 from agent.config import ConfigError, FileConfigSource
+from agent.logging import setup_logging
 from identity.ca import DEFAULT_MAX_TTL, DEFAULT_WORKLOAD_TTL, CaError
 from identity.keys import build_csr, generate_key, key_to_pem
 from identity.spiffe import SpiffeId, SpiffeIdError
@@ -227,36 +227,9 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-class _JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message and the record's structured extras."""
-
-    _STD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        for k, v in vars(record).items():
-            if k not in self._STD:
-                out[k] = v
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonLogFormatter())
-    root = logging.getLogger("ztagent")
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
-        return asyncio.run(_serve(args))
-    finally:
-        root.removeHandler(handler)
+    setup_logging()
+    return asyncio.run(_serve(args))
 
 
 async def _serve(args: argparse.Namespace) -> int:
