@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import socket
+import ssl
 import subprocess
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import h2.connection
+import h2.events
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -24,6 +29,7 @@ from google.protobuf import struct_pb2
 from prometheus_client import CollectorRegistry
 
 from agent.ca.client import CaClient, CaClientError, NodeCredentials
+from agent.ca.identities import CA_SERVER_NAME
 from agent.ca.manager import CertificateManager
 from agent.ca.proto import ca_pb2
 from identity.bundle import TrustBundle, TrustBundleSet
@@ -492,3 +498,61 @@ async def test_plugin_ca_issues_chains_that_verify_against_the_offline_root() ->
                 cred = await c.create_certificate(SLEEP)
         assert len(cred.chain) == 2 and cred.chain[1] == inter.certificate
         assert verify_svid(cred.chain, TrustBundleSet.of(root.bundle), now()) == SLEEP
+
+
+def _grpc_by_hand(
+    socket_path: str, cred_dir: Path, tls_max: ssl.TLSVersion, request: bytes
+) -> dict[str, str]:
+    """One CreateCertificate call over a Python TLS connection we control (gRPC's own client
+    cannot be held to TLS 1.2), speaking HTTP/2 with h2; returns the response's headers+trailers."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.maximum_version = tls_max
+    ctx.load_verify_locations(cred_dir / "root-cert.pem")
+    ctx.load_cert_chain(cred_dir / "cert-chain.pem", cred_dir / "key.pem")
+    ctx.set_alpn_protocols(["h2"])
+    raw = socket.socket(socket.AF_UNIX)
+    raw.settimeout(10)
+    raw.connect(socket_path)
+    with ctx.wrap_socket(raw, server_hostname=CA_SERVER_NAME) as tls:
+        conn = h2.connection.H2Connection()
+        conn.initiate_connection()
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(
+            sid,
+            [
+                (":method", "POST"),
+                (":scheme", "https"),
+                (":path", "/istio.v1.auth.IstioCertificateService/CreateCertificate"),
+                (":authority", CA_SERVER_NAME),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+            ],
+        )
+        conn.send_data(sid, b"\x00" + len(request).to_bytes(4, "big") + request, end_stream=True)
+        tls.sendall(conn.data_to_send())
+        fields: dict[str, str] = {}
+        for _ in range(100):  # bounded: a handful of frames make up the answer
+            data = tls.recv(65536)
+            if not data:
+                break
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                    fields.update({k.decode(): v.decode() for k, v in ev.headers})
+                if isinstance(ev, h2.events.DataReceived):
+                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            tls.sendall(conn.data_to_send())
+            if "grpc-status" in fields:
+                break
+    return fields
+
+
+def test_tls_below_1_3_is_refused(env: CaEnv, server: ServeProcess) -> None:
+    """gRPC's Python server cannot be told a minimum TLS version, so it completes a TLS 1.2
+    handshake; the service then refuses every call on such a connection (UNAUTHENTICATED)."""
+    req = ca_pb2.IstioCertificateRequest(csr=_good_csr).SerializeToString()
+    path = server.address.removeprefix("unix:")
+    ok = _grpc_by_hand(path, env.node_a, ssl.TLSVersion.TLSv1_3, req)
+    assert ok["grpc-status"] == "0"
+    old = _grpc_by_hand(path, env.node_a, ssl.TLSVersion.TLSv1_2, req)
+    assert old["grpc-status"] == str(grpc.StatusCode.UNAUTHENTICATED.value[0])
+    assert "TLS 1.3 is required, this connection uses TLSv1.2" in urllib.parse.unquote(old["grpc-message"])
