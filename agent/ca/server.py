@@ -62,6 +62,8 @@ log = logging.getLogger("ztagent.ca.server")
 MAX_REQUEST_BYTES = 64 * 1024
 
 Clock = Callable[[], dt.datetime]
+# Verified node certificates remembered (one or two per node: current and renewed).
+AUTHN_CACHE_SIZE = 4096
 
 
 def utc_now() -> dt.datetime:
@@ -91,6 +93,8 @@ class CaServer(ca_pb2_grpc.IstioCertificateServiceServicer):
             raise ValueError(f"default TTL {default_ttl} exceeds the maximum TTL {store.ca.max_ttl}")
         self.placement = self._placement_for(config)
         self._bundles = TrustBundleSet.of(store.bundle)
+        # Client certificate PEM -> (caller ID, NotBefore, NotAfter) of a verified caller.
+        self._authn_cache: dict[bytes, tuple[SpiffeId, dt.datetime, dt.datetime]] = {}
         self._server: grpc.aio.Server | None = None
         self._server_cert: tuple[bytes, bytes, dt.datetime, dt.datetime] | None = None
         self._socket_path: Path | None = None
@@ -231,11 +235,20 @@ class CaServer(ca_pb2_grpc.IstioCertificateServiceServicer):
         certs = ac.get("x509_pem_cert") or []
         if not certs:
             return None, "no client certificate: present a node credential (ztagent ca bootstrap-node)"
-        try:
-            leaf = x509.load_pem_x509_certificate(certs[0])
-            caller = verify_svid([leaf, *self.store.ca.issuer_chain], self._bundles, now)
-        except (ValueError, SvidError) as exc:
-            return None, f"client certificate rejected: {exc}"
+        cached = self._authn_cache.get(certs[0])
+        if cached is not None and cached[1] <= now <= cached[2]:
+            # Same certificate as an earlier call (a node reuses its connection): the full
+            # X509-SVID check already passed; only its validity window can have changed.
+            caller = cached[0]
+        else:
+            try:
+                leaf = x509.load_pem_x509_certificate(certs[0])
+                caller = verify_svid([leaf, *self.store.ca.issuer_chain], self._bundles, now)
+            except (ValueError, SvidError) as exc:
+                return None, f"client certificate rejected: {exc}"
+            if len(self._authn_cache) >= AUTHN_CACHE_SIZE:
+                self._authn_cache.clear()  # crude but bounded; refilling costs one verify per node
+            self._authn_cache[certs[0]] = (caller, leaf.not_valid_before_utc, leaf.not_valid_after_utc)
         node = node_of(caller, self.store.trust_domain)
         if node is None:
             td = self.store.trust_domain
