@@ -16,10 +16,14 @@ Every failure is a :class:`CaClientError` whose ``kind`` says what class of prob
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import datetime as dt
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -29,14 +33,18 @@ from google.protobuf import struct_pb2
 
 from agent.ca.identities import CA_SERVER_NAME, IMPERSONATED_IDENTITY
 from agent.ca.proto import ca_pb2, ca_pb2_grpc
-from agent.ca.store import CaStoreError, CredentialFiles, read_credentials
+from agent.ca.store import CaStoreError, CredentialFiles, read_credentials, write_credentials
 from identity.bundle import BundleError, TrustBundle, TrustBundleSet
 from identity.keys import build_csr, generate_key
 from identity.spiffe import SpiffeId
 from identity.svid import SvidError, WorkloadCredential, load_pem_chain, verify_svid
 
+log = logging.getLogger("ztagent.ca.client")
+
 Clock = Callable[[], dt.datetime]
 MAX_ANSWER_CERTS = 16
+# In-flight calls on a channel replaced by a node-credential renewal get this long to finish.
+CHANNEL_DRAIN_SECONDS = 10.0
 
 
 def utc_now() -> dt.datetime:
@@ -57,6 +65,7 @@ class NodeCredentials:
     credential: WorkloadCredential
     bundles: TrustBundleSet
     files: CredentialFiles
+    directory: Path | None = None  # where it was read from (renewals are written back there)
 
     @classmethod
     def from_files(cls, files: CredentialFiles, *, now: dt.datetime | None = None) -> NodeCredentials:
@@ -83,7 +92,14 @@ class NodeCredentials:
             files = read_credentials(directory)
         except CaStoreError as exc:
             raise CaClientError("bad-credentials", str(exc)) from None
-        return cls.from_files(files, now=now)
+        return dataclasses.replace(cls.from_files(files, now=now), directory=Path(directory))
+
+    def with_credential(self, cred: WorkloadCredential) -> NodeCredentials:
+        """The same node with a renewed certificate and key."""
+        if cred.spiffe_id != self.spiffe_id:
+            raise ValueError(f"{cred.spiffe_id} is not this node's identity {self.spiffe_id}")
+        files = CredentialFiles(cred.key_pem(), cred.chain_pem(), self.files.roots_pem)
+        return NodeCredentials(cred, self.bundles, files, self.directory)
 
     @property
     def spiffe_id(self) -> SpiffeId:
@@ -125,6 +141,7 @@ class CaClient:
         self._server_name = server_name
         self._channel: grpc.aio.Channel | None = None
         self._stub: Any = None
+        self._draining: dict[asyncio.Task[None], grpc.aio.Channel] = {}
 
     def bundles(self) -> TrustBundleSet:
         return self.node.bundles
@@ -152,11 +169,48 @@ class CaClient:
             self._stub = ca_pb2_grpc.IstioCertificateServiceStub(self._channel)  # type: ignore[no-untyped-call]
         return self._stub
 
+    def set_node_credential(self, cred: WorkloadCredential, *, persist: bool = True) -> None:
+        """Use a renewed node credential from the next connection on.
+
+        The node identity is renewed like any other (the CA lets a node renew its own), so the
+        composition root subscribes :meth:`on_rotate` to the certificate manager and manages
+        the node identity beside the workloads. The current channel drains in the background;
+        new calls handshake with the new certificate. With ``persist`` the renewal is written
+        back to the credential directory so a restarted agent does not hold an expired one.
+        """
+        self.node = self.node.with_credential(cred)
+        if persist and self.node.directory is not None:
+            try:
+                write_credentials(self.node.directory, self.node.files)
+            except CaStoreError as exc:
+                log.error(
+                    f"renewed node credential not saved: {exc}",
+                    extra={"event": "node_credential_save_failed", "identity": str(cred.spiffe_id)},
+                )
+        old, self._channel, self._stub = self._channel, None, None
+        if old is not None:
+            task = asyncio.get_running_loop().create_task(old.close(grace=CHANNEL_DRAIN_SECONDS))
+            self._draining[task] = old
+            task.add_done_callback(lambda t: self._draining.pop(t, None))
+        log.info(
+            f"node credential renewed, valid until {cred.not_after.isoformat()}",
+            extra={"event": "node_credential_renewed", "identity": str(cred.spiffe_id)},
+        )
+
+    def on_rotate(self, spiffe_id: SpiffeId, cred: WorkloadCredential | None) -> None:
+        """A CertificateManager subscriber: picks up renewals of this node's own identity."""
+        if cred is not None and spiffe_id == self.node.spiffe_id:
+            self.set_node_credential(cred)
+
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-        self._channel = None
-        self._stub = None
+        ch, self._channel, self._stub = self._channel, None, None
+        if ch is not None:
+            await ch.close()
+        # Channels still draining after a renewal: close them now (cancels their calls).
+        for task, old in list(self._draining.items()):
+            task.cancel()
+            await old.close()
+        self._draining.clear()
 
     async def __aenter__(self) -> CaClient:
         return self

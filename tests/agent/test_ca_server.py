@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import shutil
 import socket
 import ssl
 import subprocess
@@ -468,7 +469,7 @@ def test_serve_refuses_a_config_for_another_trust_domain(env: CaEnv) -> None:
     assert "trust domain other.example" in r.stderr and "cluster.local" in r.stderr
 
 
-async def test_plugin_ca_issues_chains_that_verify_against_the_offline_root() -> None:
+async def test_plugin_ca_over_tcp_issues_chains_that_verify_against_the_offline_root() -> None:
     with short_tmpdir() as base:
         # The operator's root: its key lives only in this test's memory, never in the CA dir.
         t = now()
@@ -493,7 +494,9 @@ async def test_plugin_ca_issues_chains_that_verify_against_the_offline_root() ->
             == 0
         )
         env = CaEnv(base, ca_dir, cfg, base / "na", base / "na", base / "na", base / "na")
-        with ServeProcess(env) as srv:
+        # Over TCP this time (loopback, ephemeral port).
+        with ServeProcess(env, listen="127.0.0.1:0") as srv:
+            assert srv.address.startswith("127.0.0.1:") and not srv.address.endswith(":0")
             async with client(srv, env.node_a) as c:
                 cred = await c.create_certificate(SLEEP)
         assert len(cred.chain) == 2 and cred.chain[1] == inter.certificate
@@ -556,3 +559,39 @@ def test_tls_below_1_3_is_refused(env: CaEnv, server: ServeProcess) -> None:
     old = _grpc_by_hand(path, env.node_a, ssl.TLSVersion.TLSv1_2, req)
     assert old["grpc-status"] == str(grpc.StatusCode.UNAUTHENTICATED.value[0])
     assert "TLS 1.3 is required, this connection uses TLSv1.2" in urllib.parse.unquote(old["grpc-message"])
+
+
+async def test_node_renews_its_own_credential_and_keeps_working_after_the_first_expires(
+    env: CaEnv, server: ServeProcess
+) -> None:
+    """Real clock: a node credential valid for 6 s, managed like a workload identity with a 4 s
+    TTL. After the bootstrap certificate has expired the node still gets certificates over a
+    fresh connection, and the renewal was written back to the credential directory."""
+    node_dir = env.base / "short-node-a"
+    original = env.base / "short-node-a-original"
+    assert cli("ca", "bootstrap-node", "--dir", str(env.ca_dir), "--node", "node-a", "--ttl", "6s",
+               "--out", str(node_dir)) == 0  # fmt: skip
+    shutil.copytree(node_dir, original)
+    c = client(server, node_dir)
+    first_not_after = c.node.credential.not_after
+    mgr = CertificateManager(c, c.bundles(), registry=CollectorRegistry(), ttl=dt.timedelta(seconds=4))
+    mgr.on_rotate(c.on_rotate)
+    try:
+        await mgr.start([c.node.spiffe_id, SLEEP])
+        deadline = time.monotonic() + 20
+        while now() <= first_not_after + dt.timedelta(seconds=0.5):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+        await c.close()  # force a new TLS handshake: the bootstrap certificate is expired now
+        assert (await c.create_certificate(SLEEP)).spiffe_id == SLEEP
+        assert c.node.credential.not_after > first_not_after
+        saved = NodeCredentials.from_dir(node_dir, now=now())
+        assert saved.credential.not_after > first_not_after
+    finally:
+        await mgr.stop()
+        await c.close()
+    # Control: the bootstrap credential alone is refused now (at TLS).
+    async with client(server, original) as stale:
+        with pytest.raises(CaClientError) as ei:
+            await stale.create_certificate(SLEEP)
+    assert ei.value.kind == "unreachable"
