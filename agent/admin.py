@@ -56,10 +56,14 @@ def build_admin_app(view: AdminView) -> web.Application:
     return app
 
 
-def build_metrics_app(metrics: AgentMetrics) -> web.Application:
+def build_metrics_app(
+    metrics: AgentMetrics, *, before_scrape: Callable[[], None] | None = None
+) -> web.Application:
     app = web.Application()
 
     async def scrape(request: web.Request) -> web.Response:
+        if before_scrape is not None:
+            before_scrape()
         # prometheus_client renders synchronously; with a few hundred series this is sub-ms.
         return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_PROMETHEUS})
 

@@ -37,6 +37,7 @@ class _Side(asyncio.Protocol):
         self.peer: _Side | None = None
         self.eof = False
         self.lost = False
+        self.early: list[bytes] = []  # read before the peer's transport existed
         self.connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -45,12 +46,30 @@ class _Side(asyncio.Protocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
         if not self.connected.done():
             self.connected.set_result(None)
+        # Deliver what the peer read before we existed, then let it read again.
+        peer = self.peer
+        if peer is not None and peer.early:
+            for chunk in peer.early:
+                transport.write(chunk)
+            peer.early.clear()
+            if peer.transport is not None and not peer.transport.is_closing():
+                peer.transport.resume_reading()
+        if peer is not None and peer.eof and transport.can_write_eof():
+            transport.write_eof()
+            if self.eof:
+                self.relay._close_both()
 
     def data_received(self, data: bytes) -> None:
         peer = self.peer
-        if peer is None or peer.transport is None or peer.transport.is_closing():
-            return
         self.relay._count(self.name, len(data))
+        if peer is None or peer.transport is None:
+            # The other side is still being attached: hold this chunk and stop reading.
+            self.early.append(data)
+            if self.transport is not None:
+                self.transport.pause_reading()
+            return
+        if peer.transport.is_closing():
+            return
         peer.transport.write(data)
 
     def eof_received(self) -> bool:

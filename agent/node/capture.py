@@ -1,0 +1,237 @@
+"""The agent's side of traffic capture: listener sockets, enrollment, original destinations.
+
+Two modes:
+
+* ``bpf``: bpf.capture (sk_lookup + policy routing, bpf/README.md). The agent opens its three
+  listeners with IP_TRANSPARENT and hands their fds over; each enrolled local pod is enrolled
+  by its host-side interface, found from the node's route to the pod IP (a routed-veth CNI and
+  the lab install one /32 route per pod). ``getsockname()`` of an accepted socket is the
+  original destination. The anti-spoofing (a pod IP may only arrive on its own interface) is
+  done by the program, so the peer IP identifies the source pod.
+* ``none``: nothing is steered. The agent only receives connections addressed to its own
+  listeners. For tests on loopback, ``static`` captures declare "connections accepted on
+  LISTEN are treated as captured with original destination ORIG"; everything after that is the
+  same code path as real capture. Peer IPs are trusted as-is in this mode (no anti-spoofing):
+  it is for tests and development, never for a node with untrusted pods.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from agent.config import Workload
+
+log = logging.getLogger("ztagent.capture")
+
+SOL_IP = 0
+IP_TRANSPARENT = 19
+SOL_IPV6 = 41
+IPV6_TRANSPARENT = 75
+
+Address = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class StaticCapture:
+    listen: Address
+    original: Address
+
+    @classmethod
+    def parse(cls, text: str) -> StaticCapture:
+        """``LISTEN=ORIG``, both ``ip:port`` (e.g. ``127.0.0.1:0=10.96.0.10:80``)."""
+        left, sep, right = text.partition("=")
+        if not sep:
+            raise ValueError(f"static capture {text!r}: expected LISTEN_IP:PORT=ORIGINAL_IP:PORT")
+        return cls(parse_address(left, "listen"), parse_address(right, "original destination"))
+
+
+def parse_address(text: str, what: str = "address") -> Address:
+    host, sep, port = text.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{what} {text!r}: expected IP:PORT")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{what} {text!r}: {host!r} is not an IP address") from None
+    return host, int(port)
+
+
+def make_listener(host: str, port: int, *, transparent: bool, backlog: int = 1024) -> socket.socket:
+    """A listening TCP socket; ``transparent`` sets IP_TRANSPARENT (answers for foreign addresses)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if transparent:
+            if family == socket.AF_INET:
+                sock.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
+            else:
+                sock.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock
+
+
+def host_interface_for(ip: str) -> str | None:
+    """The node-side interface the node routes ``ip`` through (the pod's host veth), or None."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        try:
+            routes = ipr.route("get", dst=ip)
+        except Exception:  # no route: the pod is not wired to this node (yet)
+            return None
+        for r in routes:
+            oif = r.get_attr("RTA_OIF")
+            if oif is None:
+                continue
+            links = ipr.get_links(oif)
+            if links:
+                name = links[0].get_attr("IFLA_IFNAME")
+                return str(name) if name else None
+    return None
+
+
+class CaptureLayer:
+    """Owns the capture backend (bpf mode) and tracks what is enrolled."""
+
+    def __init__(self, mode: str, node: str, *, backend: Any = None, hbone_port: int = 15008) -> None:
+        if mode not in ("bpf", "none"):
+            raise ValueError(f"capture mode {mode!r}: expected bpf or none")
+        self.mode = mode
+        self.node = node
+        self.hbone_port = hbone_port
+        self._backend = backend
+        self.installed = False
+        self.listeners_set = False
+        self.error: str | None = None
+        self.enrolled: dict[str, Any] = {}  # workload key -> EnrolledPod
+        self.enroll_errors: dict[str, str] = {}
+
+    @property
+    def transparent(self) -> bool:
+        return self.mode == "bpf"
+
+    def install(self) -> None:
+        if self.mode == "none":
+            return
+        if self._backend is None:
+            from bpf.capture import Capture, default_pin_dir
+
+            self._backend = Capture(default_pin_dir(self.node), hbone_port=self.hbone_port)
+        try:
+            self._backend.install()
+        except Exception as exc:
+            self.error = f"install failed: {exc}"
+            raise
+        self.installed = True
+
+    def set_listeners(
+        self, outbound: socket.socket | None, inbound: socket.socket | None, hbone: socket.socket | None
+    ) -> None:
+        if self.mode == "none":
+            return
+        self._backend.set_listeners(
+            outbound.fileno() if outbound else None,
+            inbound.fileno() if inbound else None,
+            hbone.fileno() if hbone else None,
+        )
+        self.listeners_set = True
+
+    def sync(self, workloads: Sequence[Workload]) -> None:
+        """Enroll exactly ``workloads`` (the local enrolled ones); failures are kept per workload."""
+        if self.mode == "none":
+            return
+        from bpf.capture import EnrolledPod
+
+        wanted = {w.key: w for w in workloads}
+        for key in list(self.enrolled):
+            if key not in wanted:
+                pod = self.enrolled.pop(key)
+                try:
+                    self._backend.unenroll(pod)
+                    log.info(f"unenrolled {key}", extra={"event": "capture_unenrolled", "workload": key})
+                except Exception as exc:
+                    self.enroll_errors[key] = f"unenroll failed: {exc}"
+                    log.error(
+                        f"unenroll {key} failed: {exc}", extra={"event": "capture_error", "workload": key}
+                    )
+        for key, w in wanted.items():
+            ips = tuple(str(ip) for ip in w.ips if ip.version == 4)
+            ifname = host_interface_for(ips[0]) if ips else None
+            if ifname is None:
+                self.enroll_errors[key] = (
+                    f"no route to {ips[0] if ips else '(no IPv4)'} in the node namespace"
+                )
+                log.error(
+                    f"cannot enroll {key}: {self.enroll_errors[key]}",
+                    extra={"event": "capture_error", "workload": key},
+                )
+                continue
+            pod = EnrolledPod(key, ifname, ips)
+            if self.enrolled.get(key) == pod:
+                continue
+            try:
+                if key in self.enrolled:
+                    self._backend.unenroll(self.enrolled.pop(key))
+                self._backend.enroll(pod)
+            except Exception as exc:
+                self.enroll_errors[key] = str(exc)
+                log.error(f"cannot enroll {key}: {exc}", extra={"event": "capture_error", "workload": key})
+                continue
+            self.enrolled[key] = pod
+            self.enroll_errors.pop(key, None)
+            log.info(
+                f"enrolled {key} on {ifname}",
+                extra={"event": "capture_enrolled", "workload": key, "interface": ifname, "ips": list(ips)},
+            )
+
+    def ready(self) -> tuple[bool, str]:
+        if self.mode == "none":
+            return True, "disabled (--capture none): nothing is steered to the agent"
+        if not self.installed:
+            return False, self.error or "eBPF capture not installed"
+        if not self.listeners_set:
+            return False, "listeners not handed to the capture program"
+        if self.enroll_errors:
+            return False, "; ".join(f"{k}: {v}" for k, v in sorted(self.enroll_errors.items()))
+        return True, f"attached, {len(self.enrolled)} pods enrolled"
+
+    def status(self) -> dict[str, Any]:
+        ok, detail = self.ready()
+        out: dict[str, Any] = {
+            "mode": self.mode,
+            "state": ("disabled" if self.mode == "none" else "attached" if ok else "not-ready"),
+            "detail": detail,
+            "enrolled": sorted(self.enrolled),
+        }
+        if self.mode == "bpf" and self._backend is not None and self.installed:
+            try:
+                st = self._backend.status()
+                out["kernel"] = {
+                    "attached": st.attached,
+                    "listeners": st.listeners,
+                    "podIps": st.pod_ips,
+                    "counters": st.counters,
+                }
+            except Exception as exc:
+                out["kernel"] = {"error": str(exc)}
+        return out
+
+    def stop(self) -> None:
+        """Drop our fds, keep pins and rules: captured traffic fails (no listener) until a
+        restarted agent takes over, and the restart reuses the loaded program."""
+        if self.mode == "bpf" and self._backend is not None:
+            close = getattr(self._backend, "close", None)
+            if close is not None:
+                close()

@@ -1,0 +1,310 @@
+"""Inbound paths at the destination node: HBONE authorization + upstream, plaintext (15006),
+and same-node delivery.
+
+Every new inbound connection is decided by :meth:`policy.PolicyIndex.check` (PeerAuthentication,
+then AuthorizationPolicy) for the destination workload. Denials are counted
+(``ztagent_policy_decisions_total{action="deny"}``), access-logged with policy and reason, and
+answered the way the path allows: 401 on HBONE, a reset on plaintext.
+
+Upstream connections to the pod keep the original source IP when the kernel lets us (bind to the
+source with IP_TRANSPARENT; the capture routing returns the pod's replies to us). Otherwise they
+come from the node, and the log says so once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import logging
+import socket
+import struct
+from typing import TYPE_CHECKING, Any
+
+from agent.config import IPAddress, Workload
+from agent.metrics import ConnectionStats
+from agent.node.capture import IP_TRANSPARENT, IPV6_TRANSPARENT, SOL_IP, SOL_IPV6
+from agent.node.tracking import Tracked, connection_labels, decision_fields
+from agent.proxy_plain import PlainRelay
+from policy import Connection, Decision
+from tunnel.hbone import Authority
+from tunnel.server import AuthzDecision, AuthzRequest
+
+if TYPE_CHECKING:
+    from agent.node.agent import NodeAgent
+
+log = logging.getLogger("ztagent.inbound")
+
+UPSTREAM_CONNECT_TIMEOUT = 10.0
+
+
+class UpstreamConnector:
+    """Connects to local pods, preserving the source IP where possible."""
+
+    def __init__(self, *, transparent: bool) -> None:
+        self.transparent = transparent
+        self._warned = False
+
+    async def connect(self, ip: str, port: int, source_ip: IPAddress | None = None) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            if source_ip is not None and (source_ip.version == 6) == (family == socket.AF_INET6):
+                self._bind_source(sock, source_ip)
+            await asyncio.wait_for(loop.sock_connect(sock, (ip, port)), UPSTREAM_CONNECT_TIMEOUT)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _bind_source(self, sock: socket.socket, source_ip: IPAddress) -> None:
+        try:
+            if self.transparent:
+                if source_ip.version == 4:
+                    sock.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
+                else:
+                    sock.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
+            sock.bind((str(source_ip), 0))
+        except OSError as exc:
+            # Not a local address and no IP_TRANSPARENT (no capture routing, or no CAP_NET_ADMIN):
+            # the pod sees the node's address instead. Correct, only less informative.
+            if exc.errno not in (errno.EADDRNOTAVAIL, errno.EPERM, errno.EACCES, errno.EADDRINUSE):
+                raise
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    f"cannot keep source IP {source_ip} on connections to pods ({exc.strerror}); "
+                    "pods will see the node's address",
+                    extra={"event": "source_ip_not_preserved"},
+                )
+
+
+def _source_workload(agent: NodeAgent, principal: str | None, ip: IPAddress | None) -> Workload | None:
+    """The source workload for labels: by IP, but only if its identity agrees with the peer's."""
+    if ip is None:
+        return None
+    w = agent.store.by_ip(ip)
+    if w is None:
+        return None
+    if principal is not None and w.spiffe_id.principal != principal.removeprefix("spiffe://"):
+        return None
+    return w
+
+
+def record_decision(
+    agent: NodeAgent,
+    d: Decision,
+    *,
+    path: str,
+    source_ip: IPAddress | None,
+    source_principal: str | None,
+    destination: Workload,
+    destination_ip: str,
+    port: int,
+) -> None:
+    agent.metrics.policy_decisions.labels("allow" if d.allowed else "deny", d.code).inc()
+    if d.allowed:
+        return
+    src_w = _source_workload(agent, source_principal, source_ip)
+    agent.tracker.denied(
+        {
+            "direction": "inbound",
+            "path": path,
+            "source_ip": str(source_ip) if source_ip is not None else None,
+            "source_workload": src_w.key if src_w else None,
+            "source_principal": source_principal,
+            "destination_workload": destination.key,
+            "destination_principal": str(destination.spiffe_id),
+            "destination": f"{destination_ip}:{port}",
+            **decision_fields(d),
+        }
+    )
+    log.info(
+        f"denied {source_principal or source_ip} -> {destination.key}:{port}: {d.reason}",
+        extra={"event": "policy_denied", "destination_workload": destination.key, "code": d.code},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# HBONE (server callbacks)
+
+
+async def authorize_hbone(agent: NodeAgent, req: AuthzRequest) -> AuthzDecision:
+    dest = agent.store.is_local_enrolled_ip(req.destination.ip)
+    if dest is None:
+        return AuthzDecision(False, f"{req.destination.ip} is not an enrolled workload on this node")
+    conn = Connection(
+        source_principal=req.peer_identity.principal,
+        source_ip=req.source.ip,
+        destination_namespace=dest.namespace,
+        destination_port=req.destination.port,
+        destination_labels=dest.labels,
+        destination_ip=req.destination.ip,
+    )
+    d = agent.policy_index.check(conn)
+    record_decision(
+        agent,
+        d,
+        path="hbone",
+        source_ip=req.source.ip,
+        source_principal=str(req.peer_identity),
+        destination=dest,
+        destination_ip=str(req.destination.ip),
+        port=req.destination.port,
+    )
+    return AuthzDecision(d.allowed, d.reason)
+
+
+def hbone_is_local(agent: NodeAgent, authority: Authority, conn: Any) -> bool:
+    """ztunnel's rule (the CONNECT IP is the workload the connection arrived for) and that
+    workload must be enrolled here: never an open relay."""
+    return authority.ip == conn.local.ip and agent.store.is_local_enrolled_ip(authority.ip) is not None
+
+
+# --------------------------------------------------------------------------------------------
+# Plaintext inbound (15006)
+
+
+async def handle_plaintext(agent: NodeAgent, sock: socket.socket, original: tuple[str, int]) -> None:
+    """A captured non-mesh connection to a local pod: STRICT refuses, PERMISSIVE admits."""
+    try:
+        peer = sock.getpeername()
+        src_ip: IPAddress | None = ipaddress.ip_address(peer[0].split("%")[0])
+    except (OSError, ValueError):
+        src_ip = None
+        peer = ("?", 0)
+    dst_ip, dst_port = original
+    dest = agent.store.is_local_enrolled_ip(dst_ip)
+    if dest is None:
+        # Captured traffic for something we do not serve (stale enrollment?): refuse loudly.
+        log.warning(
+            f"plaintext connection from {peer[0]} to {dst_ip}:{dst_port}: not an enrolled local workload",
+            extra={"event": "inbound_unknown_destination"},
+        )
+        reset(sock)
+        return
+    conn = Connection(
+        source_principal=None,
+        source_ip=src_ip,
+        destination_namespace=dest.namespace,
+        destination_port=dst_port,
+        destination_labels=dest.labels,
+        destination_ip=ipaddress.ip_address(dst_ip),
+    )
+    d = agent.policy_index.check(conn)
+    record_decision(
+        agent,
+        d,
+        path="plaintext",
+        source_ip=src_ip,
+        source_principal=None,
+        destination=dest,
+        destination_ip=dst_ip,
+        port=dst_port,
+    )
+    if not d.allowed:
+        reset(sock)
+        return
+    agent.metrics.plaintext_connections.labels(dest.namespace).inc()
+    await deliver_local(
+        agent,
+        sock,
+        dest=dest,
+        dst=(dst_ip, dst_port),
+        source_ip=src_ip,
+        source_principal=None,
+        source_workload=agent.store.by_ip(src_ip) if src_ip is not None else None,
+        policy_input=conn,
+        decision=d,
+        path="plaintext",
+        security="none",
+    )
+
+
+async def deliver_local(
+    agent: NodeAgent,
+    sock: socket.socket,
+    *,
+    dest: Workload,
+    dst: tuple[str, int],
+    source_ip: IPAddress | None,
+    source_principal: str | None,
+    source_workload: Workload | None,
+    policy_input: Connection,
+    decision: Decision,
+    path: str,
+    security: str,
+) -> None:
+    """Connect to the local pod and relay (plaintext inbound and same-node mesh traffic)."""
+    try:
+        up = await agent.upstream.connect(dst[0], dst[1], source_ip)
+    except (OSError, TimeoutError) as exc:
+        log.warning(
+            f"cannot connect to {dest.key} at {dst[0]}:{dst[1]}: {exc!r}",
+            extra={"event": "upstream_failed", "destination_workload": dest.key},
+        )
+        reset(sock)
+        return
+    labels = connection_labels(
+        reporter="destination",
+        source=source_workload,
+        source_principal=source_principal,
+        destination=dest,
+        destination_principal=str(dest.spiffe_id),
+        service=None,
+        security=security,
+    )
+    counts = [0, 0]
+
+    def on_bytes(direction: str, n: int) -> None:
+        counts[0 if direction == "sent" else 1] += n
+
+    relay = PlainRelay(on_bytes)
+    tracked = agent.tracker.add(
+        Tracked(
+            direction="inbound",
+            path=path,
+            stats=ConnectionStats(agent.metrics, labels),
+            read_bytes=lambda: (counts[0], counts[1]),
+            abort=relay.abort,
+            log_fields={
+                "reporter": "destination",
+                "source_ip": str(source_ip) if source_ip is not None else None,
+                "source_workload": source_workload.key if source_workload else None,
+                "source_principal": source_principal,
+                "destination_workload": dest.key,
+                "destination_principal": str(dest.spiffe_id),
+                "destination": f"{dst[0]}:{dst[1]}",
+                "security": security,
+                **decision_fields(decision),
+            },
+            policy_input=policy_input,
+            destination_key=dest.key,
+        )
+    )
+    await run_relay(agent, relay, sock, up, tracked)
+
+
+async def run_relay(
+    agent: NodeAgent, relay: PlainRelay, down: socket.socket, up: socket.socket, tracked: Tracked
+) -> None:
+    reason = "aborted"
+    try:
+        await relay.start(down, up)
+        reason = await relay.done
+    except (OSError, ConnectionError) as exc:
+        reason = f"relay failed: {exc!r}"
+        relay.abort(reason)
+        down.close()
+        up.close()
+    finally:
+        agent.tracker.close(tracked, reason)
+
+
+def reset(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
