@@ -372,7 +372,12 @@ class CertificateManager:
 
     async def _loop(self) -> None:
         while True:
-            await self.run_due()
+            try:
+                await self.run_due()
+            except Exception:
+                # A bug here must not silently stop all renewals: log it and keep going.
+                log.exception("certificate manager round failed", extra={"event": "cert_manager_error"})
+                await asyncio.sleep(1.0)
             nxt = self.next_due()
             delay = MAX_SLEEP_SECONDS
             if nxt is not None:
