@@ -70,9 +70,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=_static,
         action="append",
         default=[],
-        metavar="LISTEN=ORIG",
+        metavar="[in:|out:]LISTEN=ORIG",
         help="(--capture none, tests) treat connections accepted on LISTEN ip:port as captured with "
-        "original destination ORIG ip:port; repeatable",
+        "original destination ORIG ip:port by the outbound (default) or inbound listener; repeatable",
     )
     p.add_argument("--access-log", default=None, help="access log file (JSON lines); default stdout")
     p.add_argument("--cert-ttl", type=_duration, default=None, help="requested workload certificate lifetime")

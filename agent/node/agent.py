@@ -143,6 +143,7 @@ class NodeAgent:
         self._store: WorkloadStore | None = None
         self._policy_index: PolicyIndex | None = None
         self._certs: CertificateManager | None = None
+        self._node_identity: SpiffeId | None = None
         self._ca_client: CaClient | None = None
         self.hbone_server: HboneServer | None = None
         self._hbone_client: HboneClient | None = None
@@ -206,15 +207,18 @@ class NodeAgent:
                 "--ca and --node-credentials are required (workload certificates come from the CA)"
             )
         try:
-            node_creds = NodeCredentials.from_dir(o.node_credentials)
+            node_creds = NodeCredentials.from_dir(o.node_credentials, now=dt.datetime.now(dt.UTC))
+            self._ca_client = CaClient(o.ca, node_creds)
         except Exception as exc:
             raise StartupError(f"node credentials in {o.node_credentials}: {exc}") from None
-        self._ca_client = CaClient(o.ca, node_creds)
+        self._node_identity = node_creds.spiffe_id
         self._certs = CertificateManager(
-            self._ca_client, node_creds.bundles, registry=self.metrics.registry, ttl=o.cert_ttl
+            self._ca_client, self._ca_client.bundles(), registry=self.metrics.registry, ttl=o.cert_ttl
         )
+        # The node's own credential is renewed like a workload's; the client picks it up.
+        self._certs.on_rotate(self._ca_client.on_rotate)
         try:
-            await self._certs.start(self._local_identities())
+            await self._certs.start([self._node_identity, *self._local_identities()])
         except Exception as exc:
             raise StartupError(str(exc)) from None
 
@@ -242,8 +246,7 @@ class NodeAgent:
             await self._sync_hbone_listeners()
         for sc in o.static_captures:
             sock = make_listener(sc.listen[0], sc.listen[1], transparent=False)
-            role = "inbound" if self.store.is_local_enrolled_ip(sc.original[0]) else "outbound"
-            self._listeners.append(_Listener(sock, role, original=sc.original))
+            self._listeners.append(_Listener(sock, sc.role, original=sc.original))
         for lst in self._listeners:
             lst.task = asyncio.get_running_loop().create_task(self._accept_loop(lst))
 
@@ -346,7 +349,7 @@ class NodeAgent:
                 await self.cert_manager.add_identity(sid)
             except Exception as exc:
                 log.error(f"cannot get a certificate for {sid}: {exc}", extra={"event": "cert_add_failed"})
-        for sid in set(self.cert_manager.identities()) - wanted:
+        for sid in set(self.cert_manager.identities()) - wanted - {self._node_identity}:
             self.cert_manager.remove_identity(sid)
         if self.options.capture == "none":
             await self._sync_hbone_listeners()
@@ -578,8 +581,8 @@ class NodeAgent:
             return ["certificate manager not started"]
         problems = []
         held = {s.spiffe_id: s for s in self._certs.status()}
-        for sid in self._local_identities():
-            st = held.get(sid)
+        for sid in [self._node_identity, *self._local_identities()]:
+            st = held.get(sid) if sid is not None else None
             if st is None or st.credential is None:
                 why = f": {st.last_error}" if st is not None and st.last_error else ""
                 problems.append(f"no valid certificate for {sid}{why}")

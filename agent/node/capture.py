@@ -38,16 +38,25 @@ Address = tuple[str, int]
 
 @dataclass(frozen=True)
 class StaticCapture:
+    """Connections accepted on ``listen`` are handled as if captured towards ``original`` by the
+    ``role`` listener: "outbound" (15001, from a local pod) or "inbound" (15006, plaintext from
+    outside the mesh to a local pod)."""
+
     listen: Address
     original: Address
+    role: str = "outbound"
 
     @classmethod
     def parse(cls, text: str) -> StaticCapture:
-        """``LISTEN=ORIG``, both ``ip:port`` (e.g. ``127.0.0.1:0=10.96.0.10:80``)."""
+        """``[out:|in:]LISTEN=ORIG``, both ``ip:port`` (e.g. ``in:127.0.0.1:0=10.244.1.2:80``)."""
+        role = "outbound"
+        for prefix, r in (("out:", "outbound"), ("in:", "inbound")):
+            if text.startswith(prefix):
+                role, text = r, text[len(prefix) :]
         left, sep, right = text.partition("=")
         if not sep:
-            raise ValueError(f"static capture {text!r}: expected LISTEN_IP:PORT=ORIGINAL_IP:PORT")
-        return cls(parse_address(left, "listen"), parse_address(right, "original destination"))
+            raise ValueError(f"static capture {text!r}: expected [out:|in:]LISTEN_IP:PORT=ORIGINAL_IP:PORT")
+        return cls(parse_address(left, "listen"), parse_address(right, "original destination"), role)
 
 
 def parse_address(text: str, what: str = "address") -> Address:
@@ -168,11 +177,10 @@ class CaptureLayer:
                     )
         for key, w in wanted.items():
             ips = tuple(str(ip) for ip in w.ips if ip.version == 4)
-            ifname = host_interface_for(ips[0]) if ips else None
-            if ifname is None:
-                self.enroll_errors[key] = (
-                    f"no route to {ips[0] if ips else '(no IPv4)'} in the node namespace"
-                )
+            try:
+                ifname = self._ifname(ips)
+            except Exception as exc:
+                self.enroll_errors[key] = f"cannot find the pod's interface: {exc}"
                 log.error(
                     f"cannot enroll {key}: {self.enroll_errors[key]}",
                     extra={"event": "capture_error", "workload": key},
@@ -195,6 +203,15 @@ class CaptureLayer:
                 f"enrolled {key} on {ifname}",
                 extra={"event": "capture_enrolled", "workload": key, "interface": ifname, "ips": list(ips)},
             )
+
+    def _ifname(self, ips: tuple[str, ...]) -> str:
+        finder = getattr(self._backend, "host_ifname_for", None)
+        if finder is not None:
+            return str(finder(ips))
+        name = host_interface_for(ips[0]) if ips else None
+        if name is None:
+            raise LookupError(f"no route to {ips[0] if ips else '(no IPv4 address)'} in the node namespace")
+        return name
 
     def ready(self) -> tuple[bool, str]:
         if self.mode == "none":
