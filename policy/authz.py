@@ -303,6 +303,8 @@ class CompiledPolicy:
     action: Action
     dry_run: bool
     selector: Mapping[str, str] | None  # None: whole namespace (or mesh, in the root namespace)
+    # The selector's (key, value) pairs: "selects" is then a set-subset test against the labels.
+    selector_items: frozenset[tuple[str, str]]
     rules: tuple[L4Rule, ...]  # empty: never matches
     match_all: bool  # a poisoned DENY/CUSTOM/AUDIT: matches every connection it selects
 
@@ -318,7 +320,8 @@ class CompiledPolicy:
                 if cr is not None:
                     rules.append(cr)
         sel = p.selector.match_labels if p.selector is not None and p.selector.match_labels else None
-        return cls(p, p.key, p.meta.namespace, p.action, p.dry_run, sel, tuple(rules), match_all)
+        items = frozenset(sel.items()) if sel is not None else frozenset()
+        return cls(p, p.key, p.meta.namespace, p.action, p.dry_run, sel, items, tuple(rules), match_all)
 
     def selects(self, namespace: str, labels: Mapping[str, str], root_namespace: str) -> bool:
         if self.namespace not in (namespace, root_namespace, ""):
@@ -379,10 +382,20 @@ def decide(conn: Connection, selected: Sequence[CompiledPolicy]) -> Decision:
 
 
 def _enforce(conn: Connection, selected: Sequence[CompiledPolicy], enforce_dry_run: bool) -> Decision:
-    def active(p: CompiledPolicy, action: Action) -> bool:
-        return p.action is action and (enforce_dry_run or not p.dry_run)
-
-    custom = [p for p in selected if active(p, Action.CUSTOM) and p.matches(conn)]
+    custom: list[CompiledPolicy] = []
+    denies: list[CompiledPolicy] = []
+    allows: list[CompiledPolicy] = []
+    for p in selected:
+        if p.dry_run and not enforce_dry_run:
+            continue
+        a = p.action
+        if a is Action.ALLOW:
+            allows.append(p)
+        elif a is Action.DENY:
+            if p.matches(conn):
+                denies.append(p)
+        elif a is Action.CUSTOM and p.matches(conn):
+            custom.append(p)
     if custom:
         names = tuple(p.key for p in custom)
         providers = ", ".join(sorted({p.policy.provider or "?" for p in custom}))
@@ -393,7 +406,6 @@ def _enforce(conn: Connection, selected: Sequence[CompiledPolicy], enforce_dry_r
             "by the node agent, so it fails closed (attach CUSTOM policies to a waypoint)",
             CODE_CUSTOM_UNSUPPORTED,
         )
-    denies = [p for p in selected if active(p, Action.DENY) and p.matches(conn)]
     if denies:
         names = tuple(p.key for p in denies)
         invalid = [p for p in denies if p.policy.poisoned]
@@ -407,7 +419,6 @@ def _enforce(conn: Connection, selected: Sequence[CompiledPolicy], enforce_dry_r
                 CODE_INVALID_POLICY,
             )
         return Decision(Verdict.DENY, names, f"DENY policy {', '.join(names)} matched", CODE_DENY_MATCHED)
-    allows = [p for p in selected if active(p, Action.ALLOW)]
     if not allows:
         return Decision(
             Verdict.ALLOW, (), "no ALLOW policy selects the destination (default allow)", CODE_NO_POLICY
@@ -499,11 +510,10 @@ class PolicyIndex:
 
     def select(self, namespace: str, labels: Mapping[str, str]) -> list[CompiledPolicy]:
         """The policies that apply to a workload, in a stable (namespace/name) order."""
-        out = [p for p in self._root if p.selector is None or _subset(p.selector, labels)]
+        items = labels.items()  # a set-like view: `frozenset <= view` is a C-level subset test
+        out = [p for p in self._root if p.selector_items <= items]
         if namespace != self.root_namespace:
-            out.extend(
-                p for p in self._by_ns.get(namespace, ()) if p.selector is None or _subset(p.selector, labels)
-            )
+            out.extend(p for p in self._by_ns.get(namespace, ()) if p.selector_items <= items)
         return out
 
     def evaluate(self, conn: Connection) -> Decision:
@@ -523,7 +533,3 @@ class PolicyIndex:
             return plaintext_refused(conn, mtls)
         d = self.evaluate(conn)
         return Decision(d.verdict, d.policies, d.reason, d.code, d.audit, d.dry_run, d.dry_run_verdict, mtls)
-
-
-def _subset(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
-    return all(labels.get(k) == v for k, v in selector.items())
