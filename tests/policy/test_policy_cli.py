@@ -155,12 +155,12 @@ def test_check_json(files: dict[str, str]) -> None:
 
 
 def test_check_strict_refuses_plaintext(files: dict[str, str]) -> None:
+    # "-f FILE FILE..." (several files after one -f) is accepted too.
     r = ztagent(
         "policy",
         "check",
         "-f",
         files["mesh"],
-        "-f",
         files["strict"],
         "--plaintext",
         "--destination",
