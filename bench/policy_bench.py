@@ -126,12 +126,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",") if s]
     conns = connections()
 
-    print(f"{'policies':>9} {'namespaces':>10} {'index dec/s':>12} {'linear dec/s':>13} {'index/linear':>12}")
+    print(
+        f"{'policies':>9} {'namespaces':>10} {'index dec/s':>12} {'linear dec/s':>13} {'index/linear':>12}"
+        f" {'parse ms':>9} {'build ms':>9}"
+    )
     results = []
     for total in sizes:
-        ps = parse_policies(build_documents(total))
+        docs = build_documents(total)
+        t0 = time.perf_counter()
+        ps = parse_policies(docs)
+        t1 = time.perf_counter()
+        idx = PolicyIndex(ps, ROOT)  # what a policy change costs the agent: parse + rebuild
+        t2 = time.perf_counter()
         assert ps.ok, ps.errors[:3]
-        idx = PolicyIndex(ps, ROOT)
         compiled = [CompiledPolicy.compile(p) for p in ps.authorization]
         # Both must reach the same decisions, or the comparison means nothing.
         for c in conns:
@@ -141,7 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         r_idx = rate(idx.evaluate, conns, args.seconds)
         r_lin = rate(lambda c, compiled=compiled: evaluate(c, compiled, ROOT), conns, args.seconds)  # type: ignore[misc]
         results.append((total, r_idx, r_lin))
-        print(f"{total:>9} {namespaces:>10} {r_idx:>12,.0f} {r_lin:>13,.0f} {r_idx / r_lin:>11.1f}x")
+        print(
+            f"{total:>9} {namespaces:>10} {r_idx:>12,.0f} {r_lin:>13,.0f} {r_idx / r_lin:>11.1f}x"
+            f" {(t1 - t0) * 1e3:>9.1f} {(t2 - t1) * 1e3:>9.1f}"
+        )
     if len(results) > 1:
         first, last = results[0], results[-1]
         print(
