@@ -131,7 +131,9 @@ class CaClient:
         impersonate: bool = True,
         server_name: str = CA_SERVER_NAME,
     ) -> None:
-        if not (address.startswith("unix:/") or (":" in address and not address.startswith("unix:"))):
+        host, _, port = address.rpartition(":")
+        tcp = bool(host) and port.isdigit() and "/" not in host and not address.startswith("unix:")
+        if not (address.startswith("unix:/") or tcp):
             raise ValueError(f"CA address {address!r}: expected unix:/absolute/path or host:port")
         self.address = address
         self.node = node
