@@ -1,0 +1,578 @@
+"""Byte relay between plain TCP sockets and HBONE streams, plus the HTTP/2 session they share.
+
+One :class:`H2Session` is an asyncio protocol on an mTLS transport running a sans-IO core from
+``tunnel.hbone``; each proxied TCP connection is a :class:`TunnelStream` tying one HTTP/2 stream
+to one TCP transport. Transports and protocols (not streams) on the hot path: no per-chunk task
+switches, and backpressure is explicit.
+
+Flow control and memory (the water marks are named so tests can assert them):
+
+- TCP -> tunnel: bytes are handed to the core as far as the HTTP/2 windows allow; whatever does
+  not fit is held and the TCP side stops reading (``pause_reading``) until a WINDOW_UPDATE comes,
+  so at most one read chunk is held per stream. When the TLS transport's write buffer passes
+  ``TLS_WRITE_HIGH`` every stream on that session pauses reading until it drains below
+  ``TLS_WRITE_LOW``.
+- tunnel -> TCP: received DATA is written to the TCP transport and its flow-control credit is
+  returned only while that transport's buffer is under ``TCP_WRITE_HIGH``; above it the credit is
+  withheld (the peer's stream window runs dry and it stops sending) until the buffer drains below
+  ``TCP_WRITE_LOW``. Buffered bytes per stream therefore stay under
+  ``TCP_WRITE_HIGH + hbone.STREAM_WINDOW`` whatever the local reader does.
+
+Half-close: a TCP FIN becomes END_STREAM and END_STREAM becomes ``write_eof`` (FIN). Aborts: a
+TCP reset becomes RST_STREAM(CONNECT_ERROR) and RST_STREAM becomes a TCP RST (SO_LINGER 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from . import hbone
+from .hbone import Authority, ErrorCode
+
+log = logging.getLogger("ztagent.tunnel")
+
+TCP_WRITE_HIGH = 1024 * 1024
+TCP_WRITE_LOW = 256 * 1024
+TLS_WRITE_HIGH = 4 * 1024 * 1024
+TLS_WRITE_LOW = 1024 * 1024
+# Bound on one TCP side's unsent bytes per stream: the read buffer size of either event loop.
+TCP_READ_CHUNK = 256 * 1024
+
+KEEPALIVE_INTERVAL = 10.0  # PING when the connection was silent this long (ztunnel)
+KEEPALIVE_TIMEOUT = 20.0  # drop a connection silent this long: half-open peers must not leak
+STREAM_IDLE_TIMEOUT = 3600.0  # reset a tunnel with no bytes either way for this long
+
+
+# --- accounting --------------------------------------------------------------------------------
+@dataclass
+class TunnelInfo:
+    """One proxied TCP connection, as the accounting observer sees it.
+
+    ``bytes_received`` counts source -> destination bytes and ``bytes_sent`` destination -> source
+    bytes on both sides, matching Istio's ``istio_tcp_received_bytes_total`` /
+    ``istio_tcp_sent_bytes_total``. The counters are live: read them at scrape time.
+    """
+
+    direction: str  # "inbound" (server side) or "outbound" (client side)
+    source_principal: str
+    destination_principal: str
+    source: Authority | None
+    destination: Authority
+    connection_security_policy: str = "mutual_tls"
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    opened_at: float = field(default_factory=time.time)
+    closed_at: float | None = None
+    close_reason: str = ""
+
+
+class TunnelObserver(Protocol):
+    """Implemented by the agent to export metrics; every method must be cheap and not raise."""
+
+    def tunnel_opened(self, info: TunnelInfo) -> None: ...
+
+    def tunnel_closed(self, info: TunnelInfo) -> None: ...
+
+    def rejected(self, kind: str, detail: str) -> None:
+        """A connection or request refused for ``kind`` (a stable label for a metric)."""
+
+
+class NullObserver:
+    def tunnel_opened(self, info: TunnelInfo) -> None:
+        pass
+
+    def tunnel_closed(self, info: TunnelInfo) -> None:
+        pass
+
+    def rejected(self, kind: str, detail: str) -> None:
+        pass
+
+
+def _safe(call: Callable[..., None], *args: Any) -> None:
+    try:
+        call(*args)
+    except Exception:  # an observer bug must never break a tunnel
+        log.exception("tunnel observer failed")
+
+
+def abort_with_rst(transport: asyncio.Transport | None) -> None:
+    """Close a TCP transport with RST instead of FIN (SO_LINGER 0), to carry an abort across."""
+    if transport is None or transport.is_closing():
+        if transport is not None:
+            transport.abort()
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+# --- one tunnel --------------------------------------------------------------------------------
+class _TcpSide(asyncio.Protocol):
+    """Protocol on the plain TCP socket; forwards everything to its TunnelStream."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: TunnelStream) -> None:
+        self.stream = stream
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.stream._tcp_attached(transport)  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        self.stream._tcp_data(data)
+
+    def eof_received(self) -> bool:
+        self.stream._tcp_eof()
+        return True  # keep our write side open: TCP half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stream._tcp_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.stream._tcp_write_paused = True
+
+    def resume_writing(self) -> None:
+        self.stream._tcp_write_paused = False
+        self.stream._return_credit()
+
+
+class TunnelStream:
+    """Relays one HTTP/2 stream to one TCP transport, both directions."""
+
+    def __init__(self, session: H2Session, stream_id: int, info: TunnelInfo, *, outbound: bool) -> None:
+        self.session = session
+        self.stream_id = stream_id
+        self.info = info
+        self.outbound = outbound  # client side: TCP bytes are source -> destination
+        self.tcp: asyncio.Transport | None = None
+        self._pending_out = b""  # TCP bytes the h2 window could not take yet (<= one read chunk)
+        self._early_in: list[tuple[bytes, int]] = []  # tunnel bytes before the TCP side attached
+        self._early_eof = False
+        self._unacked = 0  # flow-control credit withheld while the TCP writer is above high water
+        self._tcp_write_paused = False
+        self._tcp_reading = True
+        self._tcp_eof_pending = False  # TCP FIN seen, END_STREAM not yet sent (data pending)
+        self.local_done = False  # our direction to the tunnel ended (END_STREAM sent) or aborted
+        self.remote_done = False  # tunnel -> TCP finished (FIN written) or aborted
+        self.closed = False
+        self._last_activity = session.loop.time()
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self.done: asyncio.Future[TunnelInfo] = session.loop.create_future()
+
+    # -- attach ----------------------------------------------------------------------------------
+    def attach_socket(self, sock: socket.socket) -> None:
+        """Start relaying on a connected socket (the stream owns it from now on)."""
+        sock.setblocking(False)
+        # create_connection(sock=...) works for accepted and for connected sockets alike.
+        task = self.session.loop.create_task(
+            self.session.loop.create_connection(lambda: _TcpSide(self), sock=sock)
+        )
+        task.add_done_callback(self._attach_done)
+
+    def _attach_done(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            self.abort(ErrorCode.CONNECT_ERROR, f"cannot attach TCP socket: {task.exception()!r}")
+
+    def _tcp_attached(self, transport: asyncio.Transport) -> None:
+        if self.closed:
+            abort_with_rst(transport)
+            return
+        self.tcp = transport
+        transport.set_write_buffer_limits(high=TCP_WRITE_HIGH, low=TCP_WRITE_LOW)
+        for data, fc in self._early_in:
+            self._deliver(data, fc)
+        self._early_in.clear()
+        if self._early_eof:
+            self._remote_end()
+        if self.session.writes_paused:
+            self._pause_tcp()
+        self._arm_idle()
+
+    # -- tunnel -> TCP ----------------------------------------------------------------------------
+    def on_data(self, data: bytes, flow_controlled_length: int) -> None:
+        if self.tcp is None:
+            self._early_in.append((data, flow_controlled_length))
+            return
+        self._deliver(data, flow_controlled_length)
+
+    def _deliver(self, data: bytes, fc: int) -> None:
+        tcp = self.tcp
+        assert tcp is not None
+        self._last_activity = self.session.loop.time()
+        if data:
+            if self.outbound:
+                self.info.bytes_sent += len(data)
+            else:
+                self.info.bytes_received += len(data)
+            tcp.write(data)
+        if self._tcp_write_paused:
+            self._unacked += fc
+        else:
+            self.session.core.acknowledge(self.stream_id, fc)
+            self.session.flush()
+
+    def _return_credit(self) -> None:
+        if self._unacked and not self.closed:
+            n, self._unacked = self._unacked, 0
+            self.session.core.acknowledge(self.stream_id, n)
+            self.session.flush()
+
+    def on_end(self) -> None:
+        if self.tcp is None:
+            self._early_eof = True
+            return
+        self._remote_end()
+
+    def _remote_end(self) -> None:
+        tcp = self.tcp
+        assert tcp is not None
+        if tcp.can_write_eof():
+            tcp.write_eof()  # flushes buffered bytes first, then FIN
+        self.remote_done = True
+        self._maybe_finished()
+
+    def on_reset(self, error_code: int, remote: bool) -> None:
+        self._finish_abort(f"stream reset by {'peer' if remote else 'us'} (HTTP/2 error {error_code})")
+
+    # -- TCP -> tunnel ----------------------------------------------------------------------------
+    def _tcp_data(self, data: bytes) -> None:
+        self._last_activity = self.session.loop.time()
+        if self.outbound:
+            self.info.bytes_received += len(data)
+        else:
+            self.info.bytes_sent += len(data)
+        if self._pending_out:
+            self._pending_out += data
+        else:
+            core = self.session.core
+            taken = core.send_data(self.stream_id, data)
+            if taken < len(data):
+                self._pending_out = data[taken:]
+            self.session.flush()
+        if self._pending_out:
+            self._pause_tcp()
+
+    def on_window(self) -> None:
+        """Send window opened (stream or connection): push held bytes, maybe resume reading."""
+        if self.closed or self.local_done:
+            return
+        if self._pending_out:
+            taken = self.session.core.send_data(self.stream_id, self._pending_out)
+            self._pending_out = self._pending_out[taken:]
+            if taken:
+                self.session.flush()
+        if not self._pending_out:
+            if self._tcp_eof_pending:
+                self._tcp_eof_pending = False
+                self._local_end()
+            elif not self.session.writes_paused:
+                self._resume_tcp()
+
+    def _tcp_eof(self) -> None:
+        if self._pending_out:
+            self._tcp_eof_pending = True
+        else:
+            self._local_end()
+
+    def _local_end(self) -> None:
+        if self.local_done:
+            return
+        self.local_done = True
+        self.session.core.end_stream(self.stream_id)
+        self.session.flush()
+        self._maybe_finished()
+
+    def _tcp_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        if exc is not None:
+            # Reset or error on the TCP side: carry the abort across (RFC 9113 §8.5).
+            self.session.core.reset_stream(self.stream_id, ErrorCode.CONNECT_ERROR)
+            self.session.flush()
+            self._finish(f"TCP side aborted: {exc}")
+            return
+        # A clean close: whatever we did not send yet is finished too.
+        if not self.local_done and not self._pending_out:
+            self._local_end()
+        if not self.remote_done:
+            # The local socket is gone; nothing can receive the rest: stop the peer.
+            self.session.core.reset_stream(self.stream_id, ErrorCode.CANCEL)
+            self.session.flush()
+            self._finish("TCP side closed before the tunnel ended")
+        else:
+            self._finish("closed")
+
+    def _pause_tcp(self) -> None:
+        if self._tcp_reading and self.tcp is not None:
+            self._tcp_reading = False
+            self.tcp.pause_reading()
+
+    def _resume_tcp(self) -> None:
+        if not self._tcp_reading and self.tcp is not None and not self._pending_out and not self.closed:
+            self._tcp_reading = True
+            self.tcp.resume_reading()
+
+    # session-wide backpressure (TLS write buffer)
+    def on_session_paused(self) -> None:
+        self._pause_tcp()
+
+    def on_session_resumed(self) -> None:
+        if not self._pending_out:
+            self._resume_tcp()
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes this tunnel holds in user space: unsent TCP input plus the TCP write buffer."""
+        held = len(self._pending_out) + sum(len(d) for d, _ in self._early_in)
+        if self.tcp is not None and not self.tcp.is_closing():
+            held += self.tcp.get_write_buffer_size()
+        return held
+
+    def _maybe_finished(self) -> None:
+        if self.local_done and self.remote_done and not self.closed:
+            if self.tcp is not None:
+                self.tcp.close()  # flushes what is buffered, then closes
+            self._finish("closed")
+
+    def abort(self, code: int = ErrorCode.CANCEL, reason: str = "aborted") -> None:
+        if self.closed:
+            return
+        self.session.core.reset_stream(self.stream_id, code)
+        self.session.flush()
+        self._finish_abort(reason)
+
+    def _finish_abort(self, reason: str) -> None:
+        if self.closed:
+            return
+        abort_with_rst(self.tcp)
+        self._finish(reason)
+
+    def _finish(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.local_done = self.remote_done = True
+        self._pending_out = b""
+        self._early_in.clear()
+        if self._unacked:
+            # Return withheld credit so the connection window is not leaked by a dead stream.
+            self.session.core.acknowledge(self.stream_id, self._unacked)
+            self._unacked = 0
+            self.session.flush()
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+        self.info.closed_at = time.time()
+        self.info.close_reason = reason
+        self.session.stream_finished(self)
+        if not self.done.done():
+            self.done.set_result(self.info)
+
+    def _arm_idle(self) -> None:
+        timeout = self.session.stream_idle_timeout
+        if timeout > 0 and not self.closed:
+            self._idle_handle = self.session.loop.call_later(timeout, self._check_idle)
+
+    def _check_idle(self) -> None:
+        timeout = self.session.stream_idle_timeout
+        idle = self.session.loop.time() - self._last_activity
+        if idle >= timeout:
+            self.abort(ErrorCode.CANCEL, f"idle for {idle:.0f}s (limit {timeout:.0f}s)")
+        elif not self.closed:
+            self._idle_handle = self.session.loop.call_later(timeout - idle, self._check_idle)
+
+
+# --- one HTTP/2 connection ---------------------------------------------------------------------
+class H2Session(asyncio.Protocol):
+    """asyncio protocol on an mTLS transport, driving a sans-IO HBONE core. Subclassed by the
+    server and client connections, which decide what to do with requests and responses."""
+
+    def __init__(
+        self,
+        core: hbone.HboneConnection,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        keepalive_interval: float = KEEPALIVE_INTERVAL,
+        keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+        stream_idle_timeout: float = STREAM_IDLE_TIMEOUT,
+    ) -> None:
+        self.core = core
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, TunnelStream] = {}
+        self.writes_paused = False
+        self.is_closed = False
+        self.closed_future: asyncio.Future[None] = loop.create_future()
+        self.keepalive_interval = keepalive_interval
+        self.keepalive_timeout = keepalive_timeout
+        self.stream_idle_timeout = stream_idle_timeout
+        self._last_rx = loop.time()
+        self._keepalive_handle: asyncio.TimerHandle | None = None
+        self._ping_outstanding = False
+
+    # -- transport callbacks ----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        assert self.transport is not None
+        self.transport.set_write_buffer_limits(high=TLS_WRITE_HIGH, low=TLS_WRITE_LOW)
+        self._last_rx = self.loop.time()
+        self.flush()
+        if self.keepalive_interval > 0:
+            self._keepalive_handle = self.loop.call_later(self.keepalive_interval, self._keepalive)
+
+    def data_received(self, data: bytes) -> None:
+        self._last_rx = self.loop.time()
+        try:
+            events = self.core.receive_data(data)
+        except hbone.ProtocolViolation as exc:
+            self.protocol_error(str(exc))
+            return
+        for ev in events:
+            self.handle_event(ev)
+        self.flush()
+
+    def eof_received(self) -> bool:
+        self.close(f"peer closed the connection ({len(self.streams)} streams open)")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._teardown(f"connection lost: {exc}" if exc else "connection closed")
+
+    def pause_writing(self) -> None:
+        self.writes_paused = True
+        for st in self.streams.values():
+            st.on_session_paused()
+
+    def resume_writing(self) -> None:
+        self.writes_paused = False
+        for st in list(self.streams.values()):
+            st.on_session_resumed()
+
+    # -- events -----------------------------------------------------------------------------------
+    def handle_event(self, ev: hbone.Event) -> None:
+        if isinstance(ev, hbone.Data):
+            st = self.streams.get(ev.stream_id)
+            if st is not None:
+                st.on_data(ev.data, ev.flow_controlled_length)
+            else:
+                self.core.acknowledge(ev.stream_id, ev.flow_controlled_length)
+        elif isinstance(ev, hbone.WindowOpened):
+            if ev.stream_id == 0:
+                for st in list(self.streams.values()):
+                    st.on_window()
+            else:
+                st = self.streams.get(ev.stream_id)
+                if st is not None:
+                    st.on_window()
+        elif isinstance(ev, hbone.StreamEnded):
+            st = self.streams.get(ev.stream_id)
+            if st is not None:
+                st.on_end()
+            else:
+                self.stream_ended_early(ev.stream_id)
+        elif isinstance(ev, hbone.StreamReset):
+            st = self.streams.get(ev.stream_id)
+            if st is not None:
+                st.on_reset(ev.error_code, ev.remote)
+            else:
+                self.stream_reset_early(ev.stream_id, ev.error_code)
+        elif isinstance(ev, hbone.PingAcknowledged):
+            self._ping_outstanding = False
+        elif isinstance(ev, hbone.ConnectionTerminated):
+            self.goaway_received(ev)
+        else:
+            self.handle_role_event(ev)
+
+    def handle_role_event(self, ev: hbone.Event) -> None:
+        pass
+
+    def stream_ended_early(self, stream_id: int) -> None:
+        pass
+
+    def stream_reset_early(self, stream_id: int, error_code: int) -> None:
+        pass
+
+    def goaway_received(self, ev: hbone.ConnectionTerminated) -> None:
+        # Streams the peer did not process will never complete: fail them now.
+        for sid, st in list(self.streams.items()):
+            if sid > ev.last_stream_id:
+                st.on_reset(ErrorCode.REFUSED_STREAM, True)
+        if not self.streams:
+            self.close("peer sent GOAWAY")
+
+    def stream_finished(self, stream: TunnelStream) -> None:
+        self.streams.pop(stream.stream_id, None)
+
+    # -- output -----------------------------------------------------------------------------------
+    def flush(self) -> None:
+        if self.transport is None:
+            return
+        out = self.core.data_to_send()
+        if out:
+            self.transport.write(out)
+
+    def protocol_error(self, reason: str) -> None:
+        log.warning("HBONE connection error: %s", reason)
+        self.flush()  # the core queued a GOAWAY naming the error
+        self.close(reason)
+
+    def close(self, reason: str = "closed") -> None:
+        if self.transport is not None:
+            self.core.goaway()
+            self.flush()
+            self.transport.close()
+        self._teardown(reason)
+
+    def abort(self, reason: str) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        self._teardown(reason)
+
+    def _teardown(self, reason: str) -> None:
+        if self.is_closed:
+            return
+        self.is_closed = True
+        if self._keepalive_handle is not None:
+            self._keepalive_handle.cancel()
+        for st in list(self.streams.values()):
+            st._finish_abort(f"HBONE connection ended: {reason}")
+        self.streams.clear()
+        self.session_closed(reason)
+        if not self.closed_future.done():
+            self.closed_future.set_result(None)
+
+    def session_closed(self, reason: str) -> None:
+        pass
+
+    # -- keepalive --------------------------------------------------------------------------------
+    def _keepalive(self) -> None:
+        if self.is_closed:
+            return
+        silent = self.loop.time() - self._last_rx
+        if silent >= self.keepalive_timeout:
+            log.warning("HBONE peer silent for %.0fs: dropping the connection", silent)
+            self.abort(f"peer silent for {silent:.0f}s (keepalive timeout {self.keepalive_timeout:.0f}s)")
+            return
+        if silent >= self.keepalive_interval and not self._ping_outstanding:
+            self._ping_outstanding = True
+            self.core.ping(struct.pack(">d", self.loop.time()))
+            self.flush()
+        self.keepalive_tick()
+        if not self.is_closed:
+            self._keepalive_handle = self.loop.call_later(
+                min(self.keepalive_interval, max(0.05, self.keepalive_timeout - silent)), self._keepalive
+            )
+
+    def keepalive_tick(self) -> None:
+        pass

@@ -1,0 +1,379 @@
+"""HBONE server (DESIGN.md §4): mTLS + HTTP/2 CONNECT on :15008, authorize, connect upstream, relay.
+
+One listener serves every local workload: the server credential is chosen per connection by the
+local (destination) IP the client connected to, before the handshake. Per CONNECT the order is
+ztunnel's: validate the request (400) -> the authority must be a local destination (400, never
+an open relay) -> authorization callback (401) -> upstream connect (503) -> answer 200 -> relay.
+
+Drain order (:meth:`HboneServer.drain`): stop accepting, send GOAWAY on every connection (open
+streams keep running, new ones are refused), wait for the streams to finish until the deadline,
+then close whatever is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ipaddress
+import logging
+import socket
+import ssl
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from identity.bundle import TrustBundleSet
+from identity.spiffe import SpiffeId
+from identity.svid import WorkloadCredential
+
+from . import hbone
+from .hbone import Authority, IpAddress, Status
+from .relay import (
+    KEEPALIVE_INTERVAL,
+    KEEPALIVE_TIMEOUT,
+    STREAM_IDLE_TIMEOUT,
+    H2Session,
+    NullObserver,
+    TunnelInfo,
+    TunnelObserver,
+    TunnelStream,
+    _safe,
+)
+from .tls import ContextCache, PeerVerificationError, TlsSetupError, verify_peer
+
+log = logging.getLogger("ztagent.tunnel.server")
+
+HBONE_PORT = 15008
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    """One accepted, authenticated HBONE connection."""
+
+    local: Authority  # where the client connected (the destination workload's address)
+    peer: Authority  # the client's TCP address (the source node agent)
+    local_identity: SpiffeId  # the credential this connection presented
+    peer_identity: SpiffeId  # verified client SPIFFE ID
+
+
+@dataclass(frozen=True)
+class AuthzRequest:
+    peer_identity: SpiffeId
+    source: Authority  # from ``forwarded: for=`` when present, else the connection's peer address
+    destination: Authority
+    headers: Mapping[str, str]
+    connection: ConnectionInfo
+
+
+@dataclass(frozen=True)
+class AuthzDecision:
+    allow: bool
+    reason: str = ""
+
+
+Authorizer = Callable[[AuthzRequest], Awaitable[AuthzDecision]]
+# Returns a connected socket to the destination; raises OSError (-> 503) when it cannot.
+Connector = Callable[[Authority], Awaitable[socket.socket]]
+CredentialLookup = Callable[[IpAddress], "WorkloadCredential | None"]
+LocalCheck = Callable[[Authority, ConnectionInfo], bool]
+
+
+async def tcp_connect(authority: Authority) -> socket.socket:
+    """Default upstream connector: a plain TCP connect to the CONNECT authority."""
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if authority.ip.version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, (str(authority.ip), authority.port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def same_ip_as_connection(authority: Authority, conn: ConnectionInfo) -> bool:
+    """ztunnel's rule: the CONNECT IP must be the local workload the connection arrived for."""
+    return authority.ip == conn.local.ip
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass
+class ServerConfig:
+    handshake_timeout: float = 10.0
+    upstream_connect_timeout: float = 10.0
+    authorize_timeout: float = 10.0
+    drain_timeout: float = 30.0
+    keepalive_interval: float = KEEPALIVE_INTERVAL
+    keepalive_timeout: float = KEEPALIVE_TIMEOUT
+    stream_idle_timeout: float = STREAM_IDLE_TIMEOUT
+    max_concurrent_streams: int = hbone.SERVER_MAX_CONCURRENT_STREAMS
+
+
+class _ServerSession(H2Session):
+    def __init__(
+        self, server: HboneServer, local: Authority, peer: Authority, credential: WorkloadCredential
+    ):
+        cfg = server.config
+        super().__init__(
+            hbone.ServerConnection(max_concurrent_streams=cfg.max_concurrent_streams),
+            server.loop,
+            keepalive_interval=cfg.keepalive_interval,
+            keepalive_timeout=cfg.keepalive_timeout,
+            stream_idle_timeout=cfg.stream_idle_timeout,
+        )
+        self.server = server
+        self.local = local
+        self.peer = peer
+        self.credential = credential
+        self.conn: ConnectionInfo | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        try:
+            peer_id = verify_peer(ssl_object, self.server.bundles(), self.server.clock())
+        except PeerVerificationError as exc:
+            self.server._reject(exc.rule, f"{self.peer}: {exc}")
+            self.is_closed = True
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        self.conn = ConnectionInfo(self.local, self.peer, self.credential.spiffe_id, peer_id)
+        self.server.sessions.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.server.sessions.discard(self)
+
+    def protocol_error(self, reason: str) -> None:
+        self.server._reject("protocol-error", f"{self.peer}: {reason}")
+        super().protocol_error(reason)
+
+    def handle_role_event(self, ev: hbone.Event) -> None:
+        if isinstance(ev, hbone.ConnectRequest):
+            assert self.conn is not None
+            fwd = ev.headers.get("forwarded")
+            source = (hbone.parse_forwarded_for(fwd) if fwd else None) or self.peer
+            info = TunnelInfo(
+                direction="inbound",
+                source_principal=str(self.conn.peer_identity),
+                destination_principal=str(self.conn.local_identity),
+                source=source,
+                destination=ev.authority,
+            )
+            st = TunnelStream(self, ev.stream_id, info, outbound=False)
+            self.streams[ev.stream_id] = st
+            task = self.loop.create_task(self._serve(st, ev, source))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif isinstance(ev, hbone.RequestRejected):
+            self.server._reject("bad-request", f"{self.peer}: {ev.status}: {ev.reason}")
+        elif isinstance(ev, hbone.StreamRefused):
+            self.server._reject("stream-refused", f"{self.peer}: {ev.reason}")
+
+    def _answer(self, st: TunnelStream, status: Status, kind: str, reason: str) -> None:
+        self.server._reject(kind, f"{st.info.source} -> {st.info.destination}: {status.value}: {reason}")
+        if not st.closed:
+            assert isinstance(self.core, hbone.ServerConnection)
+            self.core.respond(st.stream_id, status)
+            self.flush()
+            st._finish(f"{status.value}: {reason}")
+
+    async def _serve(self, st: TunnelStream, req: hbone.ConnectRequest, source: Authority) -> None:
+        assert self.conn is not None
+        server = self.server
+        try:
+            if not server.is_local(req.authority, self.conn):
+                self._answer(
+                    st, Status.BAD_REQUEST, "not-local", f"{req.authority} is not a local destination"
+                )
+                return
+            try:
+                decision = await asyncio.wait_for(
+                    server.authorize(
+                        AuthzRequest(self.conn.peer_identity, source, req.authority, req.headers, self.conn)
+                    ),
+                    server.config.authorize_timeout,
+                )
+            except Exception as exc:  # fail closed: an authorizer that breaks denies
+                log.exception("authorization callback failed")
+                decision = AuthzDecision(False, f"authorization callback failed: {exc!r}")
+            if not decision.allow:
+                self._answer(st, Status.UNAUTHORIZED, "denied", f"denied: {decision.reason}")
+                return
+            if st.closed:
+                return
+            try:
+                sock = await asyncio.wait_for(
+                    server.connector(req.authority), server.config.upstream_connect_timeout
+                )
+            except (OSError, TimeoutError) as exc:
+                self._answer(
+                    st, Status.SERVICE_UNAVAILABLE, "upstream-failed", f"upstream connect failed: {exc!r}"
+                )
+                return
+            if st.closed or self.is_closed:
+                sock.close()
+                return
+            assert isinstance(self.core, hbone.ServerConnection)
+            self.core.respond(st.stream_id, Status.OK)
+            self.flush()
+            server.stats["tunnels_opened"] += 1
+            _safe(server.observer.tunnel_opened, st.info)
+            st.done.add_done_callback(lambda _f: _safe(server.observer.tunnel_closed, st.info))
+            st.attach_socket(sock)
+        except Exception as exc:
+            log.exception("HBONE request handling failed")
+            self._answer(st, Status.SERVICE_UNAVAILABLE, "internal-error", repr(exc))
+
+    def stream_finished(self, stream: TunnelStream) -> None:
+        super().stream_finished(stream)
+        if self.core.goaway_sent and not self.streams:
+            self.close("drained")
+
+    def session_closed(self, reason: str) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+
+class HboneServer:
+    """The HBONE listener. ``credentials(local_ip)`` gives the SVID to present for connections
+    arriving at that local IP (None: no local workload there, the connection is refused)."""
+
+    def __init__(
+        self,
+        *,
+        credentials: CredentialLookup,
+        bundles: Callable[[], TrustBundleSet],
+        authorize: Authorizer,
+        is_local: LocalCheck = same_ip_as_connection,
+        connector: Connector = tcp_connect,
+        observer: TunnelObserver | None = None,
+        clock: Callable[[], dt.datetime] = _now,
+        config: ServerConfig | None = None,
+    ) -> None:
+        self.credentials = credentials
+        self.bundles = bundles
+        self.authorize = authorize
+        self.is_local = is_local
+        self.connector = connector
+        self.observer: TunnelObserver = observer or NullObserver()
+        self.clock = clock
+        self.config = config or ServerConfig()
+        self.contexts = ContextCache()
+        self.sessions: set[_ServerSession] = set()
+        self.stats: Counter[str] = Counter()
+        self._listeners: list[socket.socket] = []
+        self._accept_tasks: list[asyncio.Task[None]] = []
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "server not started"
+        return self._loop
+
+    def _reject(self, kind: str, detail: str) -> None:
+        self.stats[kind] += 1
+        log.warning("HBONE %s: %s", kind, detail)
+        _safe(self.observer.rejected, kind, detail)
+
+    async def start(
+        self, host: str = "0.0.0.0", port: int = HBONE_PORT, *, sock: socket.socket | None = None
+    ) -> Authority:
+        """Listen (or use ``sock``, e.g. an IP_TRANSPARENT socket the agent made); returns the address."""
+        self._loop = asyncio.get_running_loop()
+        if sock is None:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(1024)
+        sock.setblocking(False)
+        self._listeners.append(sock)
+        self._accept_tasks.append(self.loop.create_task(self._accept_loop(sock)))
+        addr = sock.getsockname()
+        return Authority.of(addr[0], addr[1])
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = await self.loop.sock_accept(listener)
+            except asyncio.CancelledError:
+                raise
+            except OSError as exc:
+                if listener.fileno() < 0:
+                    return
+                self._reject("accept-error", repr(exc))
+                await asyncio.sleep(0.05)  # e.g. EMFILE: do not spin
+                continue
+            task = self.loop.create_task(self._handshake(conn))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, conn: socket.socket) -> None:
+        try:
+            local_addr, peer_addr = conn.getsockname(), conn.getpeername()
+            local = Authority.of(ipaddress.ip_address(local_addr[0].split("%")[0]), local_addr[1])
+            peer = Authority.of(ipaddress.ip_address(peer_addr[0].split("%")[0]), peer_addr[1])
+        except (OSError, hbone.HboneError):
+            conn.close()
+            return
+        credential = self.credentials(local.ip)
+        if credential is None:
+            self._reject("no-local-workload", f"{peer} connected to {local}: no local workload with that IP")
+            conn.close()
+            return
+        try:
+            ctx = self.contexts.server_context(credential, self.bundles())
+        except (TlsSetupError, ssl.SSLError, ValueError) as exc:
+            self._reject("tls-setup", f"cannot build TLS context for {credential.spiffe_id}: {exc}")
+            conn.close()
+            return
+        session = _ServerSession(self, local, peer, credential)
+        conn.setblocking(False)
+        try:
+            await self.loop.connect_accepted_socket(
+                lambda: session, conn, ssl=ctx, ssl_handshake_timeout=self.config.handshake_timeout
+            )
+        except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
+            self._reject("tls-handshake", f"{peer} -> {local}: TLS handshake failed: {exc}")
+            conn.close()
+            return
+        self.stats["connections_accepted"] += 1
+
+    def stop_accepting(self) -> None:
+        for task in self._accept_tasks:
+            task.cancel()
+        self._accept_tasks.clear()
+        for sock in self._listeners:
+            sock.close()
+        self._listeners.clear()
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop accepting, GOAWAY everyone, let streams finish until ``timeout``, then close."""
+        self.stop_accepting()
+        deadline = self.config.drain_timeout if timeout is None else timeout
+        for s in list(self.sessions):
+            s.core.goaway()
+            s.flush()
+            if not s.streams:
+                s.close("drained")
+        waiters = [s.closed_future for s in self.sessions if not s.closed_future.done()]
+        if waiters:
+            await asyncio.wait(waiters, timeout=deadline)
+        for s in list(self.sessions):
+            s.abort(f"drain deadline of {deadline}s passed")
+        for task in list(self._handshakes):
+            task.cancel()
+
+    async def close(self) -> None:
+        await self.drain(0)
+
+    @property
+    def open_tunnels(self) -> int:
+        return sum(len(s.streams) for s in self.sessions)
