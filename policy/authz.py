@@ -41,6 +41,7 @@ reads only the root namespace's and the destination namespace's policies.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,6 +88,12 @@ class Connection:
     source_service_account: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
+        # A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d; policy CIDRs are written in
+        # IPv4, and a DENY on 10.0.0.0/8 must not be dodged by the mapped form.
+        for name in ("source_ip", "destination_ip"):
+            ip = getattr(self, name)
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                object.__setattr__(self, name, ip.ipv4_mapped)
         p = self.source_principal
         if p is None:
             return

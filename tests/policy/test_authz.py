@@ -1144,6 +1144,13 @@ def test_vector_ids_unique() -> None:
     assert len(ids) == len(set(ids))
 
 
+def test_ipv4_mapped_addresses_match_ipv4_blocks() -> None:
+    idx = index(authz("ns2", "d", "{action: DENY, rules: [{from: [{source: {ipBlocks: [10.244.1.0/24]}}]}]}"))
+    c = conn(src="::ffff:10.244.1.2", dst="::ffff:10.244.2.5")
+    assert str(c.source_ip) == "10.244.1.2" and str(c.destination_ip) == "10.244.2.5"
+    assert idx.evaluate(c).verdict is D
+
+
 def test_audit_and_dry_run_are_reported() -> None:
     idx = index(
         authz("ns2", "aud", "{action: AUDIT, rules: [{}]}"),
