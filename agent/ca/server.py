@@ -48,7 +48,7 @@ from prometheus_client import CollectorRegistry, Counter
 from agent.ca.authz import Decision, Placement, authorize
 from agent.ca.identities import IMPERSONATED_IDENTITY, NODE_NAMESPACE, NODE_SERVICE_ACCOUNT, node_of
 from agent.ca.proto import ca_pb2, ca_pb2_grpc
-from agent.ca.store import CaStore, issue_server_certificate
+from agent.ca.store import SERVER_CERT_TTL, CaStore, issue_server_certificate
 from agent.config import ConfigError, FileConfigSource, MeshConfig
 from identity.bundle import TrustBundleSet
 from identity.ca import DEFAULT_WORKLOAD_TTL, CaError
@@ -85,8 +85,10 @@ class CaServer(ca_pb2_grpc.IstioCertificateServiceServicer):
         default_ttl: dt.timedelta = DEFAULT_WORKLOAD_TTL,
         clock: Clock = utc_now,
         registry: CollectorRegistry | None = None,
+        server_cert_ttl: dt.timedelta = SERVER_CERT_TTL,
     ) -> None:
         self.store = store
+        self.server_cert_ttl = server_cert_ttl
         self._clock = clock
         self.default_ttl = default_ttl
         if default_ttl > store.ca.max_ttl:
@@ -154,7 +156,9 @@ class CaServer(ca_pb2_grpc.IstioCertificateServiceServicer):
         cur = self._server_cert
         if not initial and cur is not None and now < cur[3]:
             return None  # unchanged
-        key_pem, chain_pem, not_after = issue_server_certificate(self.store, now=now)
+        key_pem, chain_pem, not_after = issue_server_certificate(
+            self.store, now=now, ttl=self.server_cert_ttl
+        )
         renew_at = now + (not_after - now) / 2
         self._server_cert = (key_pem, chain_pem, not_after, renew_at)
         return grpc.ssl_server_certificate_configuration(

@@ -29,10 +29,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from google.protobuf import struct_pb2
 from prometheus_client import CollectorRegistry
 
+from agent.ca import store as ca_store
 from agent.ca.client import CaClient, CaClientError, NodeCredentials
 from agent.ca.identities import CA_SERVER_NAME
 from agent.ca.manager import CertificateManager
 from agent.ca.proto import ca_pb2
+from agent.ca.server import CaServer
+from agent.config import parse_config
 from identity.bundle import TrustBundle, TrustBundleSet
 from identity.ca import CertificateAuthority
 from identity.keys import build_csr, generate_key
@@ -595,3 +598,44 @@ async def test_node_renews_its_own_credential_and_keeps_working_after_the_first_
         with pytest.raises(CaClientError) as ei:
             await stale.create_certificate(SLEEP)
     assert ei.value.kind == "unreachable"
+
+
+def _server_cert(socket_path: str, cred_dir: Path) -> x509.Certificate:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cred_dir / "root-cert.pem")
+    ctx.load_cert_chain(cred_dir / "cert-chain.pem", cred_dir / "key.pem")
+    ctx.set_alpn_protocols(["h2"])
+    raw = socket.socket(socket.AF_UNIX)
+    raw.settimeout(10)
+    raw.connect(socket_path)
+    with ctx.wrap_socket(raw, server_hostname=CA_SERVER_NAME) as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+async def test_serving_certificate_rotates_at_half_life(env: CaEnv) -> None:
+    """The CA's own TLS certificate (DNS name checked by clients) is replaced at half-life for
+    new handshakes, so a long-running CA never serves an expired one."""
+    srv = CaServer(
+        ca_store.load(env.ca_dir), parse_config(config_text()), server_cert_ttl=dt.timedelta(seconds=2)
+    )
+    address = await srv.start(f"unix:{env.base}/rot.sock")
+    path = address.removeprefix("unix:")
+    try:
+        first = await asyncio.to_thread(_server_cert, path, env.node_a)
+        san = first.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.DNSName) == [CA_SERVER_NAME]
+        assert await asyncio.to_thread(_server_cert, path, env.node_a) == first  # not yet half-life
+        await asyncio.sleep(1.2)
+        second = await asyncio.to_thread(_server_cert, path, env.node_a)
+        assert second.serial_number != first.serial_number
+        assert second.not_valid_after_utc > first.not_valid_after_utc
+        async with client_at(address, env.node_a) as c:
+            assert (await c.create_certificate(SLEEP)).spiffe_id == SLEEP
+    finally:
+        await srv.stop()
+
+
+def client_at(address: str, cred_dir: Path) -> CaClient:
+    return CaClient(address, NodeCredentials.from_dir(cred_dir))
