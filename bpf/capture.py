@@ -30,6 +30,7 @@ from bpf.routing import Routing, check_ipv4, pod_rules
 
 DEFAULT_TABLE = 15001
 DEFAULT_PIN_ROOT = "/sys/fs/bpf/ztagent"
+PIN_ROOT_ENV = "ZTAGENT_BPF_PIN_ROOT"  # overrides DEFAULT_PIN_ROOT (the lab gives each lab its own)
 SYS_BPFFS = "/sys/fs/bpf"
 LOADER_TIMEOUT_S = 120.0
 
@@ -86,7 +87,8 @@ class CaptureBackend(Protocol):
 
 
 def default_pin_dir(node: str) -> str:
-    return os.path.join(DEFAULT_PIN_ROOT, node)
+    """$ZTAGENT_BPF_PIN_ROOT/<node>, default /sys/fs/bpf/ztagent/<node>."""
+    return os.path.join(os.environ.get(PIN_ROOT_ENV) or DEFAULT_PIN_ROOT, node)
 
 
 def validate_pod(pod: EnrolledPod) -> tuple[str, ...]:

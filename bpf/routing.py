@@ -17,14 +17,20 @@ uninstalled, never on shutdown or crash.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+T = TypeVar("T")
+NETLINK_TIMEOUT_S = 30.0
 
 RTPROT_ZTAGENT = 122  # unassigned in /etc/iproute2/rt_protos; marks rules and routes capture owns
 PREF_LOCAL_OUT = 15000
@@ -77,8 +83,53 @@ def pod_rules(table: int, host_ifname: str, ips: tuple[str, ...]) -> list[Rule]:
     return rules
 
 
+# pyroute2's synchronous API drives an asyncio loop: the caller's if one is running (then it fails
+# with "this event loop is already running"), else a new one from the loop policy (uvloop in the
+# agent, which cannot open netlink sockets). So every netlink call runs on one private thread with a
+# plain selector loop, whatever the caller's thread or loop.
+_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ztagent-netlink")
+_local = threading.local()
+
+
+def _worker_loop() -> asyncio.AbstractEventLoop:
+    loop = getattr(_local, "loop", None)
+    if loop is None:
+        loop = _local.loop = asyncio.SelectorEventLoop()
+    return loop
+
+
+def on_netlink_thread(fn: Callable[[], T]) -> T:
+    return _worker.submit(fn).result(timeout=NETLINK_TIMEOUT_S)
+
+
+@contextlib.contextmanager
+def iproute(netns: str | None = None) -> Iterator[IPRoute]:
+    """An IPRoute usable only on the netlink thread (inside a function given to on_netlink_thread)."""
+    kw: dict[str, Any] = {"use_event_loop": _worker_loop()}
+    if netns:
+        kw["netns"] = netns
+    ipr = IPRoute(**kw)
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+def _on_worker(method: Callable[..., T]) -> Callable[..., T]:
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        if threading.current_thread().name.startswith("ztagent-netlink"):
+            return method(*args, **kwargs)
+        return on_netlink_thread(lambda: method(*args, **kwargs))
+
+    wrapper.__name__ = method.__name__
+    wrapper.__doc__ = method.__doc__
+    return wrapper
+
+
 class Routing:
-    """Rules and the local route of one capture table, in one network namespace."""
+    """Rules and the local route of one capture table, in one network namespace.
+
+    Public methods may be called from any thread, including from inside a running event loop."""
 
     def __init__(self, table: int, netns: str | None = None) -> None:
         if not 0 < table < 2**32 or table in (253, 254, 255):
@@ -86,19 +137,16 @@ class Routing:
         self.table = table
         self.netns = netns
 
-    @contextlib.contextmanager
-    def _ipr(self) -> Iterator[IPRoute]:
-        ipr = IPRoute(netns=self.netns) if self.netns else IPRoute()
-        try:
-            yield ipr
-        finally:
-            ipr.close()
+    def _ipr(self) -> contextlib.AbstractContextManager[IPRoute]:
+        return iproute(self.netns)
 
+    @_on_worker
     def ifindex(self, ifname: str) -> int | None:
         with self._ipr() as ipr:
             found = ipr.link_lookup(ifname=ifname)
         return int(found[0]) if found else None
 
+    @_on_worker
     def ifname(self, ifindex: int) -> str | None:
         with self._ipr() as ipr:
             try:
@@ -107,6 +155,7 @@ class Routing:
                 return None
         return str(links[0].get("ifname")) if links else None
 
+    @_on_worker
     def direct_route_ifname(self, ip: str) -> str | None:
         """The interface a directly connected (gateway-less) route sends `ip` out of, or None.
 
@@ -122,6 +171,7 @@ class Routing:
             links = ipr.get_links(oif) if oif else []
         return str(links[0].get("ifname")) if links else None
 
+    @_on_worker
     def ensure_table(self) -> None:
         with self._ipr() as ipr:
             lo = ipr.link_lookup(ifname="lo")[0]
@@ -133,10 +183,12 @@ class Routing:
                 if e.code != EEXIST:
                     raise
 
+    @_on_worker
     def has_table_route(self) -> bool:
         with self._ipr() as ipr:
             return bool(ipr.get_routes(family=AF_INET, table=self.table))
 
+    @_on_worker
     def rules(self) -> list[Rule]:
         """The rules this capture owns (tagged, and pointing at its table or at main from its range)."""
         out: list[Rule] = []
@@ -152,6 +204,7 @@ class Routing:
                 out.append(Rule(prio, table, r.get("iifname"), dst, r.get("ip_proto")))
         return sorted(out)
 
+    @_on_worker
     def add(self, rules: list[Rule]) -> None:
         existing = set(self.rules())
         with self._ipr() as ipr:
@@ -160,6 +213,7 @@ class Routing:
                     continue
                 ipr.rule("add", protocol=RTPROT_ZTAGENT, **rule.spec())
 
+    @_on_worker
     def delete(self, rules: list[Rule]) -> None:
         existing = set(self.rules())
         with self._ipr() as ipr:
@@ -172,6 +226,7 @@ class Routing:
                     if e.code != ENOENT:
                         raise
 
+    @_on_worker
     def remove_all(self) -> None:
         """Delete every rule this capture owns and flush its table (uninstall only: fails open)."""
         self.delete(self.rules())

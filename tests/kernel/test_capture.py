@@ -225,3 +225,30 @@ def test_host_ifname_found_by_route(mesh: Mesh) -> None:
         cap.host_ifname_for(("10.244.2.2",))  # a pod on the other node: routed via a gateway
     with pytest.raises(CaptureError, match="not the addresses of one local pod"):
         cap.host_ifname_for(("10.244.1.2", "10.244.1.3"))  # two different pods
+
+
+def test_api_usable_inside_a_running_uvloop_loop(mesh: Mesh) -> None:
+    # The agent calls capture from its uvloop event loop; pyroute2's sync API would otherwise try to
+    # drive that running loop (or a uvloop one, which cannot open netlink sockets).
+    import asyncio
+
+    import uvloop
+
+    c = mesh.pod("ns1/c")
+
+    async def main() -> list[str]:
+        cap = Capture(mesh.pin_dir("a"), netns=mesh.node_ns("a"))
+        try:
+            cap.install()
+            cap.enroll(EnrolledPod("ns1/c", cap.host_ifname_for(("10.244.1.2",)), ("10.244.1.2",)))
+            return cap.status().rules
+        finally:
+            cap.close()
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    try:
+        rules = asyncio.run(main())
+    finally:
+        asyncio.set_event_loop_policy(None)
+    assert f"15002: iif {c['host_ifname']} ipproto tcp lookup 15001" in rules
+    mesh.capture("a").uninstall()
