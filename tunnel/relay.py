@@ -561,8 +561,7 @@ class H2Session(asyncio.Protocol):
             return
         silent = self.loop.time() - self._last_rx
         if silent >= self.keepalive_timeout:
-            log.warning("HBONE peer silent for %.0fs: dropping the connection", silent)
-            self.abort(f"peer silent for {silent:.0f}s (keepalive timeout {self.keepalive_timeout:.0f}s)")
+            self.abort(f"peer silent for {silent:.1f}s (keepalive timeout {self.keepalive_timeout:g}s)")
             return
         if silent >= self.keepalive_interval and not self._ping_outstanding:
             self._ping_outstanding = True

@@ -236,6 +236,8 @@ class _ServerSession(H2Session):
             self.close("drained")
 
     def session_closed(self, reason: str) -> None:
+        if reason.startswith("peer silent"):
+            self.server._reject("keepalive-timeout", f"{self.peer}: {reason}")
         for task in list(self._tasks):
             task.cancel()
 
