@@ -43,7 +43,7 @@ from typing import Any, NoReturn
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from agent.ca.authz import Decision, Placement, authorize
 from agent.ca.identities import IMPERSONATED_IDENTITY, NODE_NAMESPACE, NODE_SERVICE_ACCOUNT, node_of
@@ -106,6 +106,13 @@ class CaServer(ca_pb2_grpc.IstioCertificateServiceServicer):
             ["code"],
             registry=registry,
         )
+        # The operator's "when must I rotate the root" alert (cf. istiod's root cert expiry gauge).
+        self.root_expiry = Gauge(
+            "ztagent_ca_root_cert_expiry_timestamp_seconds",
+            "NotAfter of the earliest-expiring root in the published bundle (Unix seconds)",
+            registry=registry,
+        )
+        self.root_expiry.set(min(r.not_valid_after_utc for r in store.ca.roots).timestamp())
 
     # -- configuration ------------------------------------------------------------------------
 

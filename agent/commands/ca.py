@@ -33,6 +33,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry, start_http_server
+
 from agent.ca import store as ca_store
 from agent.ca.identities import NodeNameError, node_identity
 from agent.ca.server import CaServer, ConfigMismatch
@@ -120,6 +122,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v.add_argument("--default-ttl", type=parse_duration, default=DEFAULT_WORKLOAD_TTL)
     v.add_argument("--max-ttl", type=parse_duration, default=DEFAULT_MAX_TTL)
     v.add_argument("--config-poll", type=float, default=1.0, help="seconds between config file checks")
+    v.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics here (port 0: any)")
     v.add_argument("-o", "--output", choices=["text", "json"], default="text")
     v.set_defaults(func=cmd_serve)
 
@@ -162,9 +165,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _issue(
-    args: argparse.Namespace, spiffe_id: SpiffeId, ttl: dt.timedelta, extra: dict[str, str]
-) -> int:
+def _issue(args: argparse.Namespace, spiffe_id: SpiffeId, ttl: dt.timedelta, extra: dict[str, str]) -> int:
     try:
         st = ca_store.load(args.dir, max_ttl=max(ttl, DEFAULT_MAX_TTL))
         if spiffe_id.trust_domain != st.trust_domain:
@@ -237,16 +238,25 @@ async def _serve(args: argparse.Namespace) -> int:
         st = ca_store.load(args.dir, max_ttl=args.max_ttl)
         source = FileConfigSource(args.config, interval=args.config_poll)
         cfg = source.initial()
-        server = CaServer(st, cfg, default_ttl=args.default_ttl)
+        registry = CollectorRegistry()
+        server = CaServer(st, cfg, default_ttl=args.default_ttl, registry=registry)
     except ca_store.CaStoreError as exc:
         return _err(str(exc))
     except ConfigError as exc:
         return _err(f"config refused: {exc}")
     except (ConfigMismatch, ValueError) as exc:
         return _err(str(exc))
+    metrics_server = None
     try:
+        if args.metrics:
+            host, _, port = args.metrics.rpartition(":")
+            if not host or not port.isdigit():
+                return _err(f"--metrics {args.metrics!r}: expected host:port")
+            metrics_server, _ = start_http_server(int(port), host, registry)
         address = await server.start(args.listen)
     except (OSError, ValueError) as exc:
+        if metrics_server is not None:
+            metrics_server.shutdown()
         return _err(str(exc))
     info = {
         "event": "serving",
@@ -256,6 +266,8 @@ async def _serve(args: argparse.Namespace) -> int:
         "config": cfg.source,
         "config_sha256": cfg.digest,
     }
+    if metrics_server is not None:
+        info["metrics"] = f"{args.metrics.rpartition(':')[0]}:{metrics_server.server_port}"
     if args.output == "json":
         print(json.dumps(info), flush=True)
     else:
@@ -276,4 +288,6 @@ async def _serve(args: argparse.Namespace) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
         await server.stop(grace=2.0)
+        if metrics_server is not None:
+            metrics_server.shutdown()
     return 0

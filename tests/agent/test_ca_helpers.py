@@ -175,6 +175,7 @@ class ServeProcess:
         ]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
         self.address = ""
+        self.info: dict[str, Any] = {}
 
     def start(self, timeout: float = 20.0) -> str:
         err = open(self.stderr_path, "wb")  # noqa: SIM115 - owned by the child until it exits
@@ -195,6 +196,7 @@ class ServeProcess:
                     continue
                 line += chunk
         info = json.loads(line)
+        self.info = info
         self.address = info["address"]
         return self.address
 

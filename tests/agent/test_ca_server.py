@@ -16,6 +16,7 @@ import ssl
 import subprocess
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from google.protobuf import struct_pb2
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent.ca import store as ca_store
 from agent.ca.client import CaClient, CaClientError, NodeCredentials
@@ -639,3 +641,23 @@ async def test_serving_certificate_rotates_at_half_life(env: CaEnv) -> None:
 
 def client_at(address: str, cred_dir: Path) -> CaClient:
     return CaClient(address, NodeCredentials.from_dir(cred_dir))
+
+
+async def test_serve_exports_prometheus_metrics(env: CaEnv) -> None:
+    with ServeProcess(env, "--metrics", "127.0.0.1:0") as srv:
+        async with client(srv, env.node_a) as c:
+            await c.create_certificate(SLEEP)
+            with pytest.raises(CaClientError):
+                await c.create_certificate(HTTPBIN)
+        url = f"http://{srv.info['metrics']}/metrics"
+        body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(body)
+        for s in fam.samples
+    }
+    assert samples[("ztagent_ca_requests_total", (("code", "OK"),))] == 1
+    assert samples[("ztagent_ca_requests_total", (("code", "PERMISSION_DENIED"),))] == 1
+    root = x509.load_pem_x509_certificate((env.ca_dir / "root-cert.pem").read_bytes())
+    root_expiry = root.not_valid_after_utc.timestamp()
+    assert samples[("ztagent_ca_root_cert_expiry_timestamp_seconds", ())] == root_expiry
