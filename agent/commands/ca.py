@@ -7,6 +7,7 @@
     ztagent ca bootstrap-node --dir D --node NAME [--ttl 24h] --out DIR [-o json]
     ztagent ca bundle --dir D [--format pem|jwks]
     ztagent ca serve  --dir D --config F --listen unix:/path|host:port [--default-ttl 1h] [--max-ttl 24h]
+                      [--metrics HOST:PORT]
 
 Output is stable: ``issue`` and ``bootstrap-node`` print ``key: value`` lines in a fixed order
 (RFC 3339 UTC times), or one JSON object with ``-o json``. Errors go to stderr as ``error: ...``
