@@ -620,7 +620,7 @@ async def test_serving_certificate_rotates_at_half_life(env: CaEnv) -> None:
     """The CA's own TLS certificate (DNS name checked by clients) is replaced at half-life for
     new handshakes, so a long-running CA never serves an expired one."""
     srv = CaServer(
-        ca_store.load(env.ca_dir), parse_config(config_text()), server_cert_ttl=dt.timedelta(seconds=2)
+        ca_store.load(env.ca_dir), parse_config(config_text()), server_cert_ttl=dt.timedelta(seconds=6)
     )
     address = await srv.start(f"unix:{env.base}/rot.sock")
     path = address.removeprefix("unix:")
@@ -629,7 +629,7 @@ async def test_serving_certificate_rotates_at_half_life(env: CaEnv) -> None:
         san = first.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert san.get_values_for_type(x509.DNSName) == [CA_SERVER_NAME]
         assert await asyncio.to_thread(_server_cert, path, env.node_a) == first  # not yet half-life
-        await asyncio.sleep(1.2)
+        await asyncio.sleep(3.2)  # past half of the 6 s lifetime
         second = await asyncio.to_thread(_server_cert, path, env.node_a)
         assert second.serial_number != first.serial_number
         assert second.not_valid_after_utc > first.not_valid_after_utc
