@@ -44,14 +44,15 @@ def _block() -> str:
     return f"127.{100 + (pid >> 8) % 150}.{pid % 256}"
 
 
-@dataclass
 class EchoApp:
     """A TCP app on a pod IP: echoes what it receives; records each peer address."""
 
-    host: str
-    server: asyncio.Server | None = None
-    peers: list[tuple[str, int]] = field(default_factory=list)
-    open_writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    def __init__(self, host: str, port: int = 0) -> None:
+        self.host = host
+        self.port_wanted = port
+        self.server: asyncio.Server | None = None
+        self.peers: list[tuple[str, int]] = []
+        self.open_writers: set[asyncio.StreamWriter] = set()
 
     @property
     def port(self) -> int:
@@ -73,7 +74,7 @@ class EchoApp:
                 self.open_writers.discard(w)
                 w.close()
 
-        self.server = await asyncio.start_server(handle, self.host, 0)
+        self.server = await asyncio.start_server(handle, self.host, self.port_wanted)
 
     async def close(self) -> None:
         if self.server is not None:

@@ -309,3 +309,63 @@ async def test_prometheus_scrapes_both_agents(mesh: Mesh) -> None:
 
     result = await asyncio.to_thread(query)
     assert float(result[0]["value"][1]) == 2
+
+
+async def test_workload_added_and_removed_at_runtime(mesh: Mesh) -> None:
+    from agent.config import load_config
+    from tests.agent.mesh import EchoApp
+
+    # A new workload "web" on node-b, listening on the service's target port, becomes the service's
+    # endpoint: agent B must fetch its certificate and serve HBONE for it, agent A route to it.
+    app = EchoApp(mesh.ip(42), port=mesh.echo.port)
+    await app.start()
+    try:
+        extra = (
+            f"  - {{name: web, namespace: ns2, serviceAccount: web, node: node-b, ips: [{mesh.ip(42)}], "
+            "labels: {app: web}}\n"
+        )
+        added = (
+            mesh.config_text()
+            .replace("services:\n", extra + "services:\n")
+            .replace("selector: {app: httpbin}", "selector: {app: web}")
+        )
+        mesh.write_config(added)
+        mesh.ca.update_config(load_config(mesh.config_path))  # type: ignore[union-attr]
+        await mesh.wait_applied()
+        await wait_until(
+            lambda: any(
+                c["identity"].endswith("/ns/ns2/sa/web") and c.get("serial")
+                for c in mesh.agents["node-b"].certs()
+            )
+        )
+        assert await mesh.roundtrip(mesh.sleep_ip, "node-a", f"{mesh.vip}:8000", b"to web") == b"to web"
+        assert len(app.peers) == 1
+        m = await mesh.metrics_text("node-b")
+        assert samples(
+            m,
+            "istio_tcp_connections_opened_total",
+            reporter="destination",
+            destination_workload="web",
+            destination_principal="spiffe://cluster.local/ns/ns2/sa/web",
+        ) == [1]
+        code, out, _ = await status_cli(mesh, "node-b", "-o", "json")
+        assert code == 0 and "spiffe://cluster.local/ns/ns2/sa/web" in out
+
+        # Removing web again closes its open connections and drops its identity.
+        r, w = await mesh.connect_as(mesh.sleep_ip, "node-a", f"{mesh.vip}:8000")
+        w.write(b"hi")
+        await w.drain()
+        assert await asyncio.wait_for(r.readexactly(2), 5) == b"hi"
+        mesh.write_config(mesh.config_text())
+        await mesh.wait_applied()
+        try:
+            rest = await asyncio.wait_for(r.read(), 10)
+        except ConnectionResetError:
+            rest = b""
+        assert rest == b""
+        w.close()
+        await wait_until(
+            lambda: not any(c["identity"].endswith("/ns/ns2/sa/web") for c in mesh.agents["node-b"].certs())
+        )
+    finally:
+        await app.close()

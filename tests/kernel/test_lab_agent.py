@@ -135,7 +135,9 @@ class Lab:
         return str(self.state.nodes[node]["netns"])
 
     def set_policies(self, *docs: str) -> None:
-        text = CONFIG + "".join("---\n" + d for d in docs)
+        self.set_config(CONFIG + "".join("---\n" + d for d in docs))
+
+    def set_config(self, text: str) -> None:
         tmp = self.config.with_suffix(".tmp")
         tmp.write_text(text)
         os.replace(tmp, self.config)
@@ -318,6 +320,30 @@ def test_live_policy_change_cuts_an_open_connection(lab: Lab) -> None:
         s.close()
     assert lab.metrics("node-b", "ztagent_connections_closed_by_policy_total", namespace="backend") >= 1
     assert lab.roundtrip(SLEEP, HTTPBIN) in ("closed", "reset")
+
+
+def test_unenroll_and_reenroll_a_pod_at_runtime(lab: Lab) -> None:
+    lab.set_policies()
+    plain = lab.metrics("node-b", "ztagent_plaintext_connections_total", namespace="backend")
+    sleep_line = "node: node-a, ips: [10.244.1.2], labels: {app: sleep}}"
+    unenrolled = CONFIG.replace(sleep_line, sleep_line[:-1] + ", enrolled: false}")
+    assert unenrolled != CONFIG
+    lab.set_config(unenrolled)
+    wait_until(lambda: "frontend/sleep" not in lab.status("node-a")["capture"]["enrolled"], 20, "unenroll")
+    # No longer captured at node-a: it reaches node-b in plaintext (PERMISSIVE) with its own IP.
+    assert lab.roundtrip(SLEEP, HTTPBIN, b"plain now\n") == "plain now\n"
+    assert lab.app.peers[-1] == "10.244.1.2"
+    assert lab.metrics("node-b", "ztagent_plaintext_connections_total", namespace="backend") == plain + 1
+    lab.set_config(CONFIG)
+    wait_until(lambda: "frontend/sleep" in lab.status("node-a")["capture"]["enrolled"], 20, "re-enroll")
+    mtls = {
+        "reporter": "destination",
+        "source_principal": P_SLEEP,
+        "connection_security_policy": "mutual_tls",
+    }
+    before = lab.metrics("node-b", "istio_tcp_connections_opened_total", **mtls)
+    assert lab.roundtrip(SLEEP, HTTPBIN, b"mtls again\n") == "mtls again\n"
+    assert lab.metrics("node-b", "istio_tcp_connections_opened_total", **mtls) == before + 1
 
 
 def test_agent_killed_fails_closed_and_restart_recovers(lab: Lab) -> None:
