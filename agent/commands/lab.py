@@ -3,6 +3,7 @@
     ztagent lab up --config examples/lab.yaml [--name ztlab] [--detach] [--no-agents]
     ztagent lab exec frontend/sleep -- curl -s http://10.96.0.10:8000/
     ztagent lab exec --node node-a -- curl -s http://127.0.0.1:15020/metrics
+    ztagent lab restart node-a           # restart one agent; it reuses the pinned capture
     ztagent lab status
     ztagent lab down [--name ztlab]      # without --name: every lab recorded on this host
 """
@@ -22,7 +23,7 @@ DEFAULT_NAME = "ztlab"
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("lab", help="a mesh lab of network-namespace nodes and pods on this host")
-    lsub = p.add_subparsers(dest="lab_command", metavar="up|down|exec|status", required=True)
+    lsub = p.add_subparsers(dest="lab_command", metavar="up|down|exec|restart|status", required=True)
 
     u = lsub.add_parser("up", help="build the lab, start its CA and node agents, wait until ready")
     u.add_argument("--config", required=True, help="mesh config (the same file the agents read)")
@@ -43,6 +44,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     e.add_argument("target", metavar="TARGET", help="pod as namespace/name (or name if unique), or node")
     e.add_argument("cmd", nargs=argparse.REMAINDER, help="-- command and arguments")
     e.set_defaults(func=cmd_exec)
+
+    r = lsub.add_parser("restart", help="restart one node's agent (it reuses the pinned capture)")
+    r.add_argument("--name", default=None, help="lab name (default: the only lab, or ztlab)")
+    r.add_argument("node", help="node whose agent to restart")
+    r.set_defaults(func=cmd_restart)
 
     s = lsub.add_parser("status", help="show labs, their namespaces and processes")
     s.add_argument("--name", default=None)
@@ -126,6 +132,18 @@ def cmd_exec(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     os.execvp(argv[0], argv)
     return 127  # not reached
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    from agent.lab.runner import restart_agent
+
+    try:
+        pid = restart_agent(_pick(args.name), args.node)
+    except (LabError, OSError) as e:
+        print(f"ztagent lab restart: {e}", file=sys.stderr)
+        return 1
+    print(f"agent on {args.node} restarted (pid {pid}) and ready")
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:

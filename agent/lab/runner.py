@@ -190,6 +190,26 @@ def _start_processes(state: LabState, cfg: Any, opts: UpOptions) -> None:
               f"agent on {node} to be ready (/healthz/ready on {addr}:{READY_PORT})", watched)
 
 
+def restart_agent(state: LabState, node: str, ready_timeout: float = 90.0) -> int:
+    """Stop (if running) and start again the agent of `node` with its recorded command; wait until
+    ready. The new agent reuses the capture pinned by the old one. Returns the new pid."""
+    from agent.lab.topology import stop_process
+    from bpf.capture import PIN_ROOT_ENV
+
+    node_ns_of(state, node)
+    old = [p for p in state.processes if p.role == f"agent-{node}"]
+    if not old:
+        raise LabError(f"lab {state.lab} runs no agent on {node} (brought up with --no-agents?)")
+    if proc_alive(old[-1]):
+        stop_process(old[-1], grace_s=10)
+    proc = _spawn(state, f"agent-{node}", old[-1].argv, env={PIN_ROOT_ENV: pin_root(state.lab)})
+    info = state.nodes[node]
+    ns, addr = str(info["netns"]), str(info["address"])
+    _wait(lambda: _ready(ns, addr), ready_timeout, f"restarted agent on {node} to be ready",
+          [(f"agent {node}", proc, state.processes[-1].log)])
+    return proc.pid
+
+
 def _ready(ns: str, address: str) -> bool:
     try:
         status, _ = http_get_in(ns, address, READY_PORT, "/healthz/ready", timeout=1.0)

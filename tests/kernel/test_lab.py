@@ -189,7 +189,7 @@ def _metric(text: str, name: str, **labels: str) -> float:
 def test_request_crosses_both_agents_in_hbone_and_fails_closed_without_them(lab: Lab) -> None:
     lab.cli("up", "--config", EXAMPLE, "--name", lab.name, "--detach", "--ready-timeout", "90", timeout=240)
     state = lab.state()
-    http_server(lab, "backend/httpbin", "10.244.2.2", 8080)
+    srv = http_server(lab, "backend/httpbin", "10.244.2.2", 8080)
     marker = f"ztmarker{os.getpid()}x{time.monotonic_ns()}"
     stop, payloads = threading.Event(), []  # type: ignore[var-annotated]
     sniffer = _sniff_payloads(f"{lab.name}-net", "br0", stop, payloads)
@@ -223,6 +223,23 @@ def test_request_crosses_both_agents_in_hbone_and_fails_closed_without_them(lab:
                     "http://10.244.2.2:8080/")
     assert dead.returncode != 0 and dead.stdout in ("", "000"), dead.stdout
     assert re.search(r"timed out|reset|refused|Couldn't connect", dead.stderr), dead.stderr
+    assert "Directory listing" not in dead.stdout
+    # Restart: the new agent picks up the pinned capture and the same request works again.
+    assert "restarted" in lab.cli("restart", "--name", lab.name, "node-a").stdout
+    again = lab.exec("frontend/sleep", "curl", "-sS", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}",
+                     "http://10.96.0.10:8000/")
+    assert again.stdout == "200", again.stderr
+    # A real bulk client through the mesh as well (on 8080: the only port the policy allows).
+    srv.kill()
+    srv.wait(10)
+    lab.background("backend/httpbin", "iperf3", "-s", "-1", "-p", "8080")
+    wait_until(lambda: lab.exec("backend/httpbin", "sh", "-c", "ss -ltn | grep -q :8080").returncode == 0,
+               15, "iperf3 server")
+    bulk = lab.exec("frontend/sleep", "iperf3", "-c", "10.244.2.2", "-p", "8080", "-t", "1", "-J", timeout=60)
+    assert bulk.returncode == 0, bulk.stdout[-500:] + bulk.stderr
+    import json
+
+    assert json.loads(bulk.stdout)["end"]["sum_received"]["bytes"] > 0
     removed = lab.cli("down", "--name", lab.name).stdout
     assert "process" in removed and f"pins /sys/fs/bpf/ztagent-lab-{lab.name}" in removed
     assert lab.leftovers() == []
