@@ -26,6 +26,7 @@ import ipaddress
 import logging
 import os
 import re
+import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -860,6 +861,7 @@ class FileConfigSource(ConfigSource):
         self._last_error: ConfigError | None = None
         self._stamp: tuple[int, int, int] | None = None
         self._digest: str | None = None
+        self._raw: str | None = None
 
     @property
     def last_error(self) -> ConfigError | None:
@@ -875,24 +877,37 @@ class FileConfigSource(ConfigSource):
     def initial(self) -> MeshConfig:
         self._stamp = self._stat()
         cfg = load_config(self.path, policy_parser=self._policy_parser)
-        self._digest = cfg.digest
+        self._digest = self._raw = cfg.digest
         return cfg
 
     def poll_once(self) -> MeshConfig | ConfigError | None:
         """One check: a new good config, a refused one, or None when nothing changed."""
         stamp = self._stat()
-        if stamp == self._stamp:
+        if stamp == self._stamp and (stamp is None or time.time_ns() - stamp[0] > 2_000_000_000):
             return None
+        # A write in the same coarse clock tick as the previous one can leave (mtime, size, inode)
+        # unchanged, so a recently modified file is compared by content as well.
         self._stamp = stamp
+        try:
+            with open(self.path, "rb") as f:
+                raw = hashlib.sha256(f.read()).hexdigest()
+        except OSError:
+            raw = None
+        if raw is not None and raw == self._raw and self._last_error is None:
+            return None
+        self._raw = raw
         try:
             cfg = load_config(self.path, policy_parser=self._policy_parser)
         except ConfigError as exc:
             # Remember the stamp so one bad version is reported once, not every interval.
             self._last_error = exc
             return exc
+        recovered = self._last_error is not None
         self._last_error = None
-        if cfg.digest == self._digest:
+        if cfg.digest == self._digest and not recovered:
             return None  # touched but unchanged
+        # Back to the serving version after a refused one is delivered too: consumers showing
+        # "last update refused" must learn that the file is good again.
         self._digest = cfg.digest
         return cfg
 
@@ -900,18 +915,22 @@ class FileConfigSource(ConfigSource):
         while True:
             await asyncio.sleep(self.interval)
             result = self.poll_once()
-            if isinstance(result, ConfigError):
-                log.error(
-                    "config update refused, keeping the last good config",
-                    extra={"event": "config_refused", "errors": [i.to_dict() for i in result.issues]},
-                )
-                await _call(on_error, result)
-            elif result is not None:
-                log.info(
-                    "config reloaded",
-                    extra={"event": "config_reloaded", "file": self.path, "digest": result.digest},
-                )
-                await _call(on_update, result)
+            try:
+                if isinstance(result, ConfigError):
+                    log.error(
+                        "config update refused, keeping the last good config",
+                        extra={"event": "config_refused", "errors": [i.to_dict() for i in result.issues]},
+                    )
+                    await _call(on_error, result)
+                elif result is not None:
+                    log.info(
+                        "config reloaded",
+                        extra={"event": "config_reloaded", "file": self.path, "digest": result.digest},
+                    )
+                    await _call(on_update, result)
+            except Exception:
+                # A consumer's bug must not stop the watch: later updates still get through.
+                log.exception("config consumer failed", extra={"event": "config_consumer_error"})
 
 
 def iter_issues(exc: ConfigError) -> Iterator[ConfigIssue]:

@@ -213,12 +213,19 @@ async def test_file_source_reloads_and_refuses_bad_updates(tmp_path: Path) -> No
         await wait_for(lambda: updates)
         assert str(updates[0].workloads[0].ips[0]) == "10.244.1.3"
         assert updates[0].digest != first.digest and src.last_error is None
+        # Bad again, then back to exactly the serving version: delivered, so the error clears.
+        serving = path.read_text()
+        path.write_text(serving.replace("trustDomain", "trustdomain"))
+        await wait_for(lambda: len(errors) == 2)
+        path.write_text(serving)
+        await wait_for(lambda: len(updates) == 2)
+        assert updates[1].digest == updates[0].digest and src.last_error is None
         # Replaced by rename (how editors and ConfigMaps update files) is seen too.
         tmp = tmp_path / "new.yaml"
         tmp.write_text(GOOD.replace("10.244.1.2]", "10.244.1.4]"))
         os.replace(tmp, path)
-        await wait_for(lambda: len(updates) == 2)
-        assert str(updates[1].workloads[0].ips[0]) == "10.244.1.4"
+        await wait_for(lambda: len(updates) == 3)
+        assert str(updates[2].workloads[0].ips[0]) == "10.244.1.4"
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
