@@ -158,6 +158,7 @@ class TunnelStream:
         self._pending_out = b""  # TCP bytes the h2 window could not take yet (<= one read chunk)
         self._early_in: list[tuple[bytes, int]] = []  # tunnel bytes before the TCP side attached
         self._early_eof = False
+        self._close_after_attach = False
         self._unacked = 0  # flow-control credit withheld while the TCP writer is above high water
         self._tcp_write_paused = False
         self._tcp_reading = True
@@ -194,6 +195,10 @@ class TunnelStream:
         self._early_in.clear()
         if self._early_eof:
             self._remote_end()
+        if self._close_after_attach:
+            transport.close()
+            self._finish("peer ended the stream after its END_STREAM (RST_STREAM NO_ERROR)")
+            return
         if self.session.writes_paused:
             self._pause_tcp()
         self._arm_idle()
@@ -242,6 +247,18 @@ class TunnelStream:
         self._maybe_finished()
 
     def on_reset(self, error_code: int, remote: bool) -> None:
+        if remote and error_code == ErrorCode.NO_ERROR and (self.remote_done or self._early_eof):
+            if self.tcp is None:
+                self._close_after_attach = True  # deliver the early bytes and FIN first
+                return
+            # RST_STREAM(NO_ERROR) after a complete response means "stop sending, all is well"
+            # (RFC 9113 §8.1; Envoy's CONNECT terminator does this when its upstream FINs first).
+            # The FIN is already queued to the local socket: close gracefully so the bytes before
+            # it are not destroyed by a TCP RST.
+            if self.tcp is not None:
+                self.tcp.close()
+            self._finish("peer ended the stream after its END_STREAM (RST_STREAM NO_ERROR)")
+            return
         self._finish_abort(f"stream reset by {'peer' if remote else 'us'} (HTTP/2 error {error_code})")
 
     # -- TCP -> tunnel ----------------------------------------------------------------------------

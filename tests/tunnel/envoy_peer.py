@@ -1,0 +1,265 @@
+"""Run a real Envoy (.venv/bin/envoy) as an HBONE peer: configs for both roles, start/stop helpers.
+
+Shared by the interop tests and ``bench.hbone_bench``. Credentials go into the config inline
+(``inline_string``), so no key material is written to disk; the config itself lives in a temp dir.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from identity.bundle import TrustBundleSet
+from identity.svid import WorkloadCredential
+
+ENVOY = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "envoy"
+_ids = itertools.count()
+_HCM_TYPE = (
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+)
+
+
+def _tls_common(cred: WorkloadCredential, bundles: TrustBundleSet) -> dict[str, Any]:
+    return {
+        "tls_params": {
+            "tls_minimum_protocol_version": "TLSv1_3",
+            "tls_maximum_protocol_version": "TLSv1_3",
+        },
+        "alpn_protocols": ["h2"],
+        "tls_certificates": [
+            {
+                "certificate_chain": {"inline_string": cred.chain_pem().decode()},
+                "private_key": {"inline_string": cred.key_pem().decode()},
+            }
+        ],
+        "validation_context": {"trusted_ca": {"inline_string": bundles.all_roots_pem().decode()}},
+    }
+
+
+def _static_cluster(name: str, host: str, port: int) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "5s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+                    ]
+                }
+            ],
+        },
+    }
+
+
+def _listener(
+    name: str, filters: list[dict[str, Any]], transport: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    chain: dict[str, Any] = {"filters": filters}
+    if transport:
+        chain["transport_socket"] = transport
+    return {
+        "name": name,
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+        "filter_chains": [chain],
+    }
+
+
+def hbone_client_config(
+    *,
+    target: str,
+    server: tuple[str, int],
+    cred: WorkloadCredential,
+    bundles: TrustBundleSet,
+    expect_san: str,
+) -> dict[str, Any]:
+    """Envoy as HBONE client: plaintext TCP in, tcp_proxy tunneling_config (CONNECT target) out
+    over HTTP/2 + mTLS with an SVID, checking the server's URI SAN."""
+    cluster = _static_cluster("hbone", *server)
+    common = _tls_common(cred, bundles)
+    common["validation_context"]["match_typed_subject_alt_names"] = [
+        {"san_type": "URI", "matcher": {"exact": expect_san}}
+    ]
+    cluster["transport_socket"] = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": common,
+        },
+    }
+    cluster["typed_extension_protocol_options"] = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {
+                "http2_protocol_options": {
+                    "initial_stream_window_size": 4 * 1024 * 1024,
+                    "initial_connection_window_size": 16 * 1024 * 1024,
+                }
+            },
+        }
+    }
+    tcp = {
+        "name": "envoy.filters.network.tcp_proxy",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+            "stat_prefix": "hbone_out",
+            "cluster": "hbone",
+            "tunneling_config": {"hostname": target},
+        },
+    }
+    return {"static_resources": {"listeners": [_listener("outbound", [tcp])], "clusters": [cluster]}}
+
+
+def hbone_server_config(
+    *, backend: tuple[str, int], cred: WorkloadCredential, bundles: TrustBundleSet
+) -> dict[str, Any]:
+    """Envoy as HBONE terminator: mTLS (client cert required) + HTTP/2 CONNECT -> TCP backend."""
+    transport = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "require_client_certificate": True,
+            "common_tls_context": _tls_common(cred, bundles),
+        },
+    }
+    hcm = {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": _HCM_TYPE,
+            "stat_prefix": "hbone_in",
+            "codec_type": "HTTP2",
+            "http2_protocol_options": {
+                "allow_connect": True,
+                "initial_stream_window_size": 4 * 1024 * 1024,
+                "initial_connection_window_size": 16 * 1024 * 1024,
+            },
+            "upgrade_configs": [{"upgrade_type": "CONNECT"}],
+            "route_config": {
+                "virtual_hosts": [
+                    {
+                        "name": "all",
+                        "domains": ["*"],
+                        "routes": [
+                            {
+                                "match": {"connect_matcher": {}},
+                                "route": {
+                                    "cluster": "backend",
+                                    "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}],
+                                },
+                            }
+                        ],
+                    }
+                ]
+            },
+            "http_filters": [
+                {
+                    "name": "envoy.filters.http.router",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                    },
+                }
+            ],
+        },
+    }
+    return {
+        "static_resources": {
+            "listeners": [_listener("hbone_in", [hcm], transport)],
+            "clusters": [_static_cluster("backend", *backend)],
+        }
+    }
+
+
+@dataclass
+class EnvoyProcess:
+    proc: subprocess.Popen[bytes]
+    workdir: str
+    admin: str
+    listener_port: int
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def stats(self) -> dict[str, int]:
+        with urllib.request.urlopen(f"http://{self.admin}/stats?format=json", timeout=5) as r:
+            doc = json.load(r)
+        return {s["name"]: s["value"] for s in doc["stats"] if isinstance(s.get("value"), int)}
+
+
+def start_envoy(config: dict[str, Any], *, concurrency: int = 1, timeout: float = 20.0) -> EnvoyProcess:
+    """Start Envoy with ``config`` (admin on 127.0.0.1:0), wait for its one listener, return it."""
+    workdir = tempfile.mkdtemp(prefix="ztagent-envoy-")
+    config = dict(config)
+    config["admin"] = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}}
+    cfg_path = os.path.join(workdir, "envoy.yaml")
+    with open(cfg_path, "w") as f:
+        yaml.safe_dump(config, f)
+    admin_path = os.path.join(workdir, "admin.txt")
+    base_id = 100000 + (os.getpid() % 10000) * 10 + next(_ids) % 10
+    log = open(os.path.join(workdir, "envoy.log"), "wb")  # noqa: SIM115 - lives as long as envoy
+    proc = subprocess.Popen(
+        [
+            str(ENVOY),
+            "-c",
+            cfg_path,
+            "--base-id",
+            str(base_id),
+            "--admin-address-path",
+            admin_path,
+            "--concurrency",
+            str(concurrency),
+            "-l",
+            "warning",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    env = EnvoyProcess(proc, workdir, "", 0)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError("envoy exited: " + Path(workdir, "envoy.log").read_text()[-3000:])
+            if os.path.exists(admin_path) and (admin := Path(admin_path).read_text().strip()):
+                try:
+                    with urllib.request.urlopen(f"http://{admin}/listeners?format=json", timeout=2) as r:
+                        doc = json.load(r)
+                except OSError:
+                    doc = {}
+                for ls in doc.get("listener_statuses", []):
+                    port = ls.get("local_address", {}).get("socket_address", {}).get("port_value")
+                    if port:
+                        env.admin, env.listener_port = admin, int(port)
+                        return env
+            time.sleep(0.05)
+        raise RuntimeError("envoy did not come up: " + Path(workdir, "envoy.log").read_text()[-3000:])
+    except BaseException:
+        env.stop()
+        raise
