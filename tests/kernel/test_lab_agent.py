@@ -254,6 +254,26 @@ def test_default_allow_cross_node_hbone_with_identity(lab: Lab) -> None:
     assert [w["spiffeId"] for w in st["workloads"]] == ["spiffe://cluster.local/ns/backend/sa/httpbin"]
 
 
+def test_same_node_traffic_is_authorized_locally_and_keeps_the_source_ip(lab: Lab) -> None:
+    lab.set_policies()
+    app = EchoApp(lab.ns(OTHER), 8080)
+    try:
+        assert lab.roundtrip(SLEEP, ("10.244.1.4", 8080), b"neighbour\n") == "neighbour\n"
+        assert app.peers == ["10.244.1.2"]
+        assert (
+            lab.metrics(
+                "node-a",
+                "istio_tcp_connections_opened_total",
+                reporter="destination",
+                source_principal=P_SLEEP,
+                destination_workload="other",
+            )
+            == 1
+        )
+    finally:
+        app.close()
+
+
 def test_unenrolled_pod_is_untouched_and_counted_as_plaintext(lab: Lab) -> None:
     lab.set_policies()
     plain_before = lab.metrics("node-b", "ztagent_plaintext_connections_total", namespace="backend")
