@@ -256,15 +256,22 @@ class Capture:
         ifindex = self.routing.ifindex(pod.host_ifname)
         if ifindex is None:
             raise CaptureError(f"pod {pod.name}: no interface {pod.host_ifname} in the node namespace")
+        stale: set[int] = set()
         for ip in ips:
             owner = pinned.pod_ip_ifindex(ip)
             if owner is not None and owner != ifindex:
-                raise CaptureError(f"pod {pod.name}: ip {ip} is already enrolled on "
-                                   f"{self.routing.ifname(owner) or owner}")
+                owner_name = self.routing.ifname(owner)
+                if owner_name is not None:
+                    raise CaptureError(f"pod {pod.name}: ip {ip} is already enrolled on {owner_name}")
+                # Its interface is gone (the pod was recreated, its veth got a new ifindex): take over.
+                stale.add(owner)
         # Maps before rules: once the rules steer the pod's traffic, the program must know the pod.
         pinned.add_iface(ifindex)
         for ip in ips:
             pinned.add_pod_ip(ip, ifindex)
+        still_used = set(pinned.pod_ips().values())
+        for old in stale - still_used:
+            pinned.del_iface(old)
         self.routing.add(pod_rules(self.table, pod.host_ifname, ips))
 
     def unenroll(self, pod: EnrolledPod) -> None:

@@ -252,3 +252,32 @@ def test_api_usable_inside_a_running_uvloop_loop(mesh: Mesh) -> None:
         asyncio.set_event_loop_policy(None)
     assert f"15002: iif {c['host_ifname']} ipproto tcp lookup 15001" in rules
     mesh.capture("a").uninstall()
+
+
+def test_reenroll_after_the_pod_interface_was_recreated(mesh: Mesh) -> None:
+    # A recreated pod gets a new veth (same name, new ifindex): enrolling it again takes over its IP
+    # from the vanished interface instead of refusing or leaving the old ifindex in the maps.
+    from pyroute2 import IPRoute
+
+    ns = mesh.node_ns("a")
+    cap = mesh.capture("a")
+    cap.install()
+
+    def make_link() -> int:
+        with IPRoute(netns=ns) as ipr:
+            ipr.link("add", ifname="zdummy0", kind="veth", peer="zdummy0p")
+            return int(ipr.link_lookup(ifname="zdummy0")[0])
+
+    first = make_link()
+    pod = EnrolledPod("ns9/re", "zdummy0", ("10.244.1.77",))
+    cap.enroll(pod)
+    with IPRoute(netns=ns) as ipr:
+        ipr.link("del", index=first)
+    second = make_link()
+    assert second != first
+    cap.enroll(pod)
+    pinned = cap._require()
+    assert pinned.pod_ip_ifindex("10.244.1.77") == second
+    assert first not in pinned.ifaces() and second in pinned.ifaces()
+    assert cap.status().pod_ips["10.244.1.77"] == "zdummy0"
+    cap.uninstall()
