@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.config import IPAddress, MeshConfig, Node, PolicyDocument, Service, ServicePort, Workload
+from policy import PolicyIndex, PolicySet
 
 
 class LoadBalancing(enum.Enum):
@@ -142,6 +143,11 @@ class WorkloadStore:
         self._rr: dict[tuple[str, int], itertools.count[int]] = {}
         self._unhealthy: dict[tuple[str, int], float] = {}  # (ip, port) -> monotonic deadline
         self._policies_cache: dict[str, tuple[PolicyDocument, ...]] = {}
+        # The evaluable index (policy package): per-connection decisions read only the root
+        # namespace's and the destination namespace's policies. Built with the store so a config
+        # swap changes workloads and policies together.
+        parsed = config.parsed_policies if isinstance(config.parsed_policies, PolicySet) else ()
+        self.policy_index = PolicyIndex(parsed, config.root_namespace)
 
     # -- workloads --------------------------------------------------------------------------
 

@@ -321,9 +321,7 @@ class NodeAgent:
         """Build every derived index first, then swap them in together (raises, changing
         nothing, if the config cannot be used on this node)."""
         store = WorkloadStore(cfg, self.node_name)
-        policies = cfg.parsed_policies if isinstance(cfg.parsed_policies, PolicySet) else ()
-        index = PolicyIndex(policies, cfg.root_namespace)
-        self.config, self._store, self._policy_index = cfg, store, index
+        self.config, self._store, self._policy_index = cfg, store, store.policy_index
 
     def _local_identities(self) -> list[SpiffeId]:
         return sorted({w.spiffe_id for w in self.store.local_enrolled})
