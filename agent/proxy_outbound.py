@@ -35,14 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ztagent.outbound")
 
-_HINTS = {
-    "connect-timeout": "is TCP port {port} open between the nodes (a NetworkPolicy or firewall blocking "
-    "HBONE shows up exactly like this)?",
-    "connect-refused": "is the destination node's agent running and listening on port {port}?",
-    "server-identity-mismatch": "the peer is not the expected workload: stale config or wrong node?",
-}
-
-
 def _ip(text: str) -> IPAddress | None:
     try:
         return ipaddress.ip_address(text.split("%")[0])
@@ -132,10 +124,9 @@ async def _hbone(
             baggage=_baggage(source),
         )
     except TunnelError as exc:
-        hint = _HINTS.get(exc.kind, "").format(port=agent.hbone_port)
+        # The tunnel's message already says what is likely wrong (blocked port, no agent, ...).
         log.warning(
-            f"{source.key} -> {dest.key} ({dst_ip}:{dst_port}) over HBONE via {agent_address}: {exc}"
-            + (f"; {hint}" if hint else ""),
+            f"{source.key} -> {dest.key} ({dst_ip}:{dst_port}) over HBONE via {agent_address}: {exc}",
             extra={
                 "event": "tunnel_failed",
                 "kind": exc.kind,

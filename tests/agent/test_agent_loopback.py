@@ -369,3 +369,15 @@ async def test_workload_added_and_removed_at_runtime(mesh: Mesh) -> None:
         )
     finally:
         await app.close()
+
+
+async def test_destination_agent_down_resets_the_app_and_says_why(mesh: Mesh) -> None:
+    await mesh.agents["node-b"].stop()
+    assert await mesh.roundtrip(mesh.sleep_ip, "node-a", f"{mesh.vip}:8000", b"anyone?") == b""
+    m = await mesh.metrics_text("node-a")
+    assert samples(m, "ztagent_handshake_failures_total", direction="outbound", reason="connect-refused") == [
+        1
+    ]
+    failed = [r for r in mesh.access_log("node-a") if r["event"] == "connection_failed"]
+    assert failed[-1]["kind"] == "connect-refused" and "is the node agent running" in failed[-1]["reason"]
+    assert not mesh.echo.peers  # nothing went around the mesh
