@@ -12,13 +12,14 @@ import json
 import os
 import signal
 import subprocess
+import sys
 
 import pytest
 
 from bpf import abi, syscall
 from bpf.capture import Capture, CaptureError, EnrolledPod
 from bpf.routing import RTPROT_ZTAGENT
-from tests.kernel.conftest import SERVER_PORT, Mesh, talk
+from tests.kernel.conftest import REPO, SERVER_PORT, Mesh, talk
 from tests.kernel.nsutil import in_netns, requires_bcc, socket_in
 
 pytestmark = [pytest.mark.kernel, requires_bcc]
@@ -281,3 +282,16 @@ def test_reenroll_after_the_pod_interface_was_recreated(mesh: Mesh) -> None:
     assert first not in pinned.ifaces() and second in pinned.ifaces()
     assert cap.status().pod_ips["10.244.1.77"] == "zdummy0"
     cap.uninstall()
+
+
+def test_install_refuses_a_private_bpffs_under_ip_netns_exec(mesh: Mesh) -> None:
+    # `ip netns exec` remounts /sys privately: pins made there would die with the agent, so install()
+    # must refuse (and say how to start the agent) rather than mount a throwaway bpffs.
+    code = ("from bpf.capture import Capture, CaptureError\n"
+            "try:\n    Capture('/sys/fs/bpf/ztagent-test-private/a').install()\n"
+            "except CaptureError as e:\n    print('refused:', e)\n")
+    out = subprocess.run(["ip", "netns", "exec", mesh.node_ns("a"), sys.executable, "-c", code],
+                         capture_output=True, text=True, timeout=60, cwd=str(REPO),
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.stdout.startswith("refused:") and "nsenter" in out.stdout, out.stdout + out.stderr
+    assert not os.path.exists("/sys/fs/bpf/ztagent-test-private")
