@@ -189,6 +189,10 @@ class NodeAgent:
 
     async def _start(self) -> None:
         o = self.options
+        admin_host = parse_address(o.admin, "--admin")[0]
+        if not ipaddress.ip_address(admin_host).is_loopback:
+            # /config_dump and /certs describe every identity on the node: never on the network.
+            raise StartupError(f"--admin {o.admin}: the admin endpoint must listen on a loopback address")
         # 1. config
         self._source = FileConfigSource(o.config, interval=o.config_interval)
         try:

@@ -160,6 +160,10 @@ def test_run_refuses_unknown_node_and_bad_config(ca_setup) -> None:  # type: ign
     args[args.index("node-a")] = "node-z"
     p = subprocess.run(args, capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "node 'node-z' is not in the config" in p.stderr
+    args = _run_args(tmp, cfg, ca)
+    args[args.index("--admin") + 1] = "0.0.0.0:0"
+    p = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "must listen on a loopback address" in p.stderr
     bad = tmp / "bad.yaml"
     bad.write_text(cfg.read_text().replace("ns1", "NS1"))
     args = _run_args(tmp, bad, ca)
