@@ -79,6 +79,8 @@ class CaptureBackend(Protocol):
 
     def unenroll(self, pod: EnrolledPod) -> None: ...
 
+    def close(self) -> None: ...
+
     def detach(self) -> None: ...
 
     def uninstall(self) -> None: ...
@@ -164,22 +166,24 @@ class Capture:
         ensure_bpffs(self.pin_dir)
         netns_ino = self._netns_ino()
         try:
-            self._pinned = PinnedCapture.open(self.pin_dir, netns_ino)
+            pinned = PinnedCapture.open(self.pin_dir, netns_ino)
         except StalePins:
-            detach_stale_link(self.pin_dir, netns_ino)
-            remove_pins(self.pin_dir)
-            self._run_loader()
-            try:
-                self._pinned = PinnedCapture.open(self.pin_dir, netns_ino)
-            except StalePins as e:
-                raise CaptureError(f"loader finished but pins in {self.pin_dir} are unusable: {e}") from e
-        if self._pinned.hbone_port != self.hbone_port:
+            pinned = self._load_fresh(netns_ino)
+        if pinned.hbone_port != self.hbone_port:
             # Compiled-in port differs from what this agent serves: reload rather than mis-steer.
-            self._pinned.detach()
-            self._pinned = None
-            self._run_loader()
-            self._pinned = PinnedCapture.open(self.pin_dir, netns_ino)
+            pinned.close()
+            pinned = self._load_fresh(netns_ino)
+        self._pinned = pinned
         self.routing.ensure_table()
+
+    def _load_fresh(self, netns_ino: int) -> PinnedCapture:
+        detach_stale_link(self.pin_dir, netns_ino)
+        remove_pins(self.pin_dir)
+        self._run_loader()
+        try:
+            return PinnedCapture.open(self.pin_dir, netns_ino)
+        except StalePins as e:
+            raise CaptureError(f"loader finished but pins in {self.pin_dir} are unusable: {e}") from e
 
     def _run_loader(self) -> None:
         cmd = [sys.executable, "-m", "bpf.loader", "load", "--pin-dir", self.pin_dir,

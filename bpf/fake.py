@@ -65,6 +65,11 @@ class FakeCapture:
         self.calls.append(f"unenroll {pod.name}")
         self.pods.pop(pod.host_ifname, None)
 
+    def close(self) -> None:
+        """What a crash leaves: pins, maps and rules stay; this process just lets go."""
+        self.calls.append("close")
+        self.installed = False
+
     def detach(self) -> None:
         self.calls.append("detach")
         self.installed = False

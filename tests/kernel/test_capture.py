@@ -295,3 +295,19 @@ def test_install_refuses_a_private_bpffs_under_ip_netns_exec(mesh: Mesh) -> None
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.stdout.startswith("refused:") and "nsenter" in out.stdout, out.stdout + out.stderr
     assert not os.path.exists("/sys/fs/bpf/ztagent-test-private")
+
+
+def test_changed_hbone_port_reloads_the_program(mesh: Mesh) -> None:
+    cap = mesh.capture("a")
+    cap.install()
+    first = cap.status()
+    cap.close()
+    other = Capture(mesh.pin_dir("a"), netns=mesh.node_ns("a"), hbone_port=15999)
+    mesh.captures.append(other)
+    other.install()
+    st = other.status()
+    assert st.hbone_port == 15999 and st.link_id != first.link_id
+    links = json.loads(subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True, text=True,
+                                      check=True).stdout or "[]")
+    assert not [lk for lk in links if lk.get("id") == first.link_id]  # the old one was detached
+    other.uninstall()
