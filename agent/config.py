@@ -918,7 +918,7 @@ class FileConfigSource(ConfigSource):
             try:
                 if isinstance(result, ConfigError):
                     log.error(
-                        "config update refused, keeping the last good config",
+                        f"config update refused, keeping the last good config: {result}",
                         extra={"event": "config_refused", "errors": [i.to_dict() for i in result.issues]},
                     )
                     await _call(on_error, result)

@@ -115,7 +115,7 @@ def render_table(st: dict[str, Any], out: TextIO) -> None:
                 f"{w.get('namespace')}/{w.get('name')}",
                 str(w.get("spiffeId", "")),
                 ",".join(w.get("ips", [])),
-                str(cert.get("serial", "NO CERT"))[:16],
+                str(cert.get("serial", "NO CERT")),
                 _fmt_duration(cert.get("expiresInSeconds")) if cert else "-",
             ]
         )

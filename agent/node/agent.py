@@ -361,18 +361,20 @@ class NodeAgent:
             log.error(f"capture sync failed: {exc}", extra={"event": "capture_error"})
         self.recheck_connections()
 
-    def _on_config_refused(self, lines: list[str]) -> None:
+    def _on_config_refused(self, lines: list[str], *, logged: bool = False) -> None:
         self.metrics.config_reloads.labels("refused").inc()
         self._config_state = dataclasses.replace(
             self._config_state or _ConfigState(loaded_at=0.0), refused=lines, refused_at=time.time()
         )
-        log.error(
-            "config update refused, the last good config keeps serving",
-            extra={"event": "config_refused", "errors": lines},
-        )
+        if not logged:
+            log.error(
+                f"config update refused, the last good config keeps serving: {lines[0]}",
+                extra={"event": "config_refused", "errors": lines},
+            )
 
     def _on_config_error(self, exc: ConfigError) -> None:
-        self._on_config_refused([str(i) for i in exc.issues])
+        # The source already logged it with every issue (file, document, field).
+        self._on_config_refused([str(i) for i in exc.issues], logged=True)
 
     def recheck_connections(self) -> int:
         """Re-evaluate every open inbound connection with the current policy; close the denied."""
