@@ -246,6 +246,18 @@ async def deliver_local(
             f"cannot connect to {dest.key} at {dst[0]}:{dst[1]}: {exc!r}",
             extra={"event": "upstream_failed", "destination_workload": dest.key},
         )
+        agent.tracker.access_log.write(
+            "connection_failed",
+            reporter="destination",
+            path=path,
+            source_ip=str(source_ip) if source_ip is not None else None,
+            source_principal=source_principal,
+            destination_workload=dest.key,
+            destination=f"{dst[0]}:{dst[1]}",
+            kind="upstream-failed",
+            reason=f"cannot connect to the pod: {exc!r}",
+        )
+        agent.metrics.handshake_failures.labels("inbound", "upstream-failed").inc()
         reset(sock)
         return
     labels = connection_labels(

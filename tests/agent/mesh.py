@@ -281,7 +281,10 @@ async def running_mesh(tmp: Path) -> AsyncIterator[Mesh]:
             agent_options(
                 mesh,
                 "node-b",
-                statics=[StaticCapture(("127.0.0.1", 0), (f"{b}.40", echo.port), "inbound")],  # plaintext
+                statics=[
+                    StaticCapture(("127.0.0.1", 0), (f"{b}.40", echo.port), "inbound"),  # plaintext
+                    StaticCapture(("127.0.0.1", 0), (f"{b}.40", 1), "inbound"),  # a closed port
+                ],
             )
         )
         mesh.agents["node-b"] = bnode

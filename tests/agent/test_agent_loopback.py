@@ -381,3 +381,17 @@ async def test_destination_agent_down_resets_the_app_and_says_why(mesh: Mesh) ->
     failed = [r for r in mesh.access_log("node-a") if r["event"] == "connection_failed"]
     assert failed[-1]["kind"] == "connect-refused" and "is the node agent running" in failed[-1]["reason"]
     assert not mesh.echo.peers  # nothing went around the mesh
+
+
+async def test_closed_port_on_the_pod_resets_and_is_logged(mesh: Mesh) -> None:
+    assert await mesh.roundtrip(None, "node-b", f"{mesh.httpbin_ip}:1", b"x") == b""
+    failed = [r for r in mesh.access_log("node-b") if r["event"] == "connection_failed"]
+    assert (
+        failed
+        and failed[-1]["kind"] == "upstream-failed"
+        and failed[-1]["destination_workload"] == "ns2/httpbin"
+    )
+    m = await mesh.metrics_text("node-b")
+    assert samples(m, "ztagent_handshake_failures_total", direction="inbound", reason="upstream-failed") == [
+        1
+    ]
