@@ -47,7 +47,7 @@ from agent.proxy_outbound import handle_outbound
 from agent.store import WorkloadStore, describe_workloads
 from identity.spiffe import SpiffeId
 from identity.svid import WorkloadCredential
-from policy import PolicyIndex, PolicySet
+from policy import Connection, PolicyIndex, PolicySet
 from tunnel.client import HboneClient
 from tunnel.relay import TunnelInfo
 from tunnel.server import AuthzRequest, HboneServer, ServerConfig, tcp_connect
@@ -449,8 +449,6 @@ class NodeAgent:
         )
         policy_input = None
         if dest is not None:
-            from policy import Connection
-
             policy_input = Connection(
                 source_principal=principal,
                 source_ip=src_ip,
