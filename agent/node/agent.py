@@ -8,8 +8,8 @@ traffic it cannot carry, so a failed first fetch fails the start); then listener
 certificates and capture are in place.
 
 Stop order: stop accepting, drain HBONE (GOAWAY, let streams finish until the deadline), abort
-the rest, then release capture *without* removing its routing rules, so pods' traffic fails
-rather than flowing around the agent (fail closed), and a restart reuses the loaded program.
+the rest, then detach capture *without* removing its routing rules, so pods' traffic fails
+rather than flowing around the agent (fail closed) until an agent runs again.
 """
 
 from __future__ import annotations

@@ -246,9 +246,15 @@ class CaptureLayer:
         return out
 
     def stop(self) -> None:
-        """Drop our fds, keep pins and rules: captured traffic fails (no listener) until a
-        restarted agent takes over, and the restart reuses the loaded program."""
-        if self.mode == "bpf" and self._backend is not None:
+        """Clean stop: detach the program and drop its maps and pins (the capture contract's
+        ``detach``), keeping the routing rules, so enrolled pods' TCP keeps ending at the node with
+        no listener: it fails instead of leaking, until a restarted agent installs again. A crash
+        leaves the pins instead; the restart then reuses them."""
+        if self.mode == "bpf" and self._backend is not None and self.installed:
+            try:
+                self._backend.detach()
+            except Exception as exc:
+                log.error(f"capture detach failed: {exc}", extra={"event": "capture_error"})
             close = getattr(self._backend, "close", None)
             if close is not None:
                 close()

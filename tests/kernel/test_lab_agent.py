@@ -407,3 +407,25 @@ def test_agent_killed_fails_closed_and_restart_recovers(lab: Lab) -> None:
 
     wait_until(ready, 120, "restarted agent to be ready")
     assert lab.roundtrip(SLEEP, HTTPBIN, b"back\n") == "back\n"
+
+    # A clean stop (SIGTERM) detaches the program and removes its pins, keeps the routing rules:
+    # still fail closed. Then a fresh start loads everything again.
+    pins = os.path.join(pin_root(lab.state.lab), "node-a")
+    assert os.listdir(pins)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    assert not os.path.exists(pins) or not os.listdir(pins)
+    assert lab.roundtrip(SLEEP, HTTPBIN, b"leak?\n", timeout=2) in ("timeout", "refused", "reset", "closed")
+    assert len(lab.app.peers) == before + 2  # the legacy and the "back" connections only
+    with open(log, "ab") as f:
+        proc = subprocess.Popen(
+            rec.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "ZTAGENT_BPF_PIN_ROOT": pin_root(lab.state.lab)},
+        )
+    topo.record_process(lab.state, proc.pid, "agent-node-a", rec.argv, log)
+    wait_until(ready, 120, "agent started again to be ready")
+    assert lab.roundtrip(SLEEP, HTTPBIN, b"again\n") == "again\n"
