@@ -33,7 +33,7 @@ MODE_ECHO = b"E"  # backend echoes until EOF
 
 
 def _raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
@@ -417,9 +417,8 @@ def report(results: dict[str, dict[str, float]], idle_n: int, bulk_bytes: int) -
         print("issue 3 targets:")
         print(f"  bulk >= 0.8x Envoy pair:        {o['bulk_gbps'] / e['bulk_gbps']:.2f}x")
         print(f"  new conns/s >= 1x Envoy pair:   {o['new_conns_per_s'] / e['new_conns_per_s']:.2f}x")
-        print(
-            f"  <= 20 KB per open tunnel:       {o['kb_per_tunnel']:.1f} KB (Envoy pair {e['kb_per_tunnel']:.1f} KB)"
-        )
+        kb, ekb = o["kb_per_tunnel"], e["kb_per_tunnel"]
+        print(f"  <= 20 KB per open tunnel:       {kb:.1f} KB (Envoy pair {ekb:.1f} KB)")
 
 
 def main() -> None:

@@ -40,6 +40,7 @@ from .relay import (
     TunnelStream,
     _safe,
     abort_with_rst,
+    set_nodelay,
 )
 from .tls import ContextCache, PeerVerificationError, check_expected_identity, verify_peer
 
@@ -410,6 +411,7 @@ class HboneClient:
         family = socket.AF_INET6 if agent.ip.version == 6 else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
+        set_nodelay(sock)
         try:
             await asyncio.wait_for(self.loop.sock_connect(sock, (str(agent.ip), agent.port)), timeout)
         except TimeoutError:

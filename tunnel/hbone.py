@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -27,12 +28,15 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.stream
 import hyperframe.frame
 
 # --- ztunnel's HTTP/2 settings (DESIGN.md §4) -------------------------------------------------
 STREAM_WINDOW = 4 * 1024 * 1024
 CONNECTION_WINDOW = 16 * 1024 * 1024
 MAX_FRAME_SIZE = 1024 * 1024
+STREAM_ACK_STEP = STREAM_WINDOW // 16
+CONNECTION_ACK_STEP = CONNECTION_WINDOW // 16
 SERVER_MAX_CONCURRENT_STREAMS = 200
 CLIENT_MAX_STREAMS_PER_CONNECTION = 100
 # HPACK table and header-list bounds: a CONNECT carries a handful of short headers; anything
@@ -254,7 +258,26 @@ class ProtocolViolation(Exception):
         self.error_code = error_code
 
 
+# --- hot-path fix in hyperframe ---------------------------------------------------------------
+# h2 logs ``repr(frame)`` for every received frame whether or not tracing is on, and hyperframe's
+# DATA repr hex-encodes the whole payload (up to 1 MiB here) only to keep the first 20 hex digits.
+# That was over a third of the CPU of a bulk transfer. Same output, computed from 10 bytes.
+def _raw_data_repr(data: bytes | None) -> str:
+    if not data:
+        return "None"
+    r = bytes(data[:11]).hex()
+    return "<hex:" + (r[:20] + "..." if len(r) > 20 else r) + ">"
+
+
+hyperframe.frame._raw_data_repr = _raw_data_repr
+
+
 # --- connection cores -------------------------------------------------------------------------
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+# DATA frame header: 24-bit length, type 0, flags, 31-bit stream id.
+_DATA_HEADER = struct.Struct(">BHBBL")
+
+
 class _H2Connection(h2.connection.H2Connection):
     """``h2`` treats one stream beyond MAX_CONCURRENT_STREAMS as a connection error, which would
     tear down every tunnel on the connection. RFC 9113 §5.1.2 allows refusing just that stream,
@@ -322,6 +345,13 @@ class HboneConnection:
     _streams: dict[int, _StreamState] = field(init=False, default_factory=dict)
     goaway_received: bool = field(init=False, default=False)
     goaway_sent: bool = field(init=False, default=False)
+    # DATA fast paths (see receive_data/send_data): our own frame splitter in front of h2 and
+    # an output list that keeps DATA payloads as zero-copy segments.
+    _rbuf: bytearray = field(init=False, default_factory=bytearray, repr=False)
+    _preface_left: int = field(init=False, default=0, repr=False)
+    _out: list[bytes | memoryview] = field(init=False, default_factory=list, repr=False)
+    _conn_credit: int = field(init=False, default=0, repr=False)
+    _stream_credit: dict[int, int] = field(init=False, default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         config = h2.config.H2Configuration(
@@ -345,37 +375,112 @@ class HboneConnection:
         self._h2.max_inbound_frame_size = MAX_FRAME_SIZE
         self._h2.incoming_buffer.max_frame_size = MAX_FRAME_SIZE
         self._h2.initiate_connection()
+        self._preface_left = 0 if self.client_side else len(_PREFACE)
         # The connection window is not a SETTING: it grows only by WINDOW_UPDATE on stream 0.
         self._h2.increment_flow_control_window(CONNECTION_WINDOW - _H2_DEFAULT_WINDOW)
 
     # bytes in / bytes out
     def data_to_send(self) -> bytes:
-        return self._h2.data_to_send()
+        return b"".join(self.data_to_send_segments())
+
+    def data_to_send_segments(self) -> list[bytes | memoryview]:
+        """Pending output as a list of segments, in order; DATA payloads are not copied."""
+        pending = self._h2.data_to_send()
+        if not self._out:
+            return [pending] if pending else []
+        out = self._out
+        self._out = []
+        if pending:
+            out.append(pending)
+        return out
 
     def receive_data(self, data: bytes) -> list[Event]:
+        """Feed received bytes; returns the events they caused.
+
+        ``h2`` copies every DATA payload three times on the way in (buffer, slice, ``tobytes``),
+        which dominated a bulk transfer. Frames are therefore split here: a plain DATA frame on an
+        open stream is checked and accounted by h2's own connection and stream state machines and
+        flow-control managers, without the copies; every other frame goes to h2 unchanged."""
+        out: list[Event] = []
         try:
-            raw = self._h2.receive_data(data)
+            self._receive(data, out)
         except h2.exceptions.ProtocolError as exc:
             code = getattr(exc, "error_code", ErrorCode.PROTOCOL_ERROR)
+            if not self.goaway_sent:
+                with contextlib.suppress(h2.exceptions.ProtocolError):
+                    self._h2._terminate_connection(h2.errors.ErrorCodes(int(code)))
             self.goaway_sent = True
             raise ProtocolViolation(f"HTTP/2 protocol error from peer: {exc}", int(code)) from exc
-        out: list[Event] = []
-        for ev in raw:
-            self._translate(ev, out)
         return out
+
+    def _receive(self, data: bytes, out: list[Event]) -> None:
+        buf = self._rbuf
+        buf += data
+        pos = 0
+        if self._preface_left:
+            n = min(self._preface_left, len(buf))
+            for ev in self._h2.receive_data(bytes(buf[:n])):  # h2 checks the client preface
+                self._translate(ev, out)
+            self._preface_left -= n
+            pos = n
+        h2c = self._h2
+        end = len(buf)
+        mv = memoryview(buf)
+        try:
+            while end - pos >= 9:
+                length = (buf[pos] << 16) | (buf[pos + 1] << 8) | buf[pos + 2]
+                if length > h2c.max_inbound_frame_size:
+                    raise h2.exceptions.FrameTooLargeError(
+                        f"Received overlong frame: length {length}, max {h2c.max_inbound_frame_size}"
+                    )
+                if end - pos - 9 < length:
+                    break
+                ftype, flags = buf[pos + 3], buf[pos + 4]
+                sid = int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
+                if (
+                    ftype == 0  # DATA
+                    and not flags & 0x8  # not PADDED
+                    and sid in self._streams
+                    and sid in h2c.streams
+                    and not h2c.incoming_buffer._headers_buffer  # not inside a header block
+                ):
+                    payload = bytes(mv[pos + 9 : pos + 9 + length])
+                    h2c.state_machine.process_input(h2.connection.ConnectionInputs.RECV_DATA)
+                    h2c._inbound_flow_control_window_manager.window_consumed(length)
+                    _frames, events = h2c.streams[sid].receive_data(payload, bool(flags & 0x1), length)
+                    for ev in events:
+                        self._translate(ev, out)
+                else:
+                    for ev in h2c.receive_data(bytes(mv[pos : pos + 9 + length])):
+                        self._translate(ev, out)
+                pos += 9 + length
+        finally:
+            mv.release()
+        del buf[:pos]
 
     # flow control
     def acknowledge(self, stream_id: int, length: int) -> None:
-        """Give ``length`` bytes of window back (stream and connection) once they were consumed."""
+        """Give ``length`` bytes of window back (stream and connection) once they were consumed.
+
+        h2's own policy returns credit only once half a window was consumed (2 MiB per stream).
+        Between two Python processes the TLS and socket buffers hold about that much, so the
+        sender would sit idle until the update crossed them. Credit is returned in
+        1/16-window steps instead: a few more WINDOW_UPDATE frames, no stalls."""
         if length <= 0:
             return
-        try:
-            self._h2.acknowledge_received_data(length, stream_id)
-        except h2.exceptions.StreamClosedError:
-            # The stream ended meanwhile; the connection window still has to be returned.
-            self._h2.increment_flow_control_window(length)
-        except (KeyError, h2.exceptions.ProtocolError):
-            pass
+        self._conn_credit += length
+        if self._conn_credit >= CONNECTION_ACK_STEP:
+            self._h2.increment_flow_control_window(self._conn_credit)
+            self._conn_credit = 0
+        if stream_id not in self._streams or stream_id not in self._h2.streams:
+            self._stream_credit.pop(stream_id, None)
+            return
+        credit = self._stream_credit.get(stream_id, 0) + length
+        if credit >= STREAM_ACK_STEP:
+            with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError):
+                self._h2.increment_flow_control_window(credit, stream_id)
+            credit = 0
+        self._stream_credit[stream_id] = credit
 
     def send_window(self, stream_id: int) -> int:
         try:
@@ -384,17 +489,31 @@ class HboneConnection:
             return 0
 
     def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
-        """Send as much of ``data`` as the windows allow; returns how many bytes were taken."""
+        """Send as much of ``data`` as the windows allow; returns how many bytes were taken.
+
+        The frames go through h2's state machines and window accounting exactly as
+        ``H2Connection.send_data`` does, but the payload is queued as a zero-copy segment instead
+        of being serialized (h2 copies it four times on the way out)."""
         window = self.send_window(stream_id)
         if window <= 0:
             return 0
-        frame = self._h2.max_outbound_frame_size
+        h2c = self._h2
+        stream = h2c.streams[stream_id]
+        frame_max = h2c.max_outbound_frame_size
         n = min(window, len(data))
         view = memoryview(data)
+        pending = h2c.data_to_send()
+        if pending:
+            self._out.append(pending)  # frames h2 queued earlier go first
         sent = 0
         while sent < n:
-            chunk = min(frame, n - sent)
-            self._h2.send_data(stream_id, view[sent : sent + chunk])
+            chunk = min(frame_max, n - sent)
+            h2c.state_machine.process_input(h2.connection.ConnectionInputs.SEND_DATA)
+            stream.state_machine.process_input(h2.stream.StreamInputs.SEND_DATA)
+            stream.outbound_flow_control_window -= chunk
+            h2c.outbound_flow_control_window -= chunk
+            self._out.append(_DATA_HEADER.pack(chunk >> 16, chunk & 0xFFFF, 0, 0, stream_id))
+            self._out.append(view[sent : sent + chunk])
             sent += chunk
         return n
 
@@ -408,6 +527,7 @@ class HboneConnection:
         self._maybe_forget(stream_id)
 
     def reset_stream(self, stream_id: int, error_code: int = ErrorCode.CANCEL) -> None:
+        self._stream_credit.pop(stream_id, None)
         if self._streams.pop(stream_id, None) is None:
             return
         with contextlib.suppress(h2.exceptions.StreamClosedError):
@@ -442,6 +562,7 @@ class HboneConnection:
         st = self._streams.get(stream_id)
         if st is not None and st.local_closed and st.remote_closed:
             del self._streams[stream_id]
+            self._stream_credit.pop(stream_id, None)
 
     def _translate(self, ev: h2.events.Event, out: list[Event]) -> None:
         if isinstance(ev, h2.events.DataReceived):
@@ -460,6 +581,7 @@ class HboneConnection:
                 self._maybe_forget(sid)
         elif isinstance(ev, h2.events.StreamReset):
             sid = ev.stream_id or 0
+            self._stream_credit.pop(sid, None)
             if self._streams.pop(sid, None) is not None:
                 out.append(StreamReset(sid, int(ev.error_code or 0), bool(ev.remote_reset)))
         elif isinstance(ev, h2.events.WindowUpdated):

@@ -41,8 +41,8 @@ log = logging.getLogger("ztagent.tunnel")
 
 TCP_WRITE_HIGH = 1024 * 1024
 TCP_WRITE_LOW = 256 * 1024
-TLS_WRITE_HIGH = 4 * 1024 * 1024
-TLS_WRITE_LOW = 1024 * 1024
+TLS_WRITE_HIGH = 1024 * 1024
+TLS_WRITE_LOW = 256 * 1024
 # Bound on one TCP side's unsent bytes per stream: the read buffer size of either event loop.
 TCP_READ_CHUNK = 256 * 1024
 
@@ -116,6 +116,13 @@ def abort_with_rst(transport: asyncio.Transport | None) -> None:
     transport.abort()
 
 
+def set_nodelay(sock: socket.socket) -> None:
+    """Tunnels carry request/response traffic: never let Nagle hold a small write back."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 # --- one tunnel --------------------------------------------------------------------------------
 class _TcpSide(asyncio.Protocol):
     """Protocol on the plain TCP socket; forwards everything to its TunnelStream."""
@@ -174,6 +181,7 @@ class TunnelStream:
     def attach_socket(self, sock: socket.socket) -> None:
         """Start relaying on a connected socket (the stream owns it from now on)."""
         sock.setblocking(False)
+        set_nodelay(sock)
         # create_connection(sock=...) works for accepted and for connected sockets alike.
         task = self.session.loop.create_task(
             self.session.loop.create_connection(lambda: _TcpSide(self), sock=sock)
@@ -535,9 +543,12 @@ class H2Session(asyncio.Protocol):
     def flush(self) -> None:
         if self.transport is None:
             return
-        out = self.core.data_to_send()
-        if out:
-            self.transport.write(out)
+        segments = self.core.data_to_send_segments()
+        if len(segments) == 1:
+            self.transport.write(segments[0])
+        elif segments:
+            # DATA payloads stay zero-copy memoryviews until the TLS layer encrypts them.
+            self.transport.writelines(segments)
 
     def protocol_error(self, reason: str) -> None:
         log.warning("HBONE connection error: %s", reason)

@@ -38,6 +38,7 @@ from .relay import (
     TunnelObserver,
     TunnelStream,
     _safe,
+    set_nodelay,
 )
 from .tls import ContextCache, PeerVerificationError, TlsSetupError, verify_peer
 
@@ -338,6 +339,7 @@ class HboneServer:
             return
         session = _ServerSession(self, local, peer, credential)
         conn.setblocking(False)
+        set_nodelay(conn)
         try:
             await self.loop.connect_accepted_socket(
                 lambda: session, conn, ssl=ctx, ssl_handshake_timeout=self.config.handshake_timeout
