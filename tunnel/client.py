@@ -323,9 +323,10 @@ class HboneClient:
         session.responses[sid] = fut
         session.streams[sid] = stream
         stream.done.add_done_callback(lambda _f: session.release())
-        session.flush()
+        session.request_flush()
         try:
-            resp = await asyncio.wait_for(fut, self.config.response_timeout)
+            async with asyncio.timeout(self.config.response_timeout):
+                resp = await fut
         except TimeoutError:
             stream.abort(ErrorCode.CANCEL, "no response")
             raise TunnelError(
@@ -348,7 +349,7 @@ class HboneClient:
         self.stats["tunnels_opened"] += 1
         _safe(self.observer.tunnel_opened, info)
         stream.done.add_done_callback(lambda _f: _safe(self.observer.tunnel_closed, info))
-        stream.attach_socket(sock)
+        await stream.attach(sock)
         return stream
 
     def _forget(self, session: _ClientSession) -> None:

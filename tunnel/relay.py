@@ -178,19 +178,16 @@ class TunnelStream:
         self.done: asyncio.Future[TunnelInfo] = session.loop.create_future()
 
     # -- attach ----------------------------------------------------------------------------------
-    def attach_socket(self, sock: socket.socket) -> None:
+    async def attach(self, sock: socket.socket) -> None:
         """Start relaying on a connected socket (the stream owns it from now on)."""
         sock.setblocking(False)
         set_nodelay(sock)
-        # create_connection(sock=...) works for accepted and for connected sockets alike.
-        task = self.session.loop.create_task(
-            self.session.loop.create_connection(lambda: _TcpSide(self), sock=sock)
-        )
-        task.add_done_callback(self._attach_done)
-
-    def _attach_done(self, task: asyncio.Task[Any]) -> None:
-        if task.cancelled() or task.exception() is not None:
-            self.abort(ErrorCode.CONNECT_ERROR, f"cannot attach TCP socket: {task.exception()!r}")
+        try:
+            # create_connection(sock=...) works for accepted and for connected sockets alike.
+            await self.session.loop.create_connection(lambda: _TcpSide(self), sock=sock)
+        except (OSError, RuntimeError) as exc:
+            sock.close()
+            self.abort(ErrorCode.CONNECT_ERROR, f"cannot attach TCP socket: {exc!r}")
 
     def _tcp_attached(self, transport: asyncio.Transport) -> None:
         if self.closed:
@@ -232,13 +229,13 @@ class TunnelStream:
             self._unacked += fc
         else:
             self.session.core.acknowledge(self.stream_id, fc)
-            self.session.flush()
+            self.session.request_flush()
 
     def _return_credit(self) -> None:
         if self._unacked and not self.closed:
             n, self._unacked = self._unacked, 0
             self.session.core.acknowledge(self.stream_id, n)
-            self.session.flush()
+            self.session.request_flush()
 
     def on_end(self) -> None:
         if self.tcp is None:
@@ -283,7 +280,7 @@ class TunnelStream:
             taken = core.send_data(self.stream_id, data)
             if taken < len(data):
                 self._pending_out = data[taken:]
-            self.session.flush()
+            self.session.request_flush()
         if self._pending_out:
             self._pause_tcp()
 
@@ -295,7 +292,7 @@ class TunnelStream:
             taken = self.session.core.send_data(self.stream_id, self._pending_out)
             self._pending_out = self._pending_out[taken:]
             if taken:
-                self.session.flush()
+                self.session.request_flush()
         if not self._pending_out:
             if self._tcp_eof_pending:
                 self._tcp_eof_pending = False
@@ -314,7 +311,7 @@ class TunnelStream:
             return
         self.local_done = True
         self.session.core.end_stream(self.stream_id)
-        self.session.flush()
+        self.session.request_flush()
         self._maybe_finished()
 
     def _tcp_lost(self, exc: Exception | None) -> None:
@@ -323,7 +320,7 @@ class TunnelStream:
         if exc is not None:
             # Reset or error on the TCP side: carry the abort across (RFC 9113 §8.5).
             self.session.core.reset_stream(self.stream_id, ErrorCode.CONNECT_ERROR)
-            self.session.flush()
+            self.session.request_flush()
             self._finish(f"TCP side aborted: {exc}")
             return
         # A clean close: whatever we did not send yet is finished too.
@@ -332,7 +329,7 @@ class TunnelStream:
         if not self.remote_done:
             # The local socket is gone; nothing can receive the rest: stop the peer.
             self.session.core.reset_stream(self.stream_id, ErrorCode.CANCEL)
-            self.session.flush()
+            self.session.request_flush()
             self._finish("TCP side closed before the tunnel ended")
         else:
             self._finish("closed")
@@ -374,7 +371,7 @@ class TunnelStream:
         if self.closed:
             return
         self.session.core.reset_stream(self.stream_id, code)
-        self.session.flush()
+        self.session.request_flush()
         self._finish_abort(reason)
 
     def _finish_abort(self, reason: str) -> None:
@@ -394,7 +391,7 @@ class TunnelStream:
             # Return withheld credit so the connection window is not leaked by a dead stream.
             self.session.core.acknowledge(self.stream_id, self._unacked)
             self._unacked = 0
-            self.session.flush()
+            self.session.request_flush()
         if self._idle_handle is not None:
             self._idle_handle.cancel()
         self.info.closed_at = time.time()
@@ -444,6 +441,7 @@ class H2Session(asyncio.Protocol):
         self._last_rx = loop.time()
         self._keepalive_handle: asyncio.TimerHandle | None = None
         self._ping_outstanding = False
+        self._flush_pending = False
 
     # -- transport callbacks ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -540,7 +538,15 @@ class H2Session(asyncio.Protocol):
         self.streams.pop(stream.stream_id, None)
 
     # -- output -----------------------------------------------------------------------------------
+    def request_flush(self) -> None:
+        """Flush at the end of this loop iteration: writes from many streams (and a stream's data
+        plus its window update) leave in one TLS write instead of one each."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            self.loop.call_soon(self.flush)
+
     def flush(self) -> None:
+        self._flush_pending = False
         if self.transport is None:
             return
         segments = self.core.data_to_send_segments()

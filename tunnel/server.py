@@ -194,12 +194,10 @@ class _ServerSession(H2Session):
                 )
                 return
             try:
-                decision = await asyncio.wait_for(
-                    server.authorize(
+                async with asyncio.timeout(server.config.authorize_timeout):
+                    decision = await server.authorize(
                         AuthzRequest(self.conn.peer_identity, source, req.authority, req.headers, self.conn)
-                    ),
-                    server.config.authorize_timeout,
-                )
+                    )
             except Exception as exc:  # fail closed: an authorizer that breaks denies
                 log.exception("authorization callback failed")
                 decision = AuthzDecision(False, f"authorization callback failed: {exc!r}")
@@ -209,9 +207,8 @@ class _ServerSession(H2Session):
             if st.closed:
                 return
             try:
-                sock = await asyncio.wait_for(
-                    server.connector(req.authority), server.config.upstream_connect_timeout
-                )
+                async with asyncio.timeout(server.config.upstream_connect_timeout):
+                    sock = await server.connector(req.authority)
             except (OSError, TimeoutError) as exc:
                 self._answer(
                     st, Status.SERVICE_UNAVAILABLE, "upstream-failed", f"upstream connect failed: {exc!r}"
@@ -222,11 +219,11 @@ class _ServerSession(H2Session):
                 return
             assert isinstance(self.core, hbone.ServerConnection)
             self.core.respond(st.stream_id, Status.OK)
-            self.flush()
+            self.request_flush()
             server.stats["tunnels_opened"] += 1
             _safe(server.observer.tunnel_opened, st.info)
             st.done.add_done_callback(lambda _f: _safe(server.observer.tunnel_closed, st.info))
-            st.attach_socket(sock)
+            await st.attach(sock)
         except Exception as exc:
             log.exception("HBONE request handling failed")
             self._answer(st, Status.SERVICE_UNAVAILABLE, "internal-error", repr(exc))
