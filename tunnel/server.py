@@ -206,16 +206,22 @@ class _ServerSession(H2Session):
                 return
             if st.closed:
                 return
+            sock: socket.socket | None = None
             try:
                 async with asyncio.timeout(server.config.upstream_connect_timeout):
-                    sock = await server.connector(req.authority)
+                    if server.connector is tcp_connect:
+                        await st.connect(req.authority)  # connect + attach in one step
+                    else:
+                        sock = await server.connector(req.authority)
             except (OSError, TimeoutError) as exc:
                 self._answer(
                     st, Status.SERVICE_UNAVAILABLE, "upstream-failed", f"upstream connect failed: {exc!r}"
                 )
                 return
             if st.closed or self.is_closed:
-                sock.close()
+                if sock is not None:
+                    sock.close()
+                st.abort()
                 return
             assert isinstance(self.core, hbone.ServerConnection)
             self.core.respond(st.stream_id, Status.OK)
@@ -223,7 +229,10 @@ class _ServerSession(H2Session):
             server.stats["tunnels_opened"] += 1
             _safe(server.observer.tunnel_opened, st.info)
             st.done.add_done_callback(lambda _f: _safe(server.observer.tunnel_closed, st.info))
-            await st.attach(sock)
+            if sock is not None:
+                await st.attach(sock)
+            else:
+                st.start_sending()
         except Exception as exc:
             log.exception("HBONE request handling failed")
             self._answer(st, Status.SERVICE_UNAVAILABLE, "internal-error", repr(exc))
