@@ -99,35 +99,24 @@ async def _ours_server(doc: dict[str, str]) -> None:
 
 async def _ours_client(doc: dict[str, str]) -> None:
     from identity.spiffe import SpiffeId
-    from tunnel.client import HboneClient, TunnelError
+    from tunnel.client import HboneClient, OutboundTarget
     from tunnel.hbone import Authority
 
     cred, bundles = _load_creds(doc)
     client = HboneClient(bundles=lambda: bundles)
-    loop = asyncio.get_running_loop()
-    target = Authority.parse(doc["target"])
-    agent = Authority.parse(doc["agent"])
-    expected = [SpiffeId.parse(doc["expect"])]
-    lsock = socket.socket()
-    lsock.bind(("127.0.0.1", 0))
-    lsock.listen(4096)
-    lsock.setblocking(False)
-    _announce(lsock.getsockname()[1])
-    tasks: set[asyncio.Task[Any]] = set()
-
-    async def one(conn: socket.socket) -> None:
-        try:
-            await client.proxy(
-                conn, source=cred, destination=target, agent_address=agent, expected_identities=expected
-            )
-        except TunnelError as exc:
-            print("tunnel error:", exc, file=sys.stderr)
-
-    while True:
-        conn, _ = await loop.sock_accept(lsock)
-        t = loop.create_task(one(conn))
-        tasks.add(t)
-        t.add_done_callback(tasks.discard)
+    target = OutboundTarget(
+        source=cred,
+        destination=Authority.parse(doc["target"]),
+        agent_address=Authority.parse(doc["agent"]),
+        expected_identities=(SpiffeId.parse(doc["expect"]),),
+    )
+    # The way the agent's outbound listener (15001) uses the client: accepted connections become
+    # tunnels directly; every connection here goes to the same destination.
+    srv = await asyncio.get_running_loop().create_server(
+        client.listener_protocol(lambda _local, _peer: target), "127.0.0.1", 0, backlog=4096
+    )
+    _announce(srv.sockets[0].getsockname()[1])
+    await asyncio.Event().wait()
 
 
 def child_main(role: str) -> None:

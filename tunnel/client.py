@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import errno
 import logging
@@ -22,6 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 from identity.bundle import TrustBundleSet
 from identity.spiffe import SpiffeId
@@ -78,6 +80,23 @@ class ClientConfig:
 
 
 PoolKey = tuple[SpiffeId, frozenset[SpiffeId], Authority]
+
+
+@dataclass(frozen=True)
+class OutboundTarget:
+    """Where one outbound TCP connection goes, as the agent resolved it."""
+
+    source: WorkloadCredential
+    destination: Authority  # original destination ip:port (the CONNECT authority)
+    agent_address: Authority  # the destination node's HBONE server
+    expected_identities: Collection[SpiffeId]
+    source_address: Authority | None = None  # for ``forwarded: for=``
+    baggage: str | None = None
+    extra_headers: Mapping[str, str] | None = None
+
+
+# (local address the connection arrived at = original destination, peer address) -> target
+Resolver = Callable[[Authority, Authority], "OutboundTarget | None"]
 
 
 def _now() -> dt.datetime:
@@ -245,42 +264,31 @@ class HboneClient:
         ``agent_address``. Returns once the server answered 200 and relaying has started; the
         stream owns ``sock`` from then on (await ``stream.done`` for the final :class:`TunnelInfo`).
         On failure raises :class:`TunnelError` and resets ``sock``."""
-        if not expected_identities:
-            raise TunnelError("no-expected-identity", f"no expected server identity for {destination}")
-        try:
-            if source_address is None:
+        if source_address is None:
+            try:
                 peer = sock.getpeername()
                 source_address = Authority.of(peer[0].split("%")[0], peer[1])
-        except (OSError, hbone.HboneError):
-            source_address = None
-        key: PoolKey = (source.spiffe_id, frozenset(expected_identities), agent_address)
-        info = TunnelInfo(
-            direction="outbound",
-            source_principal=str(source.spiffe_id),
-            destination_principal="",
-            source=source_address,
-            destination=destination,
+            except (OSError, hbone.HboneError):
+                source_address = None
+        target = OutboundTarget(
+            source,
+            destination,
+            agent_address,
+            tuple(expected_identities),
+            source_address,
+            baggage,
+            extra_headers,
         )
-        headers: dict[str, str] = {}
-        if baggage:
-            headers["baggage"] = baggage
-        if source_address is not None:
-            headers["forwarded"] = hbone.format_forwarded(source_address.ip, source_address.port)
-        headers["traceparent"] = traceparent(self.rng)
-        headers.update(extra_headers or {})
-        try:
-            session = await self._acquire(key, source)
-        except TunnelError as exc:
-            self._fail(sock, exc)
-            raise
-        try:
-            return await self._open_stream(session, sock, info, headers)
-        except TunnelError as exc:
-            self._fail(sock, exc)
-            raise
-        except BaseException:
-            abort_with_rst_sock(sock)
-            raise
+        stream = await self._establish(target, lambda: abort_with_rst_sock(sock))
+        await stream.attach(sock)
+        return stream
+
+    def listener_protocol(self, resolve: Resolver) -> Callable[[], asyncio.Protocol]:
+        """A protocol factory for ``loop.create_server(factory, sock=listening_socket)``: each
+        accepted connection is tunnelled to ``resolve(local, peer)`` (None: reset it). Cheaper
+        than accepting sockets and calling :meth:`open_tunnel`: the accepted connection becomes the
+        tunnel's TCP side directly, held paused until the server's 200."""
+        return lambda: _OutboundSide(self, resolve)
 
     async def proxy(self, sock: socket.socket, **kwargs: object) -> TunnelInfo:
         """:meth:`open_tunnel` then wait until both directions are finished."""
@@ -297,13 +305,49 @@ class HboneClient:
         return sum(1 for s in self._all if not s.is_closed)
 
     # -- internals --------------------------------------------------------------------------------
-    def _fail(self, sock: socket.socket, exc: TunnelError) -> None:
+    def _fail(self, exc: TunnelError) -> None:
         self.stats[exc.kind] += 1
         _safe(self.observer.rejected, exc.kind, str(exc))
-        abort_with_rst_sock(sock)
+
+    async def _establish(self, target: OutboundTarget, reset_local: Callable[[], None]) -> TunnelStream:
+        """Open the CONNECT stream for ``target`` and wait for the 200 (TCP side not attached)."""
+        try:
+            if not target.expected_identities:
+                raise TunnelError(
+                    "no-expected-identity", f"no expected server identity for {target.destination}"
+                )
+            key: PoolKey = (
+                target.source.spiffe_id,
+                frozenset(target.expected_identities),
+                target.agent_address,
+            )
+            src = target.source_address
+            info = TunnelInfo(
+                direction="outbound",
+                source_principal=str(target.source.spiffe_id),
+                destination_principal="",
+                source=src,
+                destination=target.destination,
+            )
+            headers: dict[str, str] = {}
+            if target.baggage:
+                headers["baggage"] = target.baggage
+            if src is not None:
+                headers["forwarded"] = hbone.format_forwarded(src.ip, src.port)
+            headers["traceparent"] = traceparent(self.rng)
+            headers.update(target.extra_headers or {})
+            session = await self._acquire(key, target.source)
+            return await self._open_stream(session, info, headers)
+        except TunnelError as exc:
+            self._fail(exc)
+            reset_local()
+            raise
+        except BaseException:
+            reset_local()
+            raise
 
     async def _open_stream(
-        self, session: _ClientSession, sock: socket.socket, info: TunnelInfo, headers: dict[str, str]
+        self, session: _ClientSession, info: TunnelInfo, headers: dict[str, str]
     ) -> TunnelStream:
         assert isinstance(session.core, hbone.ClientConnection)
         if session.is_closed or not session.core.can_open_stream():
@@ -349,7 +393,6 @@ class HboneClient:
         self.stats["tunnels_opened"] += 1
         _safe(self.observer.tunnel_opened, info)
         stream.done.add_done_callback(lambda _f: _safe(self.observer.tunnel_closed, info))
-        await stream.attach(sock)
         return stream
 
     def _forget(self, session: _ClientSession) -> None:
@@ -472,6 +515,94 @@ class HboneClient:
         self.stats["connections_opened"] += 1
 
 
+class _OutboundSide(asyncio.Protocol):
+    """An accepted outbound connection: paused until its tunnel is up, then the stream's TCP side."""
+
+    def __init__(self, client: HboneClient, resolve: Resolver) -> None:
+        self.stream: TunnelStream | None = None
+        self.client = client
+        self.resolve = resolve
+        self.transport: asyncio.Transport | None = None
+        self.task: asyncio.Task[None] | None = None
+        # uvloop starts reading right after connection_made even if it paused there; what arrives
+        # before the tunnel is up is kept here (reading is paused again at once, so <= 1 chunk).
+        self._early: list[bytes] = []
+        self._early_eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; they implement its interface.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        transport.pause_reading()
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            set_nodelay(sock)
+        try:
+            local, peer = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
+            peer_addr = Authority.of(peer[0].split("%")[0], peer[1])
+            target = self.resolve(Authority.of(local[0].split("%")[0], local[1]), peer_addr)
+        except Exception as exc:
+            log.warning("cannot resolve outbound connection: %r", exc)
+            target = None
+        if target is None:
+            self.client._fail(TunnelError("no-target", "no tunnel target for an accepted connection"))
+            abort_with_rst(transport)
+            return
+        if target.source_address is None:
+            target = dataclasses.replace(target, source_address=peer_addr)
+        self.task = self.client.loop.create_task(self._run(target))
+
+    async def _run(self, target: OutboundTarget) -> None:
+        transport = self.transport
+        assert transport is not None
+        try:
+            stream = await self.client._establish(target, lambda: abort_with_rst(transport))
+        except (TunnelError, asyncio.CancelledError):
+            return
+        if transport.is_closing():
+            stream.abort(ErrorCode.CANCEL, "local connection closed while the tunnel opened")
+            return
+        self.stream = stream
+        stream._tcp_reading = False  # the transport is paused since connection_made
+        stream._tcp_attached(transport)
+        for data in self._early:
+            stream._tcp_data(data)
+        self._early.clear()
+        if self._early_eof:
+            stream._tcp_eof()
+        else:
+            stream._resume_tcp()
+
+    def data_received(self, data: bytes) -> None:
+        if self.stream is not None:
+            self.stream._tcp_data(data)
+        else:
+            self._early.append(data)
+            if self.transport is not None:
+                self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        if self.stream is not None:
+            self.stream._tcp_eof()
+        else:
+            self._early_eof = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.stream is not None:
+            self.stream._tcp_lost(exc)
+        elif self.task is not None:
+            self.task.cancel()
+
+    def pause_writing(self) -> None:
+        if self.stream is not None:
+            self.stream._tcp_write_paused = True
+
+    def resume_writing(self) -> None:
+        if self.stream is not None:
+            self.stream._tcp_write_paused = False
+            self.stream._return_credit()
+
+
 def abort_with_rst_sock(sock: socket.socket) -> None:
     """Reset a pod's TCP connection we could not tunnel (ztunnel resets rather than FINs)."""
     with contextlib.suppress(OSError):
@@ -479,4 +610,4 @@ def abort_with_rst_sock(sock: socket.socket) -> None:
     sock.close()
 
 
-__all__ = ["ClientConfig", "HboneClient", "TunnelError", "abort_with_rst", "traceparent"]
+__all__ = ["ClientConfig", "HboneClient", "OutboundTarget", "Resolver", "TunnelError", "traceparent"]

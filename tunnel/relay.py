@@ -196,9 +196,7 @@ class TunnelStream:
         """Connect upstream and attach in one step (half the cost of connect-then-attach). Held
         paused until :meth:`start_sending`; raises OSError when the connect fails."""
         self._may_send = False
-        await self.session.loop.create_connection(
-            lambda: _TcpSide(self), str(authority.ip), authority.port
-        )
+        await self.session.loop.create_connection(lambda: _TcpSide(self), str(authority.ip), authority.port)
 
     def start_sending(self) -> None:
         """The response headers are out: let TCP bytes flow into the stream."""

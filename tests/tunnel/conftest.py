@@ -18,7 +18,7 @@ from identity.ca import CertificateAuthority
 from identity.keys import build_csr, generate_key
 from identity.spiffe import SpiffeId
 from identity.svid import WorkloadCredential
-from tunnel.client import ClientConfig, HboneClient
+from tunnel.client import ClientConfig, HboneClient, OutboundTarget
 from tunnel.hbone import Authority
 from tunnel.relay import TunnelInfo
 from tunnel.server import AuthzDecision, AuthzRequest, HboneServer, ServerConfig
@@ -145,6 +145,23 @@ class Mesh:
 
         self.closers.append(close)
 
+    async def start_outbound_protocol(self) -> None:
+        """The other way in: the client's listener protocol owns accepted connections directly."""
+        loop = asyncio.get_running_loop()
+
+        def resolve(local: Authority, peer: Authority) -> OutboundTarget:
+            return OutboundTarget(
+                self.source, self.destination or self.backend, self.server_addr, tuple(self.expected)
+            )
+
+        srv = await loop.create_server(self.client.listener_protocol(resolve), "127.0.0.1", 0)
+        self.outbound_addr = srv.sockets[0].getsockname()
+
+        async def close() -> None:
+            srv.close()
+
+        self.closers.append(close)
+
     async def _proxy(self, conn: socket.socket) -> None:
         try:
             await self.client.proxy(
@@ -185,6 +202,7 @@ async def running_mesh(
     expected: list[SpiffeId] | None = None,
     server_credentials: Callable[..., WorkloadCredential | None] | None = None,
     backend_handler: Callable[..., Awaitable[None]] = echo_handler,
+    outbound: str = "socket",
     **server_kwargs: object,
 ) -> AsyncIterator[Mesh]:
     backend, backend_addr = await start_backend(backend_handler)
@@ -209,7 +227,10 @@ async def running_mesh(
         source=client_cred,
         expected=expected if expected is not None else [server_cred.spiffe_id],
     )
-    await mesh.start_outbound()
+    if outbound == "protocol":
+        await mesh.start_outbound_protocol()
+    else:
+        await mesh.start_outbound()
     try:
         yield mesh
     finally:
