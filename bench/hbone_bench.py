@@ -274,6 +274,10 @@ def memory_per_tunnel(port: int, pids: list[int], n: int) -> float:
     return (after - before) / n
 
 
+def keep_best(row: dict[str, float], key: str, value: float, better: Callable[[float, float], float]) -> None:
+    row[key] = better(row[key], value) if key in row else value
+
+
 def make_creds() -> tuple[dict[str, str], dict[str, str], Any, Any, Any]:
     from identity.bundle import TrustBundleSet
     from identity.ca import CertificateAuthority
@@ -309,10 +313,11 @@ def run(quick: bool) -> None:
     sys.path.insert(0, os.getcwd())
     from tests.tunnel.envoy_peer import ENVOY, hbone_client_config, hbone_server_config, start_envoy
 
-    bulk_bytes = (256 if quick else 1024) << 20
-    lat_seconds = 1.0 if quick else 3.0
-    conn_seconds = 1.0 if quick else 3.0
+    bulk_bytes = (256 if quick else 512) << 20
+    lat_seconds = 1.0 if quick else 2.0
+    conn_seconds = 1.0 if quick else 2.0
     idle_n = 300 if quick else 1000
+    rounds = 1 if quick else 3
 
     cdoc, sdoc, ccred, scred, bundles = make_creds()
     children: list[Child] = []
@@ -352,16 +357,22 @@ def run(quick: bool) -> None:
             print("Envoy not found at", ENVOY, "- reporting ours vs direct only")
 
         results: dict[str, dict[str, float]] = {name: {} for name in paths}
-        for name, (port, _pids) in paths.items():
+        for port, _pids in paths.values():
             new_conns(port, 2, 0.3)  # warm-up: pools and handshakes in place
-            results[name]["bulk_gbps"] = bulk(port, bulk_bytes) * 8 / 1e9
-        for name, (port, _pids) in paths.items():
-            p50, p99, rps = latency(port, 1, lat_seconds)
-            results[name].update(lat1_p50_ms=p50, lat1_p99_ms=p99, lat1_rps=rps)
-            p50, p99, rps = latency(port, 16, lat_seconds)
-            results[name].update(lat16_p50_ms=p50, lat16_p99_ms=p99, lat16_rps=rps)
-        for name, (port, _pids) in paths.items():
-            results[name]["new_conns_per_s"] = new_conns(port, 8, conn_seconds)
+        # Other work on the machine skews any single measurement; paths are measured in
+        # alternation, ``rounds`` times, and each keeps its best round.
+        for _ in range(rounds):
+            for name, (port, _pids) in paths.items():
+                keep_best(results[name], "bulk_gbps", bulk(port, bulk_bytes) * 8 / 1e9, max)
+            for name, (port, _pids) in paths.items():
+                p50, p99, rps = latency(port, 1, lat_seconds)
+                if p50 < results[name].get("lat1_p50_ms", float("inf")):
+                    results[name].update(lat1_p50_ms=p50, lat1_p99_ms=p99, lat1_rps=rps)
+                p50, p99, rps = latency(port, 16, lat_seconds)
+                if p50 < results[name].get("lat16_p50_ms", float("inf")):
+                    results[name].update(lat16_p50_ms=p50, lat16_p99_ms=p99, lat16_rps=rps)
+            for name, (port, _pids) in paths.items():
+                keep_best(results[name], "new_conns_per_s", new_conns(port, 8, conn_seconds), max)
         for name, (port, pids) in paths.items():
             if pids:
                 results[name]["kb_per_tunnel"] = memory_per_tunnel(port, pids, idle_n) / 1024
@@ -375,7 +386,7 @@ def run(quick: bool) -> None:
 
 def report(results: dict[str, dict[str, float]], idle_n: int, bulk_bytes: int) -> None:
     rows: list[tuple[str, str, Callable[[float], str]]] = [
-        ("bulk_gbps", f"bulk, 1 stream, {bulk_bytes >> 20} MiB (Gbit/s)", lambda v: f"{v:8.2f}"),
+        ("bulk_gbps", f"bulk, 1 stream, {bulk_bytes >> 20} MiB, best round (Gbit/s)", lambda v: f"{v:8.2f}"),
         ("lat1_p50_ms", "1 KB req p50, 1 conn (ms)", lambda v: f"{v:8.3f}"),
         ("lat1_p99_ms", "1 KB req p99, 1 conn (ms)", lambda v: f"{v:8.3f}"),
         ("lat1_rps", "1 KB req/s, 1 conn", lambda v: f"{v:8.0f}"),

@@ -578,7 +578,7 @@ class H2Session(asyncio.Protocol):
 
     def flush(self) -> None:
         self._flush_pending = False
-        if self.transport is None:
+        if self.transport is None or self.transport.is_closing():
             return
         segments = self.core.data_to_send_segments()
         if len(segments) == 1:

@@ -183,3 +183,29 @@ async def test_silent_peer_dropped_by_keepalive(client_cred, server_cred, bundle
         assert mesh.server.stats["keepalive-timeout"] == 1
         await still_live(r0, w0)
         assert len(mesh.server.sessions) == 1
+
+
+async def test_idle_stream_reset_and_idle_pool_released(client_cred, server_cred, bundles) -> None:
+    from tunnel.client import ClientConfig
+
+    ccfg = ClientConfig(keepalive_interval=0.1, keepalive_timeout=5, pool_idle_timeout=0.4)
+    scfg = ServerConfig(stream_idle_timeout=0.3)
+    async with running_mesh(
+        client_cred=client_cred,
+        server_cred=server_cred,
+        bundles=bundles,
+        client_config=ccfg,
+        server_config=scfg,
+    ) as mesh:
+        r, w = await mesh.connect()
+        w.write(b"ping")
+        assert await asyncio.wait_for(r.readexactly(4), 5) == b"ping"
+        # no bytes either way for longer than the idle timeout: the server resets the tunnel
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.wait_for(r.read(), 5) == b""
+        await wait_for_condition(lambda: len(mesh.server_obs.closed) == 1)
+        assert "idle" in mesh.server_obs.closed[0].close_reason
+        # and the pooled connection, now without streams, is released after pool_idle_timeout
+        await wait_for_condition(lambda: mesh.client.connections == 0)
+        assert not mesh.server.sessions or all(s.is_closed for s in mesh.server.sessions)
+        w.close()
