@@ -283,3 +283,54 @@ def test_garbage_is_a_protocol_violation() -> None:
 def test_client_header_rules() -> None:
     with pytest.raises(HboneError, match="may not be set"):
         ClientConnection.build_request(Authority.parse("1.2.3.4:5"), {":path": "/"})
+
+
+def test_padded_data_and_data_after_reset_take_h2_path() -> None:
+    raw, s = raw_client()
+    sid = raw.get_next_available_stream_id()
+    raw.send_headers(sid, [(b":method", b"CONNECT"), (b":authority", b"1.2.3.4:80")])
+    s.receive_data(raw.data_to_send())
+    s.respond(sid, Status.OK)
+    raw.receive_data(s.data_to_send())
+    raw.send_data(sid, b"padded payload", pad_length=7)
+    ev = s.receive_data(raw.data_to_send())
+    (d,) = of(ev, hbone.Data)
+    assert d.data == b"padded payload" and d.flow_controlled_length == len(b"padded payload") + 8
+    s.acknowledge(sid, d.flow_controlled_length)
+    # after we reset the stream, late DATA is dropped but its connection credit comes back
+    s.reset_stream(sid, hbone.ErrorCode.CANCEL)
+    raw.receive_data(s.data_to_send())
+    before = s._h2._inbound_flow_control_window_manager.current_window_size
+    frame = b"\x00\x10\x00" + b"\x00\x00" + sid.to_bytes(4, "big") + b"x" * 4096  # raw DATA, 4 KiB
+    assert of(s.receive_data(frame), hbone.Data) == []
+    after = s._h2._inbound_flow_control_window_manager.current_window_size
+    assert after >= before - 4096  # not leaked: h2 returned (or will return) the credit
+    # the connection is still usable
+    sid2 = raw.get_next_available_stream_id()
+    raw.send_headers(sid2, [(b":method", b"CONNECT"), (b":authority", b"1.2.3.4:81")])
+    assert of(s.receive_data(raw.data_to_send()), hbone.ConnectRequest)
+
+
+def test_data_split_across_reads_reassembles() -> None:
+    c, s = ClientConnection(), ServerConnection()
+    pump(c, s)
+    sid = c.open_stream(Authority.parse("10.0.0.9:80"))
+    pump(c, s)
+    s.respond(sid, Status.OK)
+    pump(c, s)
+    blob = bytes(range(256)) * 4096  # 1 MiB in one frame
+    assert c.send_data(sid, blob) == len(blob)
+    wire = c.data_to_send()
+    got = b""
+    for i in range(0, len(wire), 7777):  # arbitrary read boundaries, mid-header included
+        got += b"".join(e.data for e in of(s.receive_data(wire[i : i + 7777]), hbone.Data))
+    assert got == blob
+
+
+def test_oversized_frame_is_a_protocol_violation() -> None:
+    s = ServerConnection()
+    s.receive_data(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+    too_big = (hbone.MAX_FRAME_SIZE + 1).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01"
+    with pytest.raises(hbone.ProtocolViolation, match="overlong"):
+        s.receive_data(too_big)
+    assert b"\x07" in s.data_to_send()  # a GOAWAY frame (type 7) was queued
