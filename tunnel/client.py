@@ -44,7 +44,7 @@ from .relay import (
     abort_with_rst,
     set_nodelay,
 )
-from .tls import ContextCache, PeerVerificationError, check_expected_identity, verify_peer
+from .tls import ContextCache, PeerVerificationError, check_expected_identity, same_credential, verify_peer
 
 log = logging.getLogger("ztagent.tunnel.client")
 
@@ -149,7 +149,7 @@ class _ClientSession(H2Session):
     def usable(self, credential: WorkloadCredential) -> bool:
         if self.draining or self.is_closed or self.core.goaway_received:
             return False
-        if self.credential is not credential:
+        if not same_credential(self.credential, credential):
             # Source certificate rotated: new streams go to a connection presenting the new one.
             self.retire("source certificate rotated")
             return False

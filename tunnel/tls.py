@@ -139,6 +139,15 @@ def build_client_context(credential: WorkloadCredential, bundles: TrustBundleSet
     return _base_context(ssl.PROTOCOL_TLS_CLIENT, credential, bundles)
 
 
+def same_credential(a: WorkloadCredential, b: WorkloadCredential) -> bool:
+    """Same SVID (callers may hand us equal copies; a rotation always brings a new leaf)."""
+    return a is b or (a.spiffe_id == b.spiffe_id and a.chain == b.chain)
+
+
+def same_bundles(a: TrustBundleSet, b: TrustBundleSet) -> bool:
+    return a is b or a.all_roots_pem() == b.all_roots_pem()
+
+
 @dataclass
 class _Entry:
     credential: WorkloadCredential
@@ -163,7 +172,11 @@ class ContextCache:
         build: Callable[[WorkloadCredential, TrustBundleSet], ssl.SSLContext],
     ) -> ssl.SSLContext:
         entry = table.get(credential.spiffe_id)
-        if entry is not None and entry.credential is credential and entry.bundles is bundles:
+        if (
+            entry is not None
+            and same_credential(entry.credential, credential)
+            and same_bundles(entry.bundles, bundles)
+        ):
             return entry.context
         ctx = build(credential, bundles)
         self.builds += 1

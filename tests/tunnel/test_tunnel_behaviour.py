@@ -235,3 +235,15 @@ async def test_backend_for_unused_start_backend() -> None:
     srv, addr = await start_backend()
     assert addr.port > 0
     srv.close()
+
+
+async def test_equal_credential_copies_do_not_retire_the_pool(client_cred, server_cred, bundles) -> None:
+    from identity.svid import WorkloadCredential
+
+    async with running_mesh(client_cred=client_cred, server_cred=server_cred, bundles=bundles) as mesh:
+        await echo_once(mesh)
+        # the agent may hand over a fresh but equal object each time (e.g. re-read from its store)
+        mesh.source = WorkloadCredential.from_pem(client_cred.chain_pem(), client_cred.key_pem())
+        await echo_once(mesh)
+        assert mesh.client.stats["connections_opened"] == 1
+        assert mesh.client.contexts.builds == 1
