@@ -282,6 +282,7 @@ class _PlainEncoder(hpack.Encoder):
         return super().encode(headers, huffman=False)
 
 
+_UNIQUE_HEADERS = frozenset({"traceparent", "forwarded"})
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # DATA frame header: 24-bit length, type 0, flags, 31-bit stream id.
 _DATA_HEADER = struct.Struct(">BHBBL")
@@ -632,7 +633,10 @@ class ClientConnection(HboneConnection):
             lname = name.lower()
             if lname.startswith(":") or lname in {"host", "connection", "transfer-encoding"}:
                 raise HboneError(f"header {name!r} may not be set on an HBONE CONNECT")
-            out.append((lname.encode("ascii"), value.encode("latin-1")))
+            pair = (lname.encode("ascii"), value.encode("latin-1"))
+            # Per-connection values (a new trace id, the source port) never repeat: keep them out
+            # of both HPACK dynamic tables instead of evicting useful entries for them.
+            out.append(hpack.NeverIndexedHeaderTuple(*pair) if lname in _UNIQUE_HEADERS else pair)
         return out
 
     def can_open_stream(self) -> bool:
