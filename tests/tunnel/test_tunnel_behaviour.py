@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 
 import pytest
@@ -247,3 +248,36 @@ async def test_equal_credential_copies_do_not_retire_the_pool(client_cred, serve
         await echo_once(mesh)
         assert mesh.client.stats["connections_opened"] == 1
         assert mesh.client.contexts.builds == 1
+
+
+async def test_connect_timeout_names_the_likely_cause(client_cred, server_cred, bundles) -> None:
+    """A port whose SYNs go unanswered (here: a listener whose accept queue is full, so the kernel
+    drops them) must fail after connect_timeout with a message about NetworkPolicy/firewall."""
+    from tunnel.client import ClientConfig
+
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    fillers = []
+    try:
+        for _ in range(4):  # fill the accept queue (backlog 0 admits one or two)
+            f = socket.socket()
+            f.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                f.connect(blackhole.getsockname())
+            fillers.append(f)
+        await asyncio.sleep(0.2)
+        async with running_mesh(
+            client_cred=client_cred,
+            server_cred=server_cred,
+            bundles=bundles,
+            client_config=ClientConfig(connect_timeout=0.5),
+        ) as mesh:
+            mesh.server_addr = Authority.of(*blackhole.getsockname())
+            err = await expect_reset(mesh)
+            assert err.kind == "connect-timeout", err
+            assert "within 0.5s" in str(err) and "NetworkPolicy/firewall" in str(err)
+    finally:
+        for f in fillers:
+            f.close()
+        blackhole.close()
