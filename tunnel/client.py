@@ -533,9 +533,10 @@ class _OutboundSide(asyncio.Protocol):
         # uvloop's transports do not subclass asyncio.Transport; they implement its interface.
         self.transport = transport = cast(asyncio.Transport, transport)
         transport.pause_reading()
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            set_nodelay(sock)
+        if not type(self.client.loop).__module__.startswith("uvloop"):  # uvloop sets it itself
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                set_nodelay(sock)
         try:
             local, peer = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
             peer_addr = Authority.of(peer[0].split("%")[0], peer[1])

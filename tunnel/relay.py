@@ -217,9 +217,10 @@ class TunnelStream:
         transport.set_write_buffer_limits(high=TCP_WRITE_HIGH, low=TCP_WRITE_LOW)
         if not self._may_send:
             self._pause_tcp()
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            set_nodelay(sock)
+        if not self.session.loop_sets_nodelay:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                set_nodelay(sock)
         for data, fc in self._early_in:
             self._deliver(data, fc)
         self._early_in.clear()
@@ -473,6 +474,8 @@ class H2Session(asyncio.Protocol):
         self._keepalive_handle: asyncio.TimerHandle | None = None
         self._ping_outstanding = False
         self._flush_pending = False
+        # uvloop sets TCP_NODELAY on every TCP transport itself; asyncio not on all of them.
+        self.loop_sets_nodelay = type(loop).__module__.startswith("uvloop")
 
     # -- transport callbacks ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -334,3 +334,17 @@ def test_oversized_frame_is_a_protocol_violation() -> None:
     with pytest.raises(hbone.ProtocolViolation, match="overlong"):
         s.receive_data(too_big)
     assert b"\x07" in s.data_to_send()  # a GOAWAY frame (type 7) was queued
+
+
+@pytest.mark.parametrize(
+    ("headers", "why"),
+    [
+        ({"bad name": "x"}, "valid HTTP token"),
+        ({"baggage": "a\r\nx-injected: 1"}, "control characters"),
+        ({"baggage": " padded"}, "edge whitespace"),
+        ({"x": "nul\x00"}, "control characters"),
+    ],
+)
+def test_client_rejects_unsafe_header_values(headers: dict[str, str], why: str) -> None:
+    with pytest.raises(HboneError, match=why):
+        ClientConnection.build_request(Authority.parse("1.2.3.4:5"), headers)
