@@ -285,6 +285,7 @@ class _PlainEncoder(hpack.Encoder):
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_RECORD = 16 * 1024  # TLS maximum plaintext record
 _UNIQUE_HEADERS = frozenset({"traceparent", "forwarded"})
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # DATA frame header: 24-bit length, type 0, flags, 31-bit stream id.
@@ -402,14 +403,37 @@ class HboneConnection:
         return b"".join(self.data_to_send_segments())
 
     def data_to_send_segments(self) -> list[bytes | memoryview]:
-        """Pending output as a list of segments, in order; DATA payloads are not copied."""
+        """Pending output as a list of segments, in order; large DATA payloads are not copied.
+
+        A TLS layer turns each segment written into at least one record, so small pieces (frame
+        headers, control frames, short payloads) are packed together, topped up to one full
+        record from the next large payload: a 1 KB message costs one record, not two."""
         pending = self._h2.data_to_send()
         if not self._out:
             return [pending] if pending else []
-        out = self._out
+        segments = self._out
         self._out = []
         if pending:
-            out.append(pending)
+            segments.append(pending)
+        out: list[bytes | memoryview] = []
+        small = bytearray()
+        for seg in segments:
+            if len(seg) < _RECORD:
+                small += seg
+                if len(small) >= _RECORD:
+                    out.append(bytes(small))
+                    small = bytearray()
+                continue
+            view = memoryview(seg)
+            if small:
+                take = _RECORD - len(small)
+                small += view[:take]
+                out.append(bytes(small))
+                small = bytearray()
+                view = view[take:]
+            out.append(view)
+        if small:
+            out.append(bytes(small))
         return out
 
     def receive_data(self, data: bytes) -> list[Event]:

@@ -348,3 +348,24 @@ def test_oversized_frame_is_a_protocol_violation() -> None:
 def test_client_rejects_unsafe_header_values(headers: dict[str, str], why: str) -> None:
     with pytest.raises(HboneError, match=why):
         ClientConnection.build_request(Authority.parse("1.2.3.4:5"), headers)
+
+
+def test_output_segments_pack_small_frames_into_one_record(
+    pair: tuple[ClientConnection, ServerConnection],
+) -> None:
+    c, s = pair
+    sid = c.open_stream(Authority.parse("10.0.0.9:80"))
+    pump(c, s)
+    s.respond(sid, Status.OK)
+    pump(c, s)
+    c.send_data(sid, b"a" * 1024)
+    segs = c.data_to_send_segments()
+    assert len(segs) == 1 and len(segs[0]) == 9 + 1024  # header and payload in one TLS write
+    big = bytes(range(256)) * 1024  # 256 KiB: one frame
+    c.send_data(sid, b"small")
+    c.send_data(sid, big)
+    segs = c.data_to_send_segments()
+    assert len(segs[0]) == 16 * 1024  # small frame + next header + start of big payload: one record
+    assert isinstance(segs[-1], memoryview)  # the rest of the big payload is not copied
+    events = s.receive_data(b"".join(bytes(x) for x in segs))
+    assert b"".join(e.data for e in of(events, hbone.Data)) == b"small" + big
