@@ -501,28 +501,33 @@ class HboneConnection:
         del buf[:pos]
 
     # flow control
-    def acknowledge(self, stream_id: int, length: int) -> None:
+    def acknowledge(self, stream_id: int, length: int) -> bool:
         """Give ``length`` bytes of window back (stream and connection) once they were consumed.
 
         h2's own policy returns credit only once half a window was consumed (2 MiB per stream).
         Between two Python processes the TLS and socket buffers hold about that much, so the
         sender would sit idle until the update crossed them. Credit is returned in
-        1/16-window steps instead: a few more WINDOW_UPDATE frames, no stalls."""
+        1/16-window steps instead: a few more WINDOW_UPDATE frames, no stalls.
+        Returns whether a WINDOW_UPDATE was queued (i.e. there is something to send)."""
         if length <= 0:
-            return
+            return False
+        queued = False
         self._conn_credit += length
         if self._conn_credit >= CONNECTION_ACK_STEP:
             self._h2.increment_flow_control_window(self._conn_credit)
             self._conn_credit = 0
+            queued = True
         if stream_id not in self._streams or stream_id not in self._h2.streams:
             self._stream_credit.pop(stream_id, None)
-            return
+            return queued
         credit = self._stream_credit.get(stream_id, 0) + length
         if credit >= STREAM_ACK_STEP:
             with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError):
                 self._h2.increment_flow_control_window(credit, stream_id)
+                queued = True
             credit = 0
         self._stream_credit[stream_id] = credit
+        return queued
 
     def send_window(self, stream_id: int) -> int:
         try:

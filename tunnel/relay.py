@@ -253,15 +253,14 @@ class TunnelStream:
             tcp.write(data)
         if self._tcp_write_paused:
             self._unacked += fc
-        else:
-            self.session.core.acknowledge(self.stream_id, fc)
+        elif self.session.core.acknowledge(self.stream_id, fc):
             self.session.request_flush()
 
     def _return_credit(self) -> None:
         if self._unacked and not self.closed:
             n, self._unacked = self._unacked, 0
-            self.session.core.acknowledge(self.stream_id, n)
-            self.session.request_flush()
+            if self.session.core.acknowledge(self.stream_id, n):
+                self.session.request_flush()
 
     def on_end(self) -> None:
         if self.tcp is None:
