@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import hashlib
+import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,10 @@ TD = "cluster.local"
 
 @pytest.fixture
 def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
-    # The agent runs on uvloop when installed; test the production path.
+    # The agent runs on uvloop by default (`ztagent run --loop asyncio` is the fallback): test the
+    # production path unless ZTAGENT_TEST_LOOP=asyncio asks for the other one.
+    if os.environ.get("ZTAGENT_TEST_LOOP") == "asyncio":
+        return asyncio.DefaultEventLoopPolicy()
     return uvloop.EventLoopPolicy()
 
 
