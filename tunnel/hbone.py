@@ -501,7 +501,9 @@ class HboneConnection:
         del buf[:pos]
 
     # flow control
-    def acknowledge(self, stream_id: int, length: int) -> bool:
+    def acknowledge(
+        self, stream_id: int, length: int, *, connection: bool = True, stream: bool = True
+    ) -> bool:
         """Give ``length`` bytes of window back (stream and connection) once they were consumed.
 
         h2's own policy returns credit only once half a window was consumed (2 MiB per stream).
@@ -512,11 +514,14 @@ class HboneConnection:
         if length <= 0:
             return False
         queued = False
-        self._conn_credit += length
-        if self._conn_credit >= CONNECTION_ACK_STEP:
+        if connection:
+            self._conn_credit += length
+        if connection and self._conn_credit >= CONNECTION_ACK_STEP:
             self._h2.increment_flow_control_window(self._conn_credit)
             self._conn_credit = 0
             queued = True
+        if not stream:
+            return queued
         if stream_id not in self._streams or stream_id not in self._h2.streams:
             self._stream_credit.pop(stream_id, None)
             return queued

@@ -16,7 +16,9 @@ Flow control and memory (the water marks are named so tests can assert them):
   returned only while that transport's buffer is under ``TCP_WRITE_HIGH``; above it the credit is
   withheld (the peer's stream window runs dry and it stops sending) until the buffer drains below
   ``TCP_WRITE_LOW``. Buffered bytes per stream therefore stay under
-  ``TCP_WRITE_HIGH + hbone.STREAM_WINDOW`` whatever the local reader does.
+  ``TCP_WRITE_HIGH + hbone.STREAM_WINDOW`` whatever the local reader does. The connection's
+  credit for those bytes keeps flowing until ``SESSION_WITHHOLD_BUDGET`` is held back on the
+  connection, so stalled readers do not starve the other tunnels sharing it.
 
 Half-close: a TCP FIN becomes END_STREAM and END_STREAM becomes ``write_eof`` (FIN). Aborts: a
 TCP reset becomes RST_STREAM(CONNECT_ERROR) and RST_STREAM becomes a TCP RST (SO_LINGER 0).
@@ -43,6 +45,10 @@ TCP_WRITE_HIGH = 1024 * 1024
 TCP_WRITE_LOW = 256 * 1024
 TLS_WRITE_HIGH = 1024 * 1024
 TLS_WRITE_LOW = 256 * 1024
+# Connection-level credit keeps flowing for stalled streams until this much is held back on one
+# connection (then it is withheld too): memory per connection stays bounded by this plus the
+# connection window, and it takes ~16 stalled readers, not 4, to stall a shared connection.
+SESSION_WITHHOLD_BUDGET = 4 * hbone.CONNECTION_WINDOW
 # Bound on one TCP side's unsent bytes per stream: the read buffer size of either event loop.
 TCP_READ_CHUNK = 256 * 1024
 
@@ -166,7 +172,8 @@ class TunnelStream:
         self._early_in: list[tuple[bytes, int]] = []  # tunnel bytes before the TCP side attached
         self._early_eof = False
         self._close_after_attach = False
-        self._unacked = 0  # flow-control credit withheld while the TCP writer is above high water
+        self._unacked = 0  # stream credit withheld while the TCP writer is above high water
+        self._unacked_conn = 0  # connection credit withheld too (session budget exhausted)
         self._tcp_write_paused = False
         self._tcp_reading = True
         self._tcp_eof_pending = False  # TCP FIN seen, END_STREAM not yet sent (data pending)
@@ -252,15 +259,31 @@ class TunnelStream:
                 self.info.bytes_received += len(data)
             tcp.write(data)
         if self._tcp_write_paused:
+            # Withhold this stream's credit (its sender stops); keep the connection's flowing
+            # while the session's withheld total is within budget, so a few stalled readers
+            # cannot freeze every other tunnel sharing the connection.
             self._unacked += fc
+            session = self.session
+            session.withheld += fc
+            if session.withheld <= SESSION_WITHHOLD_BUDGET:
+                if session.core.acknowledge(self.stream_id, fc, stream=False):
+                    session.request_flush()
+            else:
+                self._unacked_conn += fc
         elif self.session.core.acknowledge(self.stream_id, fc):
             self.session.request_flush()
 
     def _return_credit(self) -> None:
         if self._unacked and not self.closed:
             n, self._unacked = self._unacked, 0
-            if self.session.core.acknowledge(self.stream_id, n):
-                self.session.request_flush()
+            c, self._unacked_conn = self._unacked_conn, 0
+            session = self.session
+            session.withheld -= n
+            queued = session.core.acknowledge(self.stream_id, n, connection=False)
+            if c:
+                queued = session.core.acknowledge(self.stream_id, c, stream=False) or queued
+            if queued:
+                session.request_flush()
 
     def on_end(self) -> None:
         if self.tcp is None:
@@ -419,9 +442,11 @@ class TunnelStream:
         self._pending_out = b""
         self._early_in.clear()
         if self._unacked:
-            # Return withheld credit so the connection window is not leaked by a dead stream.
-            self.session.core.acknowledge(self.stream_id, self._unacked)
-            self._unacked = 0
+            # Return withheld connection credit so a dead stream does not leak the window.
+            self.session.withheld -= self._unacked
+            if self._unacked_conn:
+                self.session.core.acknowledge(self.stream_id, self._unacked_conn, stream=False)
+            self._unacked = self._unacked_conn = 0
             self.session.request_flush()
         if self._idle_handle is not None:
             self._idle_handle.cancel()
@@ -473,6 +498,7 @@ class H2Session(asyncio.Protocol):
         self._keepalive_handle: asyncio.TimerHandle | None = None
         self._ping_outstanding = False
         self._flush_pending = False
+        self.withheld = 0  # stream credit held back by stalled local readers (bytes)
         # uvloop sets TCP_NODELAY on every TCP transport itself; asyncio not on all of them.
         self.loop_sets_nodelay = type(loop).__module__.startswith("uvloop")
 

@@ -209,3 +209,39 @@ async def test_idle_stream_reset_and_idle_pool_released(client_cred, server_cred
         await wait_for_condition(lambda: mesh.client.connections == 0)
         assert not mesh.server.sessions or all(s.is_closed for s in mesh.server.sessions)
         w.close()
+
+
+async def test_many_stalled_readers_do_not_freeze_the_shared_connection(
+    client_cred, server_cred, bundles
+) -> None:
+    """Six backends that stop reading, all on one pooled connection: together they could hold
+    more than the 16 MiB connection window, yet a seventh tunnel must still get through."""
+    release = asyncio.Event()
+
+    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if (await reader.read(4)) == b"hold":
+            writer.write(b"hold")
+            while data := await reader.read(65536):
+                writer.write(data)
+            return
+        await release.wait()
+        writer.close()
+
+    async with running_mesh(
+        client_cred=client_cred, server_cred=server_cred, bundles=bundles, backend_handler=backend
+    ) as mesh:
+        writers = []
+        for _ in range(6):
+            _r, w = await mesh.connect()
+            w.write(b"stal")
+            writers.append(w)
+        await asyncio.gather(*(write_until_stalled(w, 64 << 20) for w in writers))
+        assert mesh.client.stats["connections_opened"] == 1
+        r0, w0 = await live_tunnel(mesh)
+        await still_live(r0, w0)
+        total = sum(st.buffered_bytes for st in streams(mesh.server.sessions))
+        assert total <= relay.SESSION_WITHHOLD_BUDGET + hbone.CONNECTION_WINDOW + 7 * relay.TCP_WRITE_HIGH
+        release.set()
+        for w in writers:
+            w.transport.abort()
+        w0.close()
