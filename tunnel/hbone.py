@@ -363,6 +363,7 @@ class HboneConnection:
     # an output list that keeps DATA payloads as zero-copy segments.
     _rbuf: bytearray = field(init=False, default_factory=bytearray, repr=False)
     _preface_left: int = field(init=False, default=0, repr=False)
+    _header_block: int = field(init=False, default=0, repr=False)
     _out: list[bytes | memoryview] = field(init=False, default_factory=list, repr=False)
     _conn_credit: int = field(init=False, default=0, repr=False)
     _stream_credit: dict[int, int] = field(init=False, default_factory=dict, repr=False)
@@ -479,6 +480,14 @@ class HboneConnection:
                     break
                 ftype, flags = buf[pos + 3], buf[pos + 4]
                 sid = int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
+                if ftype in (0x1, 0x9):  # HEADERS, CONTINUATION
+                    # h2 would buffer up to 64 CONTINUATION frames of MAX_FRAME_SIZE (64 MiB) per
+                    # header block; a CONNECT needs a few hundred bytes.
+                    self._header_block = length if ftype == 0x1 else self._header_block + length
+                    if self._header_block > MAX_HEADER_LIST_SIZE:
+                        raise h2.exceptions.DenialOfServiceError(
+                            f"header block of {self._header_block}+ bytes exceeds {MAX_HEADER_LIST_SIZE}"
+                        )
                 if (
                     ftype == 0  # DATA
                     and not flags & 0x8  # not PADDED

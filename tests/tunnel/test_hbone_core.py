@@ -369,3 +369,15 @@ def test_output_segments_pack_small_frames_into_one_record(
     assert isinstance(segs[-1], memoryview)  # the rest of the big payload is not copied
     events = s.receive_data(b"".join(bytes(x) for x in segs))
     assert b"".join(e.data for e in of(events, hbone.Data)) == b"small" + big
+
+
+def test_oversized_header_block_via_continuations_is_refused() -> None:
+    s = ServerConnection()
+    s.receive_data(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+    # HEADERS without END_HEADERS, then CONTINUATIONs that never end: refused past 64 KiB
+    chunk = 32 * 1024
+    frames = chunk.to_bytes(3, "big") + b"\x01\x00" + (1).to_bytes(4, "big") + b"\x00" * chunk
+    for _ in range(3):
+        frames += chunk.to_bytes(3, "big") + b"\x09\x00" + (1).to_bytes(4, "big") + b"\x00" * chunk
+    with pytest.raises(hbone.ProtocolViolation, match="exceeds 65536"):
+        s.receive_data(frames)

@@ -207,7 +207,7 @@ async def test_idle_stream_reset_and_idle_pool_released(client_cred, server_cred
         assert "idle" in mesh.server_obs.closed[0].close_reason
         # and the pooled connection, now without streams, is released after pool_idle_timeout
         await wait_for_condition(lambda: mesh.client.connections == 0)
-        assert not mesh.server.sessions or all(s.is_closed for s in mesh.server.sessions)
+        await wait_for_condition(lambda: all(s.is_closed for s in mesh.server.sessions))
         w.close()
 
 
