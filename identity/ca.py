@@ -99,7 +99,8 @@ def _aki_for(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
         return x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key())  # type: ignore[arg-type]
 
 
-def _is_self_signed(cert: x509.Certificate) -> bool:
+def is_self_signed(cert: x509.Certificate) -> bool:
+    """True for a root: issuer equals subject and the certificate verifies under its own key."""
     if cert.issuer != cert.subject:
         return False
     try:
@@ -287,7 +288,7 @@ class CertificateAuthority:
         cert = signing[0]
         # Walk up issuer links to a self-signed root, verifying each signature.
         path = [cert]
-        while not _is_self_signed(path[-1]):
+        while not is_self_signed(path[-1]):
             child = path[-1]
             parents = [c for c in certs if c.subject == child.issuer and c not in path]
             parent = None

@@ -28,13 +28,13 @@ from typing import Any
 
 import grpc
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from google.protobuf import struct_pb2
 
 from agent.ca.identities import CA_SERVER_NAME, IMPERSONATED_IDENTITY
 from agent.ca.proto import ca_pb2, ca_pb2_grpc
 from agent.ca.store import CaStoreError, CredentialFiles, read_credentials, write_credentials
 from identity.bundle import BundleError, TrustBundle, TrustBundleSet
+from identity.ca import is_self_signed
 from identity.keys import build_csr, generate_key
 from identity.spiffe import SpiffeId
 from identity.svid import SvidError, WorkloadCredential, load_pem_chain, verify_svid
@@ -274,7 +274,7 @@ class CaClient:
             if len(certs) > MAX_ANSWER_CERTS:
                 raise bad(f"more than {MAX_ANSWER_CERTS} certificates")
         # istiod's shape: leaf, intermediates, then the root(s); drop the self-signed tail.
-        chain = [c for c in certs if not _self_signed(c)]
+        chain = [c for c in certs if not is_self_signed(c)]
         if not chain or chain[0] is not certs[0]:
             raise bad("the first certificate is not a leaf")
         try:
@@ -289,12 +289,3 @@ class CaClient:
             raise bad(f"issued certificate does not verify against our trust bundle: {exc}") from None
         return cred
 
-
-def _self_signed(cert: x509.Certificate) -> bool:
-    if cert.issuer != cert.subject:
-        return False
-    try:
-        cert.verify_directly_issued_by(cert)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
