@@ -311,7 +311,7 @@ def make_creds() -> tuple[dict[str, str], dict[str, str], Any, Any, Any]:
 def run(quick: bool) -> None:
     _raise_nofile()
     sys.path.insert(0, os.getcwd())
-    from tests.tunnel.envoy_peer import ENVOY, hbone_client_config, hbone_server_config, start_envoy
+    from bench.envoy import ENVOY, hbone_client_config, hbone_server_config, start_envoy
 
     bulk_bytes = (256 if quick else 512) << 20
     lat_seconds = 1.0 if quick else 2.0

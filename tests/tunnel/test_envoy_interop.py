@@ -7,10 +7,10 @@ import os
 
 import pytest
 
+from bench.envoy import ENVOY, hbone_client_config, hbone_server_config, start_envoy
 from tunnel.hbone import Authority
 
 from .conftest import Recorder, running_mesh, sha, start_backend, wait_for_condition
-from .envoy_peer import ENVOY, hbone_client_config, hbone_server_config, start_envoy
 
 pytestmark = [
     pytest.mark.envoy,

@@ -1,11 +1,13 @@
 """Run a real Envoy (.venv/bin/envoy) as an HBONE peer: configs for both roles, start/stop helpers.
 
-Shared by the interop tests and ``bench.hbone_bench``. Credentials go into the config inline
-(``inline_string``), so no key material is written to disk; the config itself lives in a temp dir.
+Shared by the benchmarks (``bench.suite``, ``bench.hbone_bench``) and the interop tests in
+tests/tunnel. Credentials go into the config inline (``inline_string``), so no key material is
+written to disk; the config itself lives in a temp dir.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -24,7 +26,7 @@ import yaml
 from identity.bundle import TrustBundleSet
 from identity.svid import WorkloadCredential
 
-ENVOY = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "envoy"
+ENVOY = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "envoy"
 _ids = itertools.count()
 _HCM_TYPE = (
     "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -81,14 +83,15 @@ def _listener(
 
 def hbone_client_config(
     *,
-    target: str,
+    target: str | list[str],
     server: tuple[str, int],
     cred: WorkloadCredential,
     bundles: TrustBundleSet,
     expect_san: str,
 ) -> dict[str, Any]:
     """Envoy as HBONE client: plaintext TCP in, tcp_proxy tunneling_config (CONNECT target) out
-    over HTTP/2 + mTLS with an SVID, checking the server's URI SAN."""
+    over HTTP/2 + mTLS with an SVID, checking the server's URI SAN. A list of targets makes one
+    listener per target (``outbound-<i>``), all sharing the one HBONE cluster (and its pool)."""
     cluster = _static_cluster("hbone", *server)
     common = _tls_common(cred, bundles)
     common["validation_context"]["match_typed_subject_alt_names"] = [
@@ -112,22 +115,54 @@ def hbone_client_config(
             },
         }
     }
-    tcp = {
-        "name": "envoy.filters.network.tcp_proxy",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-            "stat_prefix": "hbone_out",
-            "cluster": "hbone",
-            "tunneling_config": {"hostname": target},
-        },
-    }
-    return {"static_resources": {"listeners": [_listener("outbound", [tcp])], "clusters": [cluster]}}
+
+    def tcp(hostname: str) -> dict[str, Any]:
+        return {
+            "name": "envoy.filters.network.tcp_proxy",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                "stat_prefix": "hbone_out",
+                "cluster": "hbone",
+                "tunneling_config": {"hostname": hostname},
+            },
+        }
+
+    if isinstance(target, str):
+        listeners = [_listener("outbound", [tcp(target)])]
+    else:
+        listeners = [_listener(f"outbound-{i}", [tcp(t)]) for i, t in enumerate(target)]
+    return {"static_resources": {"listeners": listeners, "clusters": [cluster]}}
 
 
 def hbone_server_config(
-    *, backend: tuple[str, int], cred: WorkloadCredential, bundles: TrustBundleSet
+    *,
+    backend: tuple[str, int],
+    cred: WorkloadCredential,
+    bundles: TrustBundleSet,
+    routes: dict[str, tuple[str, int]] | None = None,
 ) -> dict[str, Any]:
-    """Envoy as HBONE terminator: mTLS (client cert required) + HTTP/2 CONNECT -> TCP backend."""
+    """Envoy as HBONE terminator: mTLS (client cert required) + HTTP/2 CONNECT -> TCP backend.
+    ``routes`` maps CONNECT authorities to backends (one cluster each, matched by :authority);
+    without it every CONNECT goes to ``backend``."""
+    routed = routes or {}
+    names = {auth: f"backend-{i}" for i, auth in enumerate(routed)}
+
+    def vhost(name: str, domains: list[str], cluster: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "domains": domains,
+            "routes": [
+                {
+                    "match": {"connect_matcher": {}},
+                    "route": {
+                        "cluster": cluster,
+                        "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}],
+                    },
+                }
+            ],
+        }
+
+    vhosts = [vhost(names[a], [a], names[a]) for a in routed] + [vhost("all", ["*"], "backend")]
     transport = {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
@@ -148,23 +183,7 @@ def hbone_server_config(
                 "initial_connection_window_size": 16 * 1024 * 1024,
             },
             "upgrade_configs": [{"upgrade_type": "CONNECT"}],
-            "route_config": {
-                "virtual_hosts": [
-                    {
-                        "name": "all",
-                        "domains": ["*"],
-                        "routes": [
-                            {
-                                "match": {"connect_matcher": {}},
-                                "route": {
-                                    "cluster": "backend",
-                                    "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}],
-                                },
-                            }
-                        ],
-                    }
-                ]
-            },
+            "route_config": {"virtual_hosts": vhosts},
             "http_filters": [
                 {
                     "name": "envoy.filters.http.router",
@@ -178,7 +197,8 @@ def hbone_server_config(
     return {
         "static_resources": {
             "listeners": [_listener("hbone_in", [hcm], transport)],
-            "clusters": [_static_cluster("backend", *backend)],
+            "clusters": [_static_cluster("backend", *backend)]
+            + [_static_cluster(names[a], *addr) for a, addr in routed.items()],
         }
     }
 
@@ -189,6 +209,7 @@ class EnvoyProcess:
     workdir: str
     admin: str
     listener_port: int
+    listener_ports: dict[str, int] = dataclasses.field(default_factory=dict)  # by listener name
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -214,7 +235,8 @@ class EnvoyProcess:
 
 
 def start_envoy(config: dict[str, Any], *, concurrency: int = 1, timeout: float = 20.0) -> EnvoyProcess:
-    """Start Envoy with ``config`` (admin on 127.0.0.1:0), wait for its one listener, return it."""
+    """Start Envoy with ``config`` (admin on 127.0.0.1:0), wait until all its listeners are bound,
+    return it (``listener_port``: the first listener's port; ``listener_ports``: all, by name)."""
     workdir = tempfile.mkdtemp(prefix="ztagent-envoy-")
     config = dict(config)
     config["admin"] = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}}
@@ -242,6 +264,7 @@ def start_envoy(config: dict[str, Any], *, concurrency: int = 1, timeout: float 
         stderr=subprocess.STDOUT,
     )
     env = EnvoyProcess(proc, workdir, "", 0)
+    wanted = [ls["name"] for ls in config.get("static_resources", {}).get("listeners", [])]
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -253,11 +276,15 @@ def start_envoy(config: dict[str, Any], *, concurrency: int = 1, timeout: float 
                         doc = json.load(r)
                 except OSError:
                     doc = {}
-                for ls in doc.get("listener_statuses", []):
-                    port = ls.get("local_address", {}).get("socket_address", {}).get("port_value")
-                    if port:
-                        env.admin, env.listener_port = admin, int(port)
-                        return env
+                ports = {
+                    ls.get("name", ""): int(port)
+                    for ls in doc.get("listener_statuses", [])
+                    if (port := ls.get("local_address", {}).get("socket_address", {}).get("port_value"))
+                }
+                if ports and len(ports) == len(wanted):
+                    env.admin, env.listener_ports = admin, ports
+                    env.listener_port = ports.get(wanted[0], next(iter(ports.values())))
+                    return env
             time.sleep(0.05)
         raise RuntimeError("envoy did not come up: " + Path(workdir, "envoy.log").read_text()[-3000:])
     except BaseException:
