@@ -73,14 +73,18 @@ class AuthzDecision:
 
 
 Authorizer = Callable[[AuthzRequest], Awaitable[AuthzDecision]]
-# Returns a connected socket to the destination; raises OSError (-> 503) when it cannot.
-Connector = Callable[[Authority], Awaitable[socket.socket]]
+# Returns a connected socket to the destination (first argument); raises OSError (-> 503) when it
+# cannot. The second argument is the original source from the request's ``forwarded: for=``
+# (validated ip:port, None when absent): a connector may bind to it to keep the source IP, as
+# ztunnel does. It is the authenticated peer's claim, so only trust it as far as the peer.
+Connector = Callable[[Authority, "Authority | None"], Awaitable[socket.socket]]
 CredentialLookup = Callable[[IpAddress], "WorkloadCredential | None"]
 LocalCheck = Callable[[Authority, ConnectionInfo], bool]
 
 
-async def tcp_connect(authority: Authority) -> socket.socket:
-    """Default upstream connector: a plain TCP connect to the CONNECT authority."""
+async def tcp_connect(authority: Authority, source: Authority | None = None) -> socket.socket:
+    """Default upstream connector: a plain TCP connect to the CONNECT authority from this host's
+    own address (``source`` is ignored)."""
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if authority.ip.version == 6 else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -158,7 +162,8 @@ class _ServerSession(H2Session):
         if isinstance(ev, hbone.ConnectRequest):
             assert self.conn is not None
             fwd = ev.headers.get("forwarded")
-            source = (hbone.parse_forwarded_for(fwd) if fwd else None) or self.peer
+            forwarded = hbone.parse_forwarded_for(fwd) if fwd else None
+            source = forwarded or self.peer
             info = TunnelInfo(
                 direction="inbound",
                 source_principal=str(self.conn.peer_identity),
@@ -168,7 +173,7 @@ class _ServerSession(H2Session):
             )
             st = TunnelStream(self, ev.stream_id, info, outbound=False)
             self.streams[ev.stream_id] = st
-            task = self.loop.create_task(self._serve(st, ev, source))
+            task = self.loop.create_task(self._serve(st, ev, source, forwarded))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         elif isinstance(ev, hbone.RequestRejected):
@@ -184,7 +189,13 @@ class _ServerSession(H2Session):
             self.flush()
             st._finish(f"{status.value}: {reason}")
 
-    async def _serve(self, st: TunnelStream, req: hbone.ConnectRequest, source: Authority) -> None:
+    async def _serve(
+        self,
+        st: TunnelStream,
+        req: hbone.ConnectRequest,
+        source: Authority,
+        forwarded: Authority | None,
+    ) -> None:
         assert self.conn is not None
         server = self.server
         try:
@@ -212,7 +223,7 @@ class _ServerSession(H2Session):
                     if server.connector is tcp_connect:
                         await st.connect(req.authority)  # connect + attach in one step
                     else:
-                        sock = await server.connector(req.authority)
+                        sock = await server.connector(req.authority, forwarded)
             except (OSError, TimeoutError) as exc:
                 self._answer(
                     st, Status.SERVICE_UNAVAILABLE, "upstream-failed", f"upstream connect failed: {exc!r}"
