@@ -76,19 +76,21 @@ METRICS: dict[str, Metric] = {
 
 
 # --- processes ----------------------------------------------------------------------------------
-def _free_port() -> int:
+def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 10.0) -> None:
+def _wait_port(
+    port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 10.0, host: str = "127.0.0.1"
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode} before listening on {port}")
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+            if s.connect_ex((host, port)) == 0:
                 return
         time.sleep(0.05)
     raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f} s")
@@ -113,13 +115,13 @@ def status_kb(pid: int, field_name: str) -> int:
 
 
 @contextmanager
-def nginx_1kb() -> Iterator[int]:
-    """nginx, one worker, answering every request with 1024 bytes; yields its port."""
+def nginx_1kb(host: str = "127.0.0.1") -> Iterator[int]:
+    """nginx, one worker, answering every request with 1024 bytes on ``host``; yields its port."""
     exe = shutil.which("nginx") or "/usr/sbin/nginx"
     if not os.path.exists(exe):
         raise RuntimeError("nginx not found: run `make setup` (scripts/setup.sh installs nginx-light)")
     work = tempfile.mkdtemp(prefix="ztagent-bench-nginx-")
-    port = _free_port()
+    port = _free_port(host)
     body = "x" * 1024
     temps = "".join(
         f"{k}_temp_path {work}/{k};\n" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -129,14 +131,14 @@ pid {work}/nginx.pid; error_log {work}/error.log warn; worker_rlimit_nofile 2000
 events {{ worker_connections 20000; }}
 http {{
   access_log off; keepalive_requests 10000000; keepalive_timeout 300s; {temps}
-  server {{ listen 127.0.0.1:{port} backlog=4096;
+  server {{ listen {host}:{port} backlog=4096;
     location / {{ default_type text/plain; return 200 "{body}"; }} }}
 }}
 """
     Path(work, "nginx.conf").write_text(conf)
     proc = subprocess.Popen([exe, "-p", work, "-c", f"{work}/nginx.conf", "-e", f"{work}/error.log"])
     try:
-        _wait_port(port, proc, "nginx")
+        _wait_port(port, proc, "nginx", host=host)
         yield port
     finally:
         _stop(proc)
@@ -416,10 +418,10 @@ def run(opts: Options) -> dict[str, Any]:
                 )
                 print(f"tunnel_mem {p.name} done", file=sys.stderr)
         extra["envoy_idle_rss_mb"] = extra["server_proxy_rss_idle_mb"]["envoy"]
-    if "agent_rss" in (opts.only or SCENARIOS):
+    if "agent_rss" in todo:
         from bench import agent_rss
 
-        extra["agent_rss"] = agent_rss.measure(quick=opts.quick)
+        extra["agent_rss"] = agent_rss.measure(quick=opts.quick, envoy_idle_rss_mb=extra["envoy_idle_rss_mb"])
     return _summarise(samples, opts, extra)
 
 
@@ -568,6 +570,14 @@ def markdown(res: dict[str, Any]) -> str:
         ]
         for n, mb in rss["pods"].items():
             lines.append(f"| {n} | {mb:.1f} | {rss['envoy_idle_rss_mb'] * int(n):.0f} |")
+        if ul := rss.get("under_load"):
+            lines += [
+                "",
+                f"Under load through the real agents ({ul['pods']} pods; wrk 1 KB, 16 conns: "
+                f"{ul['http16_rps']:.0f} req/s, p50 {ul['http16_p50_ms']:.3f} ms; new conns "
+                f"{ul['newconns_per_s']:.0f}/s): peak RSS node-a {ul['node_a_peak_rss_mb']:.1f} MB, "
+                f"node-b {ul['node_b_peak_rss_mb']:.1f} MB.",
+            ]
     if res["targets"]:
         lines += ["", "| target | measured | met |", "|---|---|---|"]
         for t in res["targets"]:
