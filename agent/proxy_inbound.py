@@ -158,6 +158,14 @@ async def authorize_hbone(agent: NodeAgent, req: AuthzRequest) -> AuthzDecision:
     return AuthzDecision(d.allowed, d.reason)
 
 
+async def hbone_upstream(agent: NodeAgent, destination: Authority, source: Authority | None) -> socket.socket:
+    """The HBONE server's connector: connect to the local pod from the original source IP (the
+    peer's ``forwarded: for=``), like plaintext and same-node delivery; without one, or when it
+    names the destination itself (a connection to oneself cannot be faked), from the node."""
+    source_ip = source.ip if source is not None and source.ip != destination.ip else None
+    return await agent.upstream.connect(str(destination.ip), destination.port, source_ip)
+
+
 def hbone_is_local(agent: NodeAgent, authority: Authority, conn: Any) -> bool:
     """ztunnel's rule (the CONNECT IP is the workload the connection arrived for) and that
     workload must be enrolled here: never an open relay."""

@@ -40,6 +40,7 @@ from agent.proxy_inbound import (
     authorize_hbone,
     handle_plaintext,
     hbone_is_local,
+    hbone_upstream,
     record_decision,
     reset,
 )
@@ -50,7 +51,7 @@ from identity.svid import WorkloadCredential
 from policy import Connection, PolicyIndex, PolicySet
 from tunnel.client import HboneClient
 from tunnel.relay import TunnelInfo
-from tunnel.server import AuthzRequest, HboneServer, ServerConfig, tcp_connect
+from tunnel.server import AuthzRequest, HboneServer, ServerConfig
 
 log = logging.getLogger("ztagent.agent")
 
@@ -232,7 +233,7 @@ class NodeAgent:
             bundles=self.cert_manager.bundles,
             authorize=self._authorize,
             is_local=lambda a, c: hbone_is_local(self, a, c),
-            connector=tcp_connect,
+            connector=lambda dst, src: hbone_upstream(self, dst, src),
             observer=_ServerObserver(self),
             config=ServerConfig(drain_timeout=o.drain_timeout),
         )

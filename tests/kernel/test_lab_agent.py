@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.server
 import json
 import os
 import signal
@@ -252,6 +253,69 @@ def test_default_allow_cross_node_hbone_with_identity(lab: Lab) -> None:
     st = lab.status("node-b")
     assert st["healthy"] and st["capture"]["state"] == "attached"
     assert [w["spiffeId"] for w in st["workloads"]] == ["spiffe://cluster.local/ns/backend/sa/httpbin"]
+
+
+class WhoAmIServer:
+    """A real HTTP server in a pod: answers every GET with the client address it sees."""
+
+    def __init__(self, ns: str, port: int) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = self.client_address[0].encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("0.0.0.0", port), Handler, bind_and_activate=False)
+        self.server.socket.close()
+        self.server.socket = socket_in(ns)
+        self.server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.server.server_bind()
+        self.server.server_activate()
+        self._t = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+        self._t.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self._t.join(5)
+
+
+def test_hbone_keeps_the_source_pod_ip(lab: Lab) -> None:
+    """ztunnel's behaviour: the destination agent binds its upstream socket to the source from
+    the peer's `forwarded: for=` (IP_TRANSPARENT), and the capture's routing (every TCP packet
+    from an enrolled pod's veth is local) brings the pod's replies back to that socket."""
+    lab.set_policies()
+    server = WhoAmIServer(lab.ns("backend/httpbin"), 8081)
+    try:
+        opened = lab.metrics(
+            "node-b", "istio_tcp_connections_opened_total", reporter="destination", source_principal=P_SLEEP
+        )
+        for _ in range(2):  # a second request reuses the pooled HBONE connection
+            assert http_get_in(lab.ns(SLEEP), HTTPBIN[0], 8081, "/whoami", 5) == (200, "10.244.1.2")
+        assert http_get_in(lab.ns(OTHER), HTTPBIN[0], 8081, "/whoami", 5) == (200, "10.244.1.4")
+        # It went over HBONE (the destination agent counted it as mTLS from sleep's identity) ...
+        assert (
+            lab.metrics(
+                "node-b",
+                "istio_tcp_connections_opened_total",
+                reporter="destination",
+                source_principal=P_SLEEP,
+                connection_security_policy="mutual_tls",
+            )
+            >= opened + 2
+        )
+        # ... and the destination agent did not fall back to its own address.
+        log = Path(lab.state.dir, "logs", "agent-node-b.log").read_text()
+        assert "source_ip_not_preserved" not in log
+    finally:
+        server.close()
+    assert lab.roundtrip(SLEEP, HTTPBIN, b"echo\n") == "echo\n"
+    assert lab.app.peers[-1] == "10.244.1.2"
 
 
 def test_same_node_traffic_is_authorized_locally_and_keeps_the_source_ip(lab: Lab) -> None:
