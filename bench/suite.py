@@ -345,6 +345,8 @@ def run(opts: Options) -> dict[str, Any]:
     cdoc, sdoc, ccred, scred, bundles = hb.make_creds()
     samples = _samples()
     extra: dict[str, Any] = {}
+    failures: list[dict[str, Any]] = []
+    extra["failures"] = failures
     with ExitStack() as stack:
         iperf_port = stack.enter_context(iperf3_server())
         http_port = stack.enter_context(nginx_1kb())
@@ -407,7 +409,16 @@ def run(opts: Options) -> dict[str, Any]:
                 if scenario in ("tunnel_mem", "agent_rss"):
                     continue
                 for p in paths:
-                    _measure(scenario, p, opts, samples)
+                    try:
+                        _measure(scenario, p, opts, samples)
+                    except (RuntimeError, subprocess.TimeoutExpired, ValueError) as exc:
+                        # One failed measurement must not discard the others: it is recorded,
+                        # printed and shown in the table (its path has fewer samples).
+                        failures.append(
+                            {"run": r + 1, "scenario": scenario, "path": p.name, "error": str(exc)}
+                        )
+                        print(f"run {r + 1}/{opts.runs} {scenario} {p.name} FAILED: {exc}", file=sys.stderr)
+                        continue
                     print(f"run {r + 1}/{opts.runs} {scenario:9s} {p.name:6s} done", file=sys.stderr)
         for p in (envoy, ours):
             samples["proxy_rss_load_mb"][p.name].append(status_kb(p.pids[0], "VmHWM") / 1024)
@@ -578,6 +589,12 @@ def markdown(res: dict[str, Any]) -> str:
                 f"{ul['newconns_per_s']:.0f}/s): peak RSS node-a {ul['node_a_peak_rss_mb']:.1f} MB, "
                 f"node-b {ul['node_b_peak_rss_mb']:.1f} MB.",
             ]
+    if res["extra"].get("failures"):
+        lines += ["", "FAILED measurements (not in the figures above):", ""]
+        lines += [
+            f"- run {f['run']} {f['scenario']} {f['path']}: {f['error'][:200]}"
+            for f in res["extra"]["failures"]
+        ]
     if res["targets"]:
         lines += ["", "| target | measured | met |", "|---|---|---|"]
         for t in res["targets"]:

@@ -290,6 +290,7 @@ _UNIQUE_HEADERS = frozenset({"traceparent", "forwarded"})
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # DATA frame header: 24-bit length, type 0, flags, 31-bit stream id.
 _DATA_HEADER = struct.Struct(">BHBBL")
+_SENDABLE = (h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE)
 
 
 class _H2Connection(h2.connection.H2Connection):
@@ -554,12 +555,18 @@ class HboneConnection:
 
         The frames go through h2's state machines and window accounting exactly as
         ``H2Connection.send_data`` does, but the payload is queued as a zero-copy segment instead
-        of being serialized (h2 copies it four times on the way out)."""
+        of being serialized (h2 copies it four times on the way out).
+
+        A stream h2 already closed takes nothing (0): the shell handles a batch's events after
+        the core read all its frames, so a connection-level WINDOW_UPDATE can reach a stream
+        whose RST_STREAM sits later in the same read; raising here would kill the connection."""
+        h2c = self._h2
+        stream = h2c.streams.get(stream_id)
+        if stream is None or stream.state_machine.state not in _SENDABLE:
+            return 0
         window = self.send_window(stream_id)
         if window <= 0:
             return 0
-        h2c = self._h2
-        stream = h2c.streams[stream_id]
         frame_max = h2c.max_outbound_frame_size
         n = min(window, len(data))
         view = memoryview(data)
