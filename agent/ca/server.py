@@ -98,6 +98,7 @@ class CaServer(ca_pb2_grpc.IstioCertificateServiceServicer):
         # Client certificate PEM -> (caller ID, NotBefore, NotAfter) of a verified caller.
         self._authn_cache: dict[bytes, tuple[SpiffeId, dt.datetime, dt.datetime]] = {}
         self._server: grpc.aio.Server | None = None
+        self._source: FileConfigSource | None = None  # set by watch_config
         self._server_cert: tuple[bytes, bytes, dt.datetime, dt.datetime] | None = None
         self._socket_path: Path | None = None
         self.requests = Counter(
@@ -129,27 +130,46 @@ class CaServer(ca_pb2_grpc.IstioCertificateServiceServicer):
         self.placement = self._placement_for(config)
 
     async def watch_config(self, source: FileConfigSource) -> None:
-        def on_update(cfg: MeshConfig) -> None:
-            try:
-                self.update_config(cfg)
-            except ConfigMismatch as exc:
-                log.error(
-                    f"config refused, keeping the last good one: {exc}",
-                    extra={"event": "ca_config_refused", "file": cfg.source},
-                )
-                return
-            log.info(
-                f"config reloaded ({cfg.source}, sha256 {cfg.digest[:12]})",
-                extra={"event": "ca_config_reloaded", "file": cfg.source, "digest": cfg.digest},
-            )
+        """Follow ``source`` (polling); denials also re-read it at once (:meth:`_reload_now`)."""
+        self._source = source
 
-        def on_error(exc: ConfigError) -> None:
+        def on_update(cfg: MeshConfig) -> None:
+            self._apply_config(cfg)
+
+        await source.run(on_update, self._config_refused)
+
+    def _apply_config(self, cfg: MeshConfig) -> bool:
+        try:
+            self.update_config(cfg)
+        except ConfigMismatch as exc:
             log.error(
                 f"config refused, keeping the last good one: {exc}",
-                extra={"event": "ca_config_refused"},
+                extra={"event": "ca_config_refused", "file": cfg.source},
             )
+            return False
+        log.info(
+            f"config reloaded ({cfg.source}, sha256 {cfg.digest[:12]})",
+            extra={"event": "ca_config_reloaded", "file": cfg.source, "digest": cfg.digest},
+        )
+        return True
 
-        await source.run(on_update, on_error)
+    def _config_refused(self, exc: ConfigError) -> None:
+        log.error(f"config refused, keeping the last good one: {exc}", extra={"event": "ca_config_refused"})
+
+    def _reload_now(self) -> bool:
+        """Poll the watched config file once, now; True if a new placement was applied.
+
+        The CA and the agents follow the same file, each on its own poll: an agent that sees a new
+        workload first asks for its certificate before our next poll. Re-reading the file before
+        denying turns that race into one stat (plus a read when it changed) instead of a refusal
+        and a backoff at the agent."""
+        if self._source is None:
+            return False
+        result = self._source.poll_once()
+        if isinstance(result, ConfigError):
+            self._config_refused(result)
+            return False
+        return result is not None and self._apply_config(result)
 
     # -- TLS ----------------------------------------------------------------------------------
 
@@ -330,7 +350,16 @@ class CaServer(ca_pb2_grpc.IstioCertificateServiceServicer):
             return d.allowed
 
         try:
-            issued = self.store.ca.sign_csr(request.csr, allowed=allowed, ttl=ttl, now=now)
+            try:
+                issued = self.store.ca.sign_csr(request.csr, allowed=allowed, ttl=ttl, now=now)
+            except CaError:
+                # Not placed here by the config we hold: the file may already say otherwise.
+                denied = bool(decisions) and decisions[0][1].reason != "mismatch"
+                if not (denied and not decisions[0][1].allowed and self._reload_now()):
+                    raise
+                placement = self.placement  # `allowed` reads this binding
+                decisions.clear()
+                issued = self.store.ca.sign_csr(request.csr, allowed=allowed, ttl=ttl, now=now)
         except CaError as exc:
             if decisions and not decisions[0][1].allowed:
                 sid, d = decisions[0]

@@ -32,7 +32,7 @@ from typing import Any
 from agent.ca import store as ca_store
 from agent.ca.server import CaServer
 from agent.cli import main as cli_main
-from agent.config import load_config
+from agent.config import FileConfigSource, load_config
 from agent.node import AgentOptions, NodeAgent
 from agent.node.capture import StaticCapture
 
@@ -248,6 +248,7 @@ async def running_mesh(tmp: Path) -> AsyncIterator[Mesh]:
         await app.start()
     mesh = Mesh(tmp, base, _free_port(f"{base}.40"), echo, legacy, local, tmp / "mesh.yaml")
     mesh.access_logs = {"node-a": tmp / "access-a.jsonl", "node-b": tmp / "access-b.jsonl"}
+    ca_watch: asyncio.Task[None] | None = None
     try:
         mesh.write_config()
         assert cli_main(["ca", "init", "--dir", str(tmp / "ca"), "--trust-domain", TD]) == 0
@@ -261,6 +262,12 @@ async def running_mesh(tmp: Path) -> AsyncIterator[Mesh]:
             ca_store.load(tmp / "ca"), load_config(mesh.config_path), default_ttl=dt.timedelta(hours=1)
         )
         mesh.ca_address = await mesh.ca.start("127.0.0.1:0")
+        # The CA follows the file like `ca serve`, but its own poll never fires during a test: the
+        # agents (50 ms polls) always see a change first, which is the race a CA must absorb by
+        # re-reading the file before it denies.
+        ca_watch = asyncio.get_running_loop().create_task(
+            mesh.ca.watch_config(FileConfigSource(mesh.config_path, interval=3600))
+        )
         b = base
         a = NodeAgent(
             agent_options(
@@ -293,6 +300,10 @@ async def running_mesh(tmp: Path) -> AsyncIterator[Mesh]:
     finally:
         for agent in mesh.agents.values():
             await agent.stop()
+        if ca_watch is not None:
+            ca_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ca_watch
         if mesh.ca is not None:
             await mesh.ca.stop(0)
         for app in (echo, legacy, local):

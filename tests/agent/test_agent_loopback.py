@@ -312,7 +312,6 @@ async def test_prometheus_scrapes_both_agents(mesh: Mesh) -> None:
 
 
 async def test_workload_added_and_removed_at_runtime(mesh: Mesh) -> None:
-    from agent.config import load_config
     from tests.agent.mesh import EchoApp
 
     # A new workload "web" on node-b, listening on the service's target port, becomes the service's
@@ -329,8 +328,8 @@ async def test_workload_added_and_removed_at_runtime(mesh: Mesh) -> None:
             .replace("services:\n", extra + "services:\n")
             .replace("selector: {app: httpbin}", "selector: {app: web}")
         )
+        # The CA is not told: it must re-read the file when node-b asks for web's certificate.
         mesh.write_config(added)
-        mesh.ca.update_config(load_config(mesh.config_path))  # type: ignore[union-attr]
         await mesh.wait_applied()
         await wait_until(
             lambda: any(
@@ -348,6 +347,11 @@ async def test_workload_added_and_removed_at_runtime(mesh: Mesh) -> None:
             destination_workload="web",
             destination_principal="spiffe://cluster.local/ns/ns2/sa/web",
         ) == [1]
+        # The first fetch succeeded: no denial, no backoff.
+        web_failures = samples(
+            m, "ztagent_cert_rotation_failures_total", identity="spiffe://cluster.local/ns/ns2/sa/web"
+        )
+        assert web_failures in ([], [0]), web_failures
         code, out, _ = await status_cli(mesh, "node-b", "-o", "json")
         assert code == 0 and "spiffe://cluster.local/ns/ns2/sa/web" in out
 
