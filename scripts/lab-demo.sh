@@ -61,3 +61,6 @@ if "$ZT" lab exec --name "$LAB" frontend/legacy -- curl -sS -m 5 -o /dev/null ht
 else
   echo "   refused, as the policy says"
 fi
+
+echo "== node-b's agent: ztagent status (its admin endpoint, inside the node's network namespace)"
+"$ZT" lab exec --name "$LAB" --node node-b -- ztagent status | sed 's/^/   /'

@@ -3,6 +3,7 @@
     ztagent lab up --config examples/lab.yaml [--name ztlab] [--detach] [--no-agents]
     ztagent lab exec frontend/sleep -- curl -s http://10.96.0.10:8000/
     ztagent lab exec --node node-a -- curl -s http://127.0.0.1:15020/metrics
+    ztagent lab exec --node node-a -- ztagent status   # the node's health (admin on its 127.0.0.1)
     ztagent lab restart node-a           # restart one agent; it reuses the pinned capture
     ztagent lab status
     ztagent lab down [--name ztlab]      # without --name: every lab recorded on this host
@@ -120,6 +121,12 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if not cmd:
         print("ztagent lab exec: give a command after --", file=sys.stderr)
         return 2
+    if cmd[0] == "ztagent":
+        # This installation's ztagent, the one the agents run: the venv is often not on PATH (and
+        # another ztagent there could be a different version).
+        from agent.lab.runner import ztagent_argv
+
+        cmd = [*ztagent_argv(), *cmd[1:]]
     try:
         state = _pick(args.name)
         if args.node:

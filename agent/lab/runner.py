@@ -255,6 +255,7 @@ def describe(state: LabState, cfg: Any | None = None) -> str:
         "reach it:",
         f"  ztagent lab exec{flag} {first_pod} -- curl -s http://<pod-or-service-ip>:<port>/",
         f"  ztagent lab exec{flag} --node {first_node} -- curl -s http://127.0.0.1:{METRICS_PORT}/metrics",
+        f"  ztagent lab exec{flag} --node {first_node} -- ztagent status",
         f"  logs: {os.path.join(state.dir, 'logs')}",
         f"  ztagent lab down{flag}",
     ]

@@ -318,6 +318,24 @@ def test_hbone_keeps_the_source_pod_ip(lab: Lab) -> None:
     assert lab.app.peers[-1] == "10.244.1.2"
 
 
+def test_lab_exec_ztagent_status_on_a_node(lab: Lab) -> None:
+    """The documented way to see a node's health: `ztagent lab exec --node N -- ztagent status`,
+    also when the venv's ztagent is not on PATH (lab exec runs the lab's own ztagent)."""
+    root = str(Path(lab.state.dir).parent)
+    env = {**os.environ, "ZTAGENT_LAB_ROOT": root, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    base = [*ztagent_argv(), "lab", "exec", "--name", lab.state.lab, "--node"]
+    p = subprocess.run([*base, "node-b", "--", "ztagent", "status"], capture_output=True, text=True, timeout=60, env=env)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("HEALTHY  node node-b"), p.stdout
+    assert "backend/httpbin" in p.stdout and "spiffe://cluster.local/ns/backend/sa/httpbin" in p.stdout
+    p = subprocess.run(
+        [*base, "node-a", "--", "ztagent", "status", "-o", "json"], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert p.returncode == 0, p.stderr
+    st = json.loads(p.stdout)
+    assert st["node"] == "node-a" and st["healthy"] and st["capture"]["state"] == "attached"
+
+
 def test_same_node_traffic_is_authorized_locally_and_keeps_the_source_ip(lab: Lab) -> None:
     lab.set_policies()
     app = EchoApp(lab.ns(OTHER), 8080)
