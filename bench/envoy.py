@@ -50,11 +50,26 @@ def _tls_common(cred: WorkloadCredential, bundles: TrustBundleSet) -> dict[str, 
     }
 
 
+# Envoy's default circuit breakers allow 1024 connections / requests per cluster: the 1025th
+# tunnel would be reset. Istio raises them to "unlimited" for its clusters; so do we.
+_NO_LIMITS = {
+    "thresholds": [
+        {
+            "max_connections": 4294967295,
+            "max_pending_requests": 4294967295,
+            "max_requests": 4294967295,
+            "max_retries": 4294967295,
+        }
+    ]
+}
+
+
 def _static_cluster(name: str, host: str, port: int) -> dict[str, Any]:
     return {
         "name": name,
         "type": "STATIC",
         "connect_timeout": "5s",
+        "circuit_breakers": _NO_LIMITS,
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -336,7 +336,7 @@ def _samples() -> dict[str, dict[str, list[float]]]:
     return {k: {p: [] for p in PATHS} for k in METRICS}
 
 
-def run(opts: Options) -> dict[str, Any]:
+def run(opts: Options, partial: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     from bench.envoy import ENVOY, hbone_client_config, hbone_server_config, start_envoy
 
     hb._raise_nofile()
@@ -420,13 +420,19 @@ def run(opts: Options) -> dict[str, Any]:
                         print(f"run {r + 1}/{opts.runs} {scenario} {p.name} FAILED: {exc}", file=sys.stderr)
                         continue
                     print(f"run {r + 1}/{opts.runs} {scenario:9s} {p.name:6s} done", file=sys.stderr)
+            if partial is not None:  # a long run that dies later still leaves its figures
+                partial(_summarise(samples, opts, extra))
         for p in (envoy, ours):
             samples["proxy_rss_load_mb"][p.name].append(status_kb(p.pids[0], "VmHWM") / 1024)
         if "tunnel_mem" in todo:
             for p in (envoy, ours):
-                samples["kb_per_tunnel"][p.name].append(
-                    idle_tunnels(p.ports["echo"], p.pids, opts.idle_n) / 1024
-                )
+                try:
+                    kb = idle_tunnels(p.ports["echo"], p.pids, opts.idle_n) / 1024
+                except (OSError, RuntimeError) as exc:
+                    failures.append({"run": 1, "scenario": "tunnel_mem", "path": p.name, "error": repr(exc)})
+                    print(f"tunnel_mem {p.name} FAILED: {exc!r}", file=sys.stderr)
+                    continue
+                samples["kb_per_tunnel"][p.name].append(kb)
                 print(f"tunnel_mem {p.name} done", file=sys.stderr)
         extra["envoy_idle_rss_mb"] = extra["server_proxy_rss_idle_mb"]["envoy"]
     if "agent_rss" in todo:
@@ -634,10 +640,11 @@ def main(argv: list[str] | None = None) -> int:
         bulk_s=1.0 if args.quick else 4.0,
         wrk_s=1.0 if args.quick else 4.0,
     )
-    res = run(opts)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    res = run(opts, partial=lambda r: out.with_suffix(".partial.json").write_text(json.dumps(r, indent=2)))
     out.write_text(json.dumps(res, indent=2) + "\n")
+    out.with_suffix(".partial.json").unlink(missing_ok=True)
     md = markdown(res)
     out.with_suffix(".md").write_text(md)
     print(md)
