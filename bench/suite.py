@@ -224,13 +224,18 @@ def child_main(role: str) -> None:
 # --- load tools -----------------------------------------------------------------------------------
 def iperf3_bulk(port: int, seconds: float) -> float:
     """Single-stream throughput received by the server, Gbit/s."""
-    out = subprocess.run(
-        ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", f"{seconds:g}", "-J"],
-        capture_output=True,
-        timeout=seconds + 30,
-        check=False,
-    )
-    doc = json.loads(out.stdout or b"{}")
+    for _attempt in range(10):
+        out = subprocess.run(
+            ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", f"{seconds:g}", "-J"],
+            capture_output=True,
+            timeout=seconds + 30,
+            check=False,
+        )
+        doc = json.loads(out.stdout or b"{}")
+        # iperf3 -s serves one test at a time and may still be closing the previous one.
+        if "busy" not in str(doc.get("error", "")):
+            break
+        time.sleep(0.5)
     if out.returncode != 0 or "error" in doc:
         raise RuntimeError(f"iperf3 failed: {doc.get('error') or out.stderr.decode()[-500:]}")
     return float(doc["end"]["sum_received"]["bits_per_second"]) / 1e9

@@ -204,7 +204,7 @@ class Data(Event):
     """Tunnel bytes. Call ``acknowledge(stream_id, flow_controlled_length)`` once consumed."""
 
     stream_id: int
-    data: bytes
+    data: bytes | memoryview  # DATA payloads are zero-copy slices of what was read
     flow_controlled_length: int
 
 
@@ -365,6 +365,9 @@ class HboneConnection:
     _rbuf: bytearray = field(init=False, default_factory=bytearray, repr=False)
     _preface_left: int = field(init=False, default=0, repr=False)
     _header_block: int = field(init=False, default=0, repr=False)
+    _data_left: int = field(init=False, default=0, repr=False)  # of the DATA frame being streamed
+    _data_sid: int = field(init=False, default=0, repr=False)
+    _data_end: bool = field(init=False, default=False, repr=False)  # that frame has END_STREAM
     _out: list[bytes | memoryview] = field(init=False, default_factory=list, repr=False)
     _conn_credit: int = field(init=False, default=0, repr=False)
     _stream_credit: dict[int, int] = field(init=False, default_factory=dict, repr=False)
@@ -458,57 +461,88 @@ class HboneConnection:
         return out
 
     def _receive(self, data: bytes, out: list[Event]) -> None:
-        buf = self._rbuf
-        buf += data
+        # DATA payloads are streamed: the part of a frame that arrived in this read is delivered
+        # now, as a zero-copy slice of the read, and the rest as it comes. A 1 MiB frame spans
+        # several TLS reads; buffering it whole cost a copy of every byte (and a second one to
+        # slice it out). Only partial frame headers and non-DATA frames are buffered.
+        if self._rbuf:
+            self._rbuf += data
+            src = bytes(self._rbuf)
+            self._rbuf.clear()
+        else:
+            src = data if type(data) is bytes else bytes(data)  # slices must outlive the caller's buffer
+        n = len(src)
         pos = 0
-        if self._preface_left:
-            n = min(self._preface_left, len(buf))
-            for ev in self._h2.receive_data(bytes(buf[:n])):  # h2 checks the client preface
-                self._translate(ev, out)
-            self._preface_left -= n
-            pos = n
+        mv = memoryview(src)
         h2c = self._h2
-        end = len(buf)
-        mv = memoryview(buf)
-        try:
-            while end - pos >= 9:
-                length = (buf[pos] << 16) | (buf[pos + 1] << 8) | buf[pos + 2]
-                if length > h2c.max_inbound_frame_size:
-                    raise h2.exceptions.FrameTooLargeError(
-                        f"Received overlong frame: length {length}, max {h2c.max_inbound_frame_size}"
+        if self._preface_left:
+            k = min(self._preface_left, n)
+            for ev in h2c.receive_data(src[:k]):  # h2 checks the client preface
+                self._translate(ev, out)
+            self._preface_left -= k
+            pos = k
+        if self._data_left and pos < n:
+            take = min(self._data_left, n - pos)
+            self._data_left -= take
+            self._data_chunk(mv[pos : pos + take], out)
+            pos += take
+        while n - pos >= 9:
+            length = (src[pos] << 16) | (src[pos + 1] << 8) | src[pos + 2]
+            if length > h2c.max_inbound_frame_size:
+                raise h2.exceptions.FrameTooLargeError(
+                    f"Received overlong frame: length {length}, max {h2c.max_inbound_frame_size}"
+                )
+            ftype, flags = src[pos + 3], src[pos + 4]
+            sid = int.from_bytes(src[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
+            if (
+                ftype == 0  # DATA
+                and not flags & 0x8  # not PADDED
+                and sid in self._streams
+                and sid in h2c.streams
+                and not h2c.incoming_buffer._headers_buffer  # not inside a header block
+            ):
+                # The whole frame is checked and accounted against the connection now (h2's
+                # own state machine and window manager); the stream takes each chunk.
+                h2c.state_machine.process_input(h2.connection.ConnectionInputs.RECV_DATA)
+                h2c._inbound_flow_control_window_manager.window_consumed(length)
+                avail = min(length, n - pos - 9)
+                self._data_sid, self._data_end = sid, bool(flags & 0x1)
+                self._data_left = length - avail
+                pos += 9
+                self._data_chunk(mv[pos : pos + avail], out)
+                pos += avail
+                continue
+            if n - pos - 9 < length:
+                break
+            if ftype in (0x1, 0x9):  # HEADERS, CONTINUATION
+                # h2 would buffer up to 64 CONTINUATION frames of MAX_FRAME_SIZE (64 MiB) per
+                # header block; a CONNECT needs a few hundred bytes.
+                self._header_block = length if ftype == 0x1 else self._header_block + length
+                if self._header_block > MAX_HEADER_LIST_SIZE:
+                    raise h2.exceptions.DenialOfServiceError(
+                        f"header block of {self._header_block}+ bytes exceeds {MAX_HEADER_LIST_SIZE}"
                     )
-                if end - pos - 9 < length:
-                    break
-                ftype, flags = buf[pos + 3], buf[pos + 4]
-                sid = int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
-                if ftype in (0x1, 0x9):  # HEADERS, CONTINUATION
-                    # h2 would buffer up to 64 CONTINUATION frames of MAX_FRAME_SIZE (64 MiB) per
-                    # header block; a CONNECT needs a few hundred bytes.
-                    self._header_block = length if ftype == 0x1 else self._header_block + length
-                    if self._header_block > MAX_HEADER_LIST_SIZE:
-                        raise h2.exceptions.DenialOfServiceError(
-                            f"header block of {self._header_block}+ bytes exceeds {MAX_HEADER_LIST_SIZE}"
-                        )
-                if (
-                    ftype == 0  # DATA
-                    and not flags & 0x8  # not PADDED
-                    and sid in self._streams
-                    and sid in h2c.streams
-                    and not h2c.incoming_buffer._headers_buffer  # not inside a header block
-                ):
-                    payload = bytes(mv[pos + 9 : pos + 9 + length])
-                    h2c.state_machine.process_input(h2.connection.ConnectionInputs.RECV_DATA)
-                    h2c._inbound_flow_control_window_manager.window_consumed(length)
-                    _frames, events = h2c.streams[sid].receive_data(payload, bool(flags & 0x1), length)
-                    for ev in events:
-                        self._translate(ev, out)
-                else:
-                    for ev in h2c.receive_data(bytes(mv[pos : pos + 9 + length])):
-                        self._translate(ev, out)
-                pos += 9 + length
-        finally:
-            mv.release()
-        del buf[:pos]
+            for ev in h2c.receive_data(src[pos : pos + 9 + length]):
+                self._translate(ev, out)
+            pos += 9 + length
+        if pos < n:
+            self._rbuf += mv[pos:]
+
+    def _data_chunk(self, chunk: memoryview, out: list[Event]) -> None:
+        """Part (or all) of the DATA frame being streamed; the last part carries its END_STREAM."""
+        sid = self._data_sid
+        last = not self._data_left
+        stream = self._h2.streams.get(sid)
+        if sid not in self._streams or stream is None or stream.closed:
+            # Reset by us while the frame was arriving: no reader, but the connection window
+            # consumed for these bytes must come back.
+            self.acknowledge(sid, len(chunk))
+            return
+        if not chunk and not (last and self._data_end):
+            return
+        _frames, events = stream.receive_data(chunk, last and self._data_end, len(chunk))  # type: ignore[arg-type]
+        for ev in events:
+            self._translate(ev, out)
 
     # flow control
     def acknowledge(
@@ -636,7 +670,7 @@ class HboneConnection:
         if isinstance(ev, h2.events.DataReceived):
             sid = ev.stream_id or 0
             if sid in self._streams and ev.data:
-                out.append(Data(sid, bytes(ev.data), ev.flow_controlled_length or 0))
+                out.append(Data(sid, ev.data, ev.flow_controlled_length or 0))
             else:
                 # Data for a stream we already reset: its window must still be returned.
                 self.acknowledge(sid, ev.flow_controlled_length or 0)

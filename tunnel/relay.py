@@ -169,7 +169,7 @@ class TunnelStream:
         self.outbound = outbound  # client side: TCP bytes are source -> destination
         self.tcp: asyncio.Transport | None = None
         self._pending_out = b""  # TCP bytes the h2 window could not take yet (<= one read chunk)
-        self._early_in: list[tuple[bytes, int]] = []  # tunnel bytes before the TCP side attached
+        self._early_in: list[tuple[bytes | memoryview, int]] = []  # tunnel bytes before the TCP side attached
         self._early_eof = False
         self._close_after_attach = False
         self._unacked = 0  # stream credit withheld while the TCP writer is above high water
@@ -242,13 +242,13 @@ class TunnelStream:
         self._arm_idle()
 
     # -- tunnel -> TCP ----------------------------------------------------------------------------
-    def on_data(self, data: bytes, flow_controlled_length: int) -> None:
+    def on_data(self, data: bytes | memoryview, flow_controlled_length: int) -> None:
         if self.tcp is None:
             self._early_in.append((data, flow_controlled_length))
             return
         self._deliver(data, flow_controlled_length)
 
-    def _deliver(self, data: bytes, fc: int) -> None:
+    def _deliver(self, data: bytes | memoryview, fc: int) -> None:
         tcp = self.tcp
         assert tcp is not None
         self._last_activity = self.session.loop.time()
