@@ -127,14 +127,21 @@ def node_pair(n_pods: int, log_dir: str | None = None) -> Iterator[dict[str, Any
         yield {"pids": {k: v.pid for k, v in procs.items()}, "listener": listener, "tmp": tmp}
 
 
-def measure(*, quick: bool, envoy_idle_rss_mb: float) -> dict[str, Any]:
+def measure(*, quick: bool, envoy_idle_rss_mb: float, envoy_idle_private_mb: float) -> dict[str, Any]:
     pods: dict[str, float] = {}
-    out: dict[str, Any] = {"envoy_idle_rss_mb": envoy_idle_rss_mb, "pods": pods}
+    private: dict[str, float] = {}
+    out: dict[str, Any] = {
+        "envoy_idle_rss_mb": envoy_idle_rss_mb,
+        "envoy_idle_private_mb": envoy_idle_private_mb,
+        "pods": pods,
+        "pods_private": private,
+    }
     counts = (1, 10, 100)
     for n in counts:
         with node_pair(n) as pair:
             time.sleep(2.0)  # past start-up transients (cert fetches, first config check)
             pods[str(n)] = suite.status_kb(pair["pids"]["node-a"], "VmRSS") / 1024
+            private[str(n)] = suite.private_kb(pair["pids"]["node-a"]) / 1024
             print(f"agent_rss: {n} pods: {pods[str(n)]:.1f} MB", file=sys.stderr)
             if n == counts[-1]:
                 port = int(pair["listener"].rsplit(":", 1)[1])

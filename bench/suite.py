@@ -114,6 +114,17 @@ def status_kb(pid: int, field_name: str) -> int:
     raise RuntimeError(f"no {field_name} for pid {pid}")
 
 
+def private_kb(pid: int) -> int:
+    """Memory only this process holds (Private_Clean + Private_Dirty): RSS minus the library and
+    binary pages it shares with other processes (on a node, every agent process shares them)."""
+    total = 0
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total += int(line.split()[1])
+    return total
+
+
 @contextmanager
 def nginx_1kb(host: str = "127.0.0.1") -> Iterator[int]:
     """nginx, one worker, answering every request with 1024 bytes on ``host``; yields its port."""
@@ -405,6 +416,7 @@ def run(opts: Options, partial: Callable[[dict[str, Any]], None] | None = None) 
         for p in (envoy, ours):
             samples["proxy_rss_idle_mb"][p.name].append(status_kb(p.pids[0], "VmRSS") / 1024)
             extra.setdefault("server_proxy_rss_idle_mb", {})[p.name] = status_kb(p.pids[1], "VmRSS") / 1024
+            extra.setdefault("server_proxy_private_idle_mb", {})[p.name] = private_kb(p.pids[1]) / 1024
         for p in paths:  # warm-up: pooled connections and handshakes in place, caches filled
             wrk(p.ports["http"], 2, 1)
 
@@ -440,10 +452,15 @@ def run(opts: Options, partial: Callable[[dict[str, Any]], None] | None = None) 
                 samples["kb_per_tunnel"][p.name].append(kb)
                 print(f"tunnel_mem {p.name} done", file=sys.stderr)
         extra["envoy_idle_rss_mb"] = extra["server_proxy_rss_idle_mb"]["envoy"]
+        extra["envoy_idle_private_mb"] = extra["server_proxy_private_idle_mb"]["envoy"]
     if "agent_rss" in todo:
         from bench import agent_rss
 
-        extra["agent_rss"] = agent_rss.measure(quick=opts.quick, envoy_idle_rss_mb=extra["envoy_idle_rss_mb"])
+        extra["agent_rss"] = agent_rss.measure(
+            quick=opts.quick,
+            envoy_idle_rss_mb=extra["envoy_idle_rss_mb"],
+            envoy_idle_private_mb=extra["envoy_idle_private_mb"],
+        )
     return _summarise(samples, opts, extra)
 
 
@@ -587,11 +604,15 @@ def markdown(res: dict[str, Any]) -> str:
     if rss:
         lines += ["", "Node memory as pods grow (real `ztagent run`, `--capture none`):", ""]
         lines += [
-            "| enrolled pods on the node | agent RSS (MB) | sidecars: idle Envoy RSS x pods (MB) |",
-            "|---|---|---|",
+            "| enrolled pods on the node | agent RSS (MB) | agent private (MB) "
+            "| sidecars: idle Envoy RSS x pods (MB) | idle Envoy private x pods (MB) |",
+            "|---|---|---|---|---|",
         ]
         for n, mb in rss["pods"].items():
-            lines.append(f"| {n} | {mb:.1f} | {rss['envoy_idle_rss_mb'] * int(n):.0f} |")
+            lines.append(
+                f"| {n} | {mb:.1f} | {rss['pods_private'][n]:.1f} | {rss['envoy_idle_rss_mb'] * int(n):.0f} "
+                f"| {rss['envoy_idle_private_mb'] * int(n):.0f} |"
+            )
         if ul := rss.get("under_load"):
             lines += [
                 "",
