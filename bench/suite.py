@@ -44,7 +44,7 @@ from bench import hbone_bench as hb
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PATHS = ("direct", "envoy", "ours")
-SCENARIOS = ("bulk", "http1", "http16", "newconns", "tunnel_mem", "agent_rss")
+SCENARIOS = ("bulk", "http1", "http16", "newconns", "tunnel_mem", "agent_rss", "lab")
 
 
 # --- measured quantities --------------------------------------------------------------------------
@@ -290,9 +290,13 @@ def wrk(port: int, conns: int, seconds: float, *, close: bool = False) -> WrkRes
         timeout=seconds + 30,
         check=False,
     )
-    text = out.stdout
     if out.returncode != 0:
-        raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr[-500:]} {text[-500:]}")
+        raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr[-500:]} {out.stdout[-500:]}")
+    return parse_wrk(out.stdout)
+
+
+def parse_wrk(text: str) -> WrkResult:
+    """p50/p99 from ``--latency``'s distribution, Requests/sec, and every error wrk counted."""
     pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", text, re.M))
     rps = re.search(r"^Requests/sec:\s+([\d.]+)", text, re.M)
     if "50" not in pct or "99" not in pct or not rps:
@@ -461,7 +465,29 @@ def run(opts: Options, partial: Callable[[dict[str, Any]], None] | None = None) 
             envoy_idle_rss_mb=extra["envoy_idle_rss_mb"],
             envoy_idle_private_mb=extra["envoy_idle_private_mb"],
         )
+    if "lab" in todo:
+        extra["lab"] = _lab(opts)
     return _summarise(samples, opts, extra)
+
+
+def _lab(opts: Options) -> dict[str, Any]:
+    """The lab scenarios (bench.lab_bench: eBPF capture, real agents), as a child run: it needs
+    root and builds network namespaces, so it gets its own process and cleanup."""
+    if os.geteuid() != 0:
+        print("lab: skipped (needs root)", file=sys.stderr)
+        return {"skipped": "needs root"}
+    out = Path(tempfile.mkdtemp(prefix="ztagent-bench-lab-")) / "lab.json"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.lab_bench", "--runs", str(opts.runs),
+             "--seconds", "1" if opts.quick else "3", "--out", str(out)],
+            capture_output=True, text=True, timeout=900, check=False,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench.lab_bench failed: {proc.stderr[-1500:]}")
+        return {"metrics": json.loads(out.read_text()), "table": proc.stdout.strip()}
+    finally:
+        shutil.rmtree(out.parent, ignore_errors=True)
 
 
 def _measure(scenario: str, p: Path_, opts: Options, samples: dict[str, dict[str, list[float]]]) -> None:
@@ -621,6 +647,9 @@ def markdown(res: dict[str, Any]) -> str:
                 f"{ul['newconns_per_s']:.0f}/s): peak RSS node-a {ul['node_a_peak_rss_mb']:.1f} MB, "
                 f"node-b {ul['node_b_peak_rss_mb']:.1f} MB.",
             ]
+    lab = res["extra"].get("lab")
+    if lab and "table" in lab:
+        lines += ["", lab["table"]]
     if res["extra"].get("failures"):
         lines += ["", "FAILED measurements (not in the figures above):", ""]
         lines += [
