@@ -7,11 +7,14 @@ Paths, each measured in turn for every scenario and run (a, b, c, a, b, c, ...):
   (b) envoy   — client Envoy (plaintext in, HBONE = HTTP/2 CONNECT over mTLS 1.3 out) and server
                 Envoy (HBONE in, plaintext to the backend), configs from ``bench.envoy``, one
                 worker each (``--concurrency 1``);
-  (c) ours    — ztagent's data plane: the same ``tunnel.client.HboneClient.listener_protocol`` the
-                agent's outbound listener uses, and ``tunnel.server.HboneServer`` as the agent's
-                15008 runs it, one uvloop process each. (Not the whole ``ztagent run``: capture,
-                policy and the access log are outside the loopback pair; ``--only agent_rss`` runs
-                real ``ztagent run`` processes for the node-memory figures.)
+  (c) ours    — ztagent's tunnel pair: ``tunnel.client.HboneClient.listener_protocol`` in front and
+                ``tunnel.server.HboneServer`` with its default upstream connector behind, one uvloop
+                process each. This is NOT the path ``ztagent run`` takes today: the agent accepts
+                with ``sock_accept`` and tunnels through ``HboneClient.open_tunnel``, and its 15008
+                delivers through its own connector (IP_TRANSPARENT source bind); capture, policy
+                and the access log are outside the pair too. The figures are the tunnel's ceiling;
+                ``--only agent_rss`` drives wrk through real ``ztagent run`` processes, and
+                ``--only lab`` through the lab with eBPF capture.
 
 Backends: iperf3 (bulk), nginx with one worker returning 1 KB (wrk scenarios), a uvloop echo
 server (idle tunnels). Load tools: iperf3 -c, wrk (``--latency`` for p50/p99; ``Connection: close``
