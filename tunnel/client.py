@@ -413,7 +413,9 @@ class HboneClient:
                     if not s.ready.done():
                         try:
                             await asyncio.shield(s.ready)
-                        except TunnelError:
+                        except BaseException:
+                            # Also on our own cancellation: a slot kept here would never be
+                            # released, and the connection would never go idle.
                             s.reserved -= 1
                             raise
                     if s.is_closed or s.draining:
