@@ -413,6 +413,11 @@ class HboneClient:
                     if not s.ready.done():
                         try:
                             await asyncio.shield(s.ready)
+                        except TunnelError as exc:
+                            s.reserved -= 1
+                            if exc.kind == "handshake-cancelled":
+                                break  # its opener gave up, not the server: look again
+                            raise
                         except BaseException:
                             # Also on our own cancellation: a slot kept here would never be
                             # released, and the connection would never go idle.
@@ -433,11 +438,19 @@ class HboneClient:
                     self._forget(s)
                     self._all.discard(s)
                     if not s.ready.done():
-                        if isinstance(exc, TunnelError):
-                            s.ready.set_exception(exc)
-                            s.ready.exception()  # retrieved: waiters re-raise it themselves
-                        else:
-                            s.ready.cancel()
+                        # Waiters sharing this handshake must not see our cancellation as theirs
+                        # (a foreign CancelledError would unwind their tasks): give them an error.
+                        shared = (
+                            exc
+                            if isinstance(exc, TunnelError)
+                            else TunnelError(
+                                "handshake-cancelled",
+                                f"the handshake with {key[2]} was abandoned by the caller that "
+                                f"started it ({type(exc).__name__})",
+                            )
+                        )
+                        s.ready.set_exception(shared)
+                        s.ready.exception()  # retrieved: waiters re-raise it themselves
                     raise
                 s.ready.set_result(None)
                 return s

@@ -145,3 +145,32 @@ async def test_cancelled_waiter_gives_its_pool_slot_back(client_cred, server_cre
         finally:
             for s in (a_app, b_app, a_sock, b_sock):
                 s.close()
+
+
+async def test_cancelled_handshake_creator_does_not_cancel_waiters(client_cred, server_cred, bundles) -> None:
+    async with (
+        running_mesh(client_cred=client_cred, server_cred=server_cred, bundles=bundles) as mesh,
+        gated(mesh.server_addr) as gate,
+    ):
+        a_app, a_sock = await tcp_pair()
+        b_app, b_sock = await tcp_pair()
+        try:
+            creator = open_via(mesh, gate, a_sock)
+            await wait_for_condition(lambda: gate.accepted == 1)
+            session = only_session(mesh)
+            waiter = open_via(mesh, gate, b_sock)
+            await wait_for_condition(lambda: session.reserved == 2)
+            creator.cancel()  # e.g. the creator's pod went away mid-handshake
+            with pytest.raises(asyncio.CancelledError):
+                await creator
+            gate.opened.set()
+            # The waiter is not cancelled by someone else's cancellation: it gets a new connection.
+            stream = await asyncio.wait_for(waiter, 5)
+            await echo(b_app, b"waiter still tunnels")
+            b_app.close()
+            await asyncio.wait_for(stream.done, 5)
+            assert mesh.client.stats["connections_opened"] == 1
+            assert gate.accepted == 2
+        finally:
+            for s in (a_app, b_app, a_sock, b_sock):
+                s.close()
