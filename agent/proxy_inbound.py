@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import errno
 import ipaddress
 import logging
@@ -27,6 +28,7 @@ from agent.metrics import ConnectionStats
 from agent.node.capture import IP_TRANSPARENT, IPV6_TRANSPARENT, SOL_IP, SOL_IPV6
 from agent.node.tracking import Tracked, connection_labels, decision_fields
 from agent.proxy_plain import PlainRelay
+from identity.spiffe import SpiffeId
 from policy import Connection, Decision
 from tunnel.hbone import Authority
 from tunnel.server import AuthzDecision, AuthzRequest
@@ -82,16 +84,28 @@ class UpstreamConnector:
                 )
 
 
-def _source_workload(agent: NodeAgent, principal: str | None, ip: IPAddress | None) -> Workload | None:
-    """The source workload for labels: by IP, but only if its identity agrees with the peer's."""
+def verified_source_workload(agent: NodeAgent, peer: SpiffeId | str, ip: IPAddress | None) -> Workload | None:
+    """The workload at ``ip``, but only if its SPIFFE ID is the authenticated peer's ``peer``.
+
+    An HBONE peer's ``forwarded: for=`` is its own claim (ztunnel treats it as untrusted): any
+    mesh identity could name any address. It is believed only when the address belongs to the
+    workload whose identity the peer proved in the mTLS handshake."""
     if ip is None:
         return None
     w = agent.store.by_ip(ip)
     if w is None:
         return None
-    if principal is not None and w.spiffe_id.principal != principal.removeprefix("spiffe://"):
+    claimed = str(peer) if isinstance(peer, SpiffeId) else peer
+    if w.spiffe_id.principal != claimed.removeprefix("spiffe://"):
         return None
     return w
+
+
+def _source_workload(agent: NodeAgent, principal: str | None, ip: IPAddress | None) -> Workload | None:
+    """The source workload for labels: by IP, but only if its identity agrees with the peer's."""
+    if principal is None:
+        return agent.store.by_ip(ip) if ip is not None else None
+    return verified_source_workload(agent, principal, ip)
 
 
 def record_decision(
@@ -132,13 +146,43 @@ def record_decision(
 # HBONE (server callbacks)
 
 
+# The source IP authorize_hbone decided to believe for this request, read by hbone_upstream. The
+# tunnel server awaits the authorizer and then the connector in the same task, so the value set
+# here is the one the connector sees; any other context sees the default (None: deliver from the
+# node), which fails safe.
+_trusted_source_ip: contextvars.ContextVar[IPAddress | None] = contextvars.ContextVar(
+    "ztagent_trusted_source_ip", default=None
+)
+
+
+def trusted_hbone_source(agent: NodeAgent, req: AuthzRequest) -> IPAddress:
+    """The source IP to use for an HBONE request: the ``forwarded: for=`` address when the store
+    maps it to a workload with the peer's identity, else the TCP peer address (logged)."""
+    claimed, peer_ip = req.source.ip, req.connection.peer.ip
+    if claimed == peer_ip or verified_source_workload(agent, req.peer_identity, claimed) is not None:
+        return claimed
+    log.warning(
+        f"HBONE peer {req.peer_identity} at {peer_ip} claims source {claimed} (forwarded: for=), "
+        "which is not a workload with that identity; using the peer address",
+        extra={
+            "event": "untrusted_forwarded_source",
+            "source_principal": str(req.peer_identity),
+            "source_ip": str(peer_ip),
+            "claimed_source_ip": str(claimed),
+        },
+    )
+    return peer_ip
+
+
 async def authorize_hbone(agent: NodeAgent, req: AuthzRequest) -> AuthzDecision:
+    _trusted_source_ip.set(None)
     dest = agent.store.is_local_enrolled_ip(req.destination.ip)
     if dest is None:
         return AuthzDecision(False, f"{req.destination.ip} is not an enrolled workload on this node")
+    source_ip = trusted_hbone_source(agent, req)
     conn = Connection(
         source_principal=req.peer_identity.principal,
-        source_ip=req.source.ip,
+        source_ip=source_ip,
         destination_namespace=dest.namespace,
         destination_port=req.destination.port,
         destination_labels=dest.labels,
@@ -149,20 +193,26 @@ async def authorize_hbone(agent: NodeAgent, req: AuthzRequest) -> AuthzDecision:
         agent,
         d,
         path="hbone",
-        source_ip=req.source.ip,
+        source_ip=source_ip,
         source_principal=str(req.peer_identity),
         destination=dest,
         destination_ip=str(req.destination.ip),
         port=req.destination.port,
     )
+    if d.allowed and source_ip != req.connection.peer.ip:
+        _trusted_source_ip.set(source_ip)
     return AuthzDecision(d.allowed, d.reason)
 
 
 async def hbone_upstream(agent: NodeAgent, destination: Authority, source: Authority | None) -> socket.socket:
     """The HBONE server's connector: connect to the local pod from the original source IP (the
-    peer's ``forwarded: for=``), like plaintext and same-node delivery; without one, or when it
-    names the destination itself (a connection to oneself cannot be faked), from the node."""
-    source_ip = source.ip if source is not None and source.ip != destination.ip else None
+    peer's ``forwarded: for=``), like plaintext and same-node delivery, but only when
+    :func:`authorize_hbone` verified that address belongs to the peer's identity. Otherwise, or
+    when it names the destination itself (a connection to oneself cannot be faked), from the node."""
+    trusted = _trusted_source_ip.get()
+    source_ip = None
+    if source is not None and source.ip == trusted and source.ip != destination.ip:
+        source_ip = source.ip
     return await agent.upstream.connect(str(destination.ip), destination.port, source_ip)
 
 
