@@ -210,11 +210,8 @@ class TunnelStream:
         if self._may_send or self.closed:
             return
         self._may_send = True
-        if self._tcp_eof_pending and not self._pending_out:
-            self._tcp_eof_pending = False
-            self._local_end()
-        elif not self.session.writes_paused:
-            self._resume_tcp()
+        # Push what the upstream said before the 200 (a banner), then the FIN or resume reading.
+        self.on_window()
 
     def _tcp_attached(self, transport: asyncio.Transport) -> None:
         if self.closed:
@@ -321,8 +318,16 @@ class TunnelStream:
             self.info.bytes_received += len(data)
         else:
             self.info.bytes_sent += len(data)
-        if self._pending_out:
+        if self._pending_out or not self._may_send:
+            # Also before our response headers: uvloop may deliver a read after pause_reading()
+            # in connection_made (an upstream that speaks first), and a DATA frame before the 200
+            # is an HTTP/2 protocol error that kills the whole connection. Reading is paused
+            # below, so this holds at most one read chunk until start_sending() flushes it.
             self._pending_out += data
+            if not self._may_send and self.tcp is not None:
+                # Pause again even if we think we already did: the loop read anyway once.
+                self._tcp_reading = False
+                self.tcp.pause_reading()
         else:
             core = self.session.core
             taken = core.send_data(self.stream_id, data)
@@ -334,8 +339,8 @@ class TunnelStream:
 
     def on_window(self) -> None:
         """Send window opened (stream or connection): push held bytes, maybe resume reading."""
-        if self.closed or self.local_done:
-            return
+        if self.closed or self.local_done or not self._may_send:
+            return  # before the response headers: start_sending() flushes
         if self._pending_out:
             taken = self.session.core.send_data(self.stream_id, self._pending_out)
             self._pending_out = self._pending_out[taken:]
