@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.config import IPAddress, MeshConfig, Node, PolicyDocument, Service, ServicePort, Workload
+from agent.config import IPAddress, MeshConfig, Node, Service, ServicePort, Workload
 from policy import PolicyIndex, PolicySet
 
 
@@ -67,30 +67,6 @@ def _selector_matches(selector: Mapping[str, str], labels: Mapping[str, str]) ->
     # Kubernetes semantics: an empty selector on a Service selects nothing (endpoints are
     # managed by hand), so only non-empty selectors match.
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
-
-
-def policy_selects(doc: PolicyDocument, workload: Workload, root_namespace: str) -> bool:
-    """Whether an Istio policy document can apply to ``workload`` (namespace + selector).
-
-    Root-namespace policies apply mesh-wide; others only in their own namespace. A
-    ``selector.matchLabels`` narrows to matching labels. Anything we cannot interpret here is
-    treated as selecting the workload, so the evaluator (which knows the full semantics) sees
-    it: over-including costs time, under-including could fail open.
-    """
-    if doc.namespace != root_namespace and doc.namespace != workload.namespace:
-        return False
-    spec = doc.raw.get("spec")
-    if not isinstance(spec, Mapping):
-        return True
-    selector = spec.get("selector")
-    if selector is None:
-        return True
-    if not isinstance(selector, Mapping):
-        return True
-    match = selector.get("matchLabels")
-    if not isinstance(match, Mapping) or not match:
-        return True
-    return all(workload.labels.get(k) == v for k, v in match.items())
 
 
 class WorkloadStore:
@@ -142,11 +118,17 @@ class WorkloadStore:
                     self._by_vip[(vip, p.port)] = (s, p)
         self._rr: dict[tuple[str, int], itertools.count[int]] = {}
         self._unhealthy: dict[tuple[str, int], float] = {}  # (ip, port) -> monotonic deadline
-        self._policies_cache: dict[str, tuple[PolicyDocument, ...]] = {}
         # The evaluable index (policy package): per-connection decisions read only the root
         # namespace's and the destination namespace's policies. Built with the store so a config
         # swap changes workloads and policies together.
-        parsed = config.parsed_policies if isinstance(config.parsed_policies, PolicySet) else ()
+        # Anything but a PolicySet (a parser bug, a config built by hand) would give an empty
+        # index, which allows everything: refuse the config instead (fail closed).
+        parsed = config.parsed_policies
+        if not isinstance(parsed, PolicySet):
+            raise TypeError(
+                f"{config.source}: parsed policies are {type(parsed).__name__}, not a PolicySet; "
+                "refusing to build a policy index that would allow everything"
+            )
         self.policy_index = PolicyIndex(parsed, config.root_namespace)
 
     # -- workloads --------------------------------------------------------------------------
@@ -288,21 +270,6 @@ class WorkloadStore:
             service_port=service_port,
             waypoint=self.waypoint_for(w, service),
         )
-
-    # -- policy index -----------------------------------------------------------------------
-
-    def policies_for(self, workload: Workload) -> tuple[PolicyDocument, ...]:
-        """Policy documents that may select ``workload``, cached per workload.
-
-        Built once per config version; each connection then evaluates only these.
-        """
-        cached = self._policies_cache.get(workload.key)
-        if cached is None:
-            cached = tuple(
-                d for d in self.config.policies if policy_selects(d, workload, self.config.root_namespace)
-            )
-            self._policies_cache[workload.key] = cached
-        return cached
 
     # -- helpers ----------------------------------------------------------------------------
 

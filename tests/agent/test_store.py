@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import textwrap
 
@@ -128,11 +129,11 @@ def test_route(store: WorkloadStore) -> None:
     assert ext is not None and ext.kind is DestinationKind.EXTERNAL and ext.address == ("192.0.2.1", 443)
 
 
-def test_policy_index_selects_by_namespace_root_and_labels(store: WorkloadStore) -> None:
-    web = store.by_name("ns2", "web-1")
-    assert web is not None
-    assert [d.name for d in store.policies_for(web)] == ["mesh-wide", "ns2-all", "ns2-web"]
-    sleep = store.by_name("ns1", "sleep")
-    assert sleep is not None
-    assert [d.name for d in store.policies_for(sleep)] == ["mesh-wide", "ns1-all"]
-    assert store.policies_for(web) is store.policies_for(web)  # cached per config version
+@pytest.mark.parametrize("parsed", [None, (), []])
+def test_policies_that_are_not_a_policy_set_are_refused(parsed: object) -> None:
+    # An empty index would allow everything: a config whose policies did not parse into a
+    # PolicySet must not become a store at all.
+    cfg = dataclasses.replace(parse_config(CFG), parsed_policies=parsed)
+    with pytest.raises(TypeError, match="not a PolicySet"):
+        WorkloadStore(cfg, "node-a")
+
