@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from agent.config import ConfigIssue
 from agent.metrics import AgentMetrics
 
 CONTENT_TYPE_PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
@@ -34,6 +35,40 @@ def _json(data: Any, status: int = 200) -> web.Response:
     )
 
 
+def _policy_errors(view: AdminView) -> tuple[ConfigIssue, ...]:
+    # The serving MeshConfig's poisoned policies (see agent.config.MeshConfig.policy_errors).
+    # Read through getattr: a view without a loaded config simply has none.
+    cfg = getattr(view, "config", None)
+    return tuple(getattr(cfg, "policy_errors", ()) or ())
+
+
+def status_with_policy_errors(view: AdminView) -> dict[str, Any]:
+    """``view.status()`` plus the serving config's policy errors, which make the node unhealthy.
+
+    A poisoned policy is in force, failing closed: traffic it selects is being denied (or no
+    longer allowed) until someone fixes the document, so ``ztagent status`` must not say healthy.
+    """
+    st = view.status()
+    errs = _policy_errors(view)
+    cfg = st.setdefault("config", {})
+    if isinstance(cfg, dict):
+        cfg["policyErrors"] = [str(e) for e in errs]
+    if errs:
+        st.setdefault("problems", []).append(
+            f"{len(errs)} policy error(s) in the serving config: the invalid policies are enforced "
+            "fail-closed (ALLOW allows nothing, DENY denies everything it selects)"
+        )
+        st["healthy"] = False
+    return st
+
+
+def config_dump_with_policy_errors(view: AdminView) -> dict[str, Any]:
+    dump = view.config_dump()
+    if dump:
+        dump["policyErrors"] = [e.to_dict() for e in _policy_errors(view)]
+    return dump
+
+
 def build_admin_app(view: AdminView) -> web.Application:
     app = web.Application()
 
@@ -43,8 +78,8 @@ def build_admin_app(view: AdminView) -> web.Application:
 
         return h
 
-    app.router.add_get("/status", handler(view.status))
-    app.router.add_get("/config_dump", handler(view.config_dump))
+    app.router.add_get("/status", handler(lambda: status_with_policy_errors(view)))
+    app.router.add_get("/config_dump", handler(lambda: config_dump_with_policy_errors(view)))
     app.router.add_get("/certs", handler(view.certs))
     app.router.add_get("/workloads", handler(view.workloads))
     app.router.add_get("/policies", handler(view.policies))

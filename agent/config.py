@@ -194,6 +194,11 @@ class MeshConfig:
     # Parsed policies, as produced by the policy/ package (opaque here so config does not
     # depend on policy's internal types). Set by parse_config when a parser is supplied.
     parsed_policies: Any = field(default=None, compare=False)
+    # Spec errors of policy documents that are nonetheless in force, "poisoned" (enforced
+    # fail-closed by the policy package: ALLOW allows nothing, DENY denies all it selects). They
+    # do not refuse the config, because refusing would keep an older config whose policies lack
+    # e.g. a new DENY: serving the poisoned policy is the safer reading (DESIGN.md §5).
+    policy_errors: tuple[ConfigIssue, ...] = field(default=(), compare=False)
 
     def node(self, name: str) -> Node | None:
         for n in self.nodes:
@@ -621,8 +626,10 @@ def _policy_doc(ctx: _Ctx, path: str, raw: Any, document: int) -> PolicyDocument
     )
 
 
-# A policy parser takes the envelope-checked documents and returns (parsed, issues). It is a
-# parameter so config does not hard-wire the policy package's API (and tests can pass their own).
+# A policy parser takes the envelope-checked documents and returns (parsed, issues), where the
+# issues are spec errors of policies that ``parsed`` still enforces fail-closed (they become
+# MeshConfig.policy_errors, not a refusal). It is a parameter so config does not hard-wire the
+# policy package's API (and tests can pass their own).
 PolicyParser = Callable[[Sequence[PolicyDocument]], tuple[Any, Sequence[ConfigIssue]]]
 
 
@@ -635,7 +642,9 @@ def parse_config(
     """Parse and validate one config stream; raise :class:`ConfigError` listing every problem.
 
     Pure: no I/O. ``policy_parser`` (default: :func:`default_policy_parser`, which uses the
-    policy/ package) validates and compiles the Istio policy documents.
+    policy/ package) validates and compiles the Istio policy documents; their spec errors do not
+    raise but land on ``policy_errors`` (the poisoned policies are enforced fail-closed), while
+    structure, YAML and envelope (kind, apiVersion, metadata) errors do raise.
     """
     issues: list[ConfigIssue] = []
     try:
@@ -734,8 +743,6 @@ def parse_config(
 
     parser = policy_parser if policy_parser is not None else default_policy_parser
     parsed, policy_issues = parser(policy_docs)
-    if policy_issues:
-        raise ConfigError(policy_issues)
     assert td is not None and root_ns is not None
     return MeshConfig(
         trust_domain=td,
@@ -747,6 +754,7 @@ def parse_config(
         source=file,
         digest=hashlib.sha256(text.encode()).hexdigest(),
         parsed_policies=parsed,
+        policy_errors=tuple(policy_issues),
     )
 
 
@@ -769,9 +777,10 @@ def _document_index_at(text: str, line: int) -> int:
 def default_policy_parser(docs: Sequence[PolicyDocument]) -> tuple[Any, Sequence[ConfigIssue]]:
     """Compile policies with the policy/ package, mapping its errors to :class:`ConfigIssue`.
 
-    The policy package keeps invalid documents "poisoned" (enforced fail-closed) for sources
-    that cannot refuse an update; a file can, so here any error refuses the whole config and the
-    last good one keeps serving. Warnings stay on the returned ``PolicySet``.
+    The returned issues are the spec errors of policies the package kept "poisoned" (enforced
+    fail-closed); :func:`parse_config` records them on ``MeshConfig.policy_errors`` instead of
+    refusing the config. (Documents that are not policies at all never get here: the envelope
+    check above already refused them.) Warnings stay on the returned ``PolicySet``.
     """
     from policy import parse_policies  # the pure policy ring; imported here to keep config light
 
@@ -878,6 +887,7 @@ class FileConfigSource(ConfigSource):
         self._stamp = self._stat()
         cfg = load_config(self.path, policy_parser=self._policy_parser)
         self._digest = self._raw = cfg.digest
+        log_policy_errors(cfg)
         return cfg
 
     def poll_once(self) -> MeshConfig | ConfigError | None:
@@ -927,10 +937,27 @@ class FileConfigSource(ConfigSource):
                         "config reloaded",
                         extra={"event": "config_reloaded", "file": self.path, "digest": result.digest},
                     )
+                    log_policy_errors(result)
                     await _call(on_update, result)
             except Exception:
                 # A consumer's bug must not stop the watch: later updates still get through.
                 log.exception("config consumer failed", extra={"event": "config_consumer_error"})
+
+
+def log_policy_errors(cfg: MeshConfig) -> None:
+    """Log, as errors, every poisoned policy a just-loaded config puts in force.
+
+    Accepted is not fine: such a policy denies (DENY) or stops allowing (ALLOW) traffic until it
+    is fixed, so each load of a config that still has them says so, with file, document and field.
+    """
+    if not cfg.policy_errors:
+        return
+    lines = [str(i) for i in cfg.policy_errors]
+    log.error(
+        f"config loaded with {len(lines)} policy error(s); the invalid policies are enforced "
+        "fail-closed (ALLOW allows nothing, DENY denies everything it selects): " + "; ".join(lines),
+        extra={"event": "config_policy_errors", "errors": [i.to_dict() for i in cfg.policy_errors]},
+    )
 
 
 def iter_issues(exc: ConfigError) -> Iterator[ConfigIssue]:

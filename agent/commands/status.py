@@ -104,6 +104,8 @@ def render_table(st: dict[str, Any], out: TextIO) -> None:
     out.write(f"Config:  {cfg.get('source', '?')} (sha256 {str(cfg.get('digest', ''))[:12]})\n")
     for e in cfg.get("errors", []):
         out.write(f"  ! refused update: {e}\n")
+    for e in cfg.get("policyErrors", []):
+        out.write(f"  ! policy error (enforced fail-closed): {e}\n")
 
     wl = st.get("workloads", [])
     out.write(f"\nEnrolled workloads ({len(wl)}):\n")

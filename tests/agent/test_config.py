@@ -10,7 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from agent.admin import build_admin_app, serve
+from agent.commands import status as status_cmd
 from agent.config import ConfigError, FileConfigSource, MeshConfig, load_config, parse_config
+from agent.store import WorkloadStore
+from policy import Connection, Verdict
 
 GOOD = textwrap.dedent(
     """\
@@ -141,12 +145,6 @@ BAD = [
         "invalid YAML: line 4, column 1: duplicate key 'trustDomain'",
     ),
     (("spec:\n  action", "spec:\n action: [\n  action"), "document 1: invalid YAML"),
-    # Policy specs are checked by the policy package; its errors carry the same location.
-    (("action: ALLOW", "action: ALOW"), "document 1 (AuthorizationPolicy): spec.action: invalid action"),
-    (
-        ("principals: [", "principles: ["),
-        "document 1 (AuthorizationPolicy): spec.rules[0].from[0].source.principles: unknown field",
-    ),
 ]
 
 
@@ -230,3 +228,141 @@ async def test_file_source_reloads_and_refuses_bad_updates(tmp_path: Path) -> No
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+# A DENY on httpbin with a typo in a field name: it cannot be parsed, so (DESIGN.md §5) it must
+# deny everything it selects rather than be dropped or hold the whole config back.
+TYPO_DENY = textwrap.dedent(
+    """\
+    ---
+    apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: {name: deny-evil, namespace: ns2}
+    spec:
+      selector: {matchLabels: {app: httpbin}}
+      action: DENY
+      rules: [{from: [{source: {principles: ["cluster.local/ns/evil/sa/evil"]}}]}]
+    """
+)
+
+
+def _sleep_to_httpbin(cfg: MeshConfig) -> Verdict:
+    store = WorkloadStore(cfg, "node-b")
+    conn = Connection(
+        source_principal="cluster.local/ns/ns1/sa/sleep",
+        source_ip=ipaddress.ip_address("10.244.1.2"),
+        destination_namespace="ns2",
+        destination_port=8080,
+        destination_labels={"app": "httpbin"},
+        destination_ip=ipaddress.ip_address("10.244.2.2"),
+    )
+    return store.policy_index.evaluate(conn).verdict
+
+
+def test_policy_spec_errors_are_accepted_poisoned_and_named() -> None:
+    # Without the bad DENY, allow-sleep lets sleep reach httpbin.
+    assert _sleep_to_httpbin(parse_config(GOOD, file="mesh.yaml")) is Verdict.ALLOW
+    cfg = parse_config(GOOD + TYPO_DENY, file="mesh.yaml")
+    # Accepted, the poisoned DENY in force: it denies everything it selects, even allowed traffic.
+    assert _sleep_to_httpbin(cfg) is Verdict.DENY
+    assert {(i.file, i.document, i.kind) for i in cfg.policy_errors} == {
+        ("mesh.yaml", 2, "AuthorizationPolicy")
+    }
+    where = "mesh.yaml: document 2 (AuthorizationPolicy): spec.rules[0].from[0].source.principles:"
+    assert any(str(i).startswith(where) and "unknown field" in i.message for i in cfg.policy_errors), (
+        cfg.policy_errors
+    )
+    # A poisoned ALLOW allows nothing (and is reported with its field), also when embedded.
+    bad_allow = parse_config(GOOD.replace("action: ALLOW", "action: ALOW"), file="mesh.yaml")
+    assert [(i.document, i.path) for i in bad_allow.policy_errors] == [(1, "spec.action")]
+    assert _sleep_to_httpbin(bad_allow) is Verdict.DENY
+    head, pol = GOOD.split("---\n")
+    embedded = (
+        head
+        + "policies:\n"
+        + textwrap.indent(
+            "- " + pol.replace("action: ALLOW", "action: ALOW").replace("\n", "\n  ").rstrip() + "\n", "  "
+        )
+    )
+    emb = parse_config(embedded, file="m.yaml")
+    assert [(i.document, i.path) for i in emb.policy_errors] == [(0, "policies[0].spec.action")]
+    # A clean config has none.
+    assert parse_config(GOOD, file="mesh.yaml").policy_errors == ()
+
+
+async def test_file_source_applies_a_poisoned_deny_and_logs_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "mesh.yaml"
+    path.write_text(GOOD)
+    src = FileConfigSource(path, interval=0.02)
+    assert src.initial().policy_errors == ()
+    updates: list[MeshConfig] = []
+    errors: list[ConfigError] = []
+    task = asyncio.create_task(src.run(updates.append, errors.append))
+    try:
+        path.write_text(GOOD + TYPO_DENY)
+        os.utime(path, ns=(1, 1))
+        for _ in range(250):
+            if updates or errors:
+                break
+            await asyncio.sleep(0.02)
+        # Delivered, not refused: the last good config (which lacks the DENY) must not keep serving.
+        assert errors == [] and len(updates) == 1 and src.last_error is None
+        assert _sleep_to_httpbin(updates[0]) is Verdict.DENY
+        logged = [r for r in caplog.records if getattr(r, "event", None) == "config_policy_errors"]
+        assert logged and logged[0].levelname == "ERROR"
+        assert "spec.rules[0].from[0].source.principles" in logged[0].getMessage()
+        assert str(path) in logged[0].getMessage()
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+class _View:
+    """The admin view's read side for one loaded config (what NodeAgent exposes)."""
+
+    def __init__(self, cfg: MeshConfig) -> None:
+        self.config = cfg
+
+    def status(self) -> dict[str, object]:
+        return {"healthy": True, "problems": [], "node": "node-b", "config": {"errors": []}}
+
+    def config_dump(self) -> dict[str, object]:
+        return {"source": self.config.source}
+
+    def certs(self) -> list[dict[str, object]]:
+        return []
+
+    def workloads(self) -> list[dict[str, object]]:
+        return []
+
+    def policies(self) -> list[dict[str, object]]:
+        return []
+
+
+async def test_status_is_unhealthy_while_a_policy_is_poisoned(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+    import json
+    import urllib.request
+
+    for text, healthy in ((GOOD, True), (GOOD + TYPO_DENY, False)):
+        site = await serve(build_admin_app(_View(parse_config(text, file="mesh.yaml"))), "127.0.0.1", 0)
+        try:
+            args = argparse.Namespace(admin=site.url, output="table", timeout=3.0)
+            rc = await asyncio.to_thread(status_cmd.run, args)
+            out = capsys.readouterr().out
+            with await asyncio.to_thread(urllib.request.urlopen, site.url + "/config_dump", timeout=3) as r:
+                dump = json.load(r)
+        finally:
+            await site.close()
+        if healthy:
+            assert rc == status_cmd.EXIT_HEALTHY and "policy error" not in out
+            assert dump["policyErrors"] == []
+        else:
+            assert rc == status_cmd.EXIT_UNHEALTHY and out.startswith("UNHEALTHY")
+            assert "policy error (enforced fail-closed): mesh.yaml: document 2 (AuthorizationPolicy): " in out
+            assert (2, "spec.rules[0].from[0].source.principles") in [
+                (e["document"], e["path"]) for e in dump["policyErrors"]
+            ]
