@@ -2,7 +2,8 @@
 
 A node agent gets a certificate for identity X only if the mesh config places an enrolled
 workload running as X (``spiffe://<td>/ns/<namespace>/sa/<serviceAccount>``) on that node, or if
-X is the node's own identity (so an agent can renew its node credential). Everything else is
+X is the node's own identity (so an agent can renew its node credential) -- both only while the
+node itself is in the config, so a removed node's credentials lapse. Everything else is
 refused with a reason that names the node and the identity, so an operator reading the CA's log
 or the agent's error knows which placement is missing.
 
@@ -58,12 +59,14 @@ def authorize(placement: Placement, node: str, requested: SpiffeId) -> Decision:
     td = placement.trust_domain
     if requested.trust_domain != td:
         return Decision(False, f"{requested} is outside the mesh's trust domain {td}")
+    # Membership first: a node removed from the config must not keep renewing even its own
+    # certificate, or its credential would outlive its removal forever.
+    if node not in placement.nodes:
+        return Decision(False, f"node {node!r} is not in the mesh config")
     if requested == node_identity(td, node):
         return Decision(True, "the node's own identity")
     if node_of(requested, td) is not None:
         return Decision(False, f"{requested} is another node's identity")
-    if node not in placement.nodes:
-        return Decision(False, f"node {node!r} is not in the mesh config")
     if requested.namespace is None or requested.service_account is None:
         return Decision(False, f"{requested} is not a workload identity (spiffe://{td}/ns/<ns>/sa/<sa>)")
     if requested in placement.identities_by_node.get(node, frozenset()):

@@ -53,7 +53,13 @@ CASES = [
     ("node-a", "spiffe://cluster.local/some/other/path", False, "not a workload identity"),
     ("node-a", "spiffe://cluster.local/ns/ns1/sa/sleep/extra", False, "not a workload identity"),
     ("node-z", "spiffe://cluster.local/ns/ns1/sa/sleep", False, "node 'node-z' is not in the mesh config"),
-    ("node-z", "spiffe://cluster.local/ns/ztagent-system/sa/ztagent/node/node-z", True, "own identity"),
+    # A node removed from the config cannot renew even its own node certificate.
+    (
+        "node-z",
+        "spiffe://cluster.local/ns/ztagent-system/sa/ztagent/node/node-z",
+        False,
+        "node 'node-z' is not in the mesh config",
+    ),
 ]
 
 
