@@ -365,7 +365,8 @@ class HboneServer:
             self._reject("tls-handshake", f"{peer} -> {local}: TLS handshake failed: {exc}")
             conn.close()
             return
-        self.stats["connections_accepted"] += 1
+        if session.conn is not None:  # None: verify_peer refused the peer (counted as rejected)
+            self.stats["connections_accepted"] += 1
 
     def stop_accepting(self) -> None:
         for task in self._accept_tasks:
