@@ -14,13 +14,11 @@ come from the node, and the log says so once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import errno
 import ipaddress
 import logging
 import socket
-import struct
 from typing import TYPE_CHECKING, Any
 
 from agent.config import IPAddress, Workload
@@ -30,6 +28,7 @@ from agent.node.tracking import Tracked, connection_labels, decision_fields
 from agent.proxy_plain import PlainRelay
 from identity.spiffe import SpiffeId
 from policy import Connection, Decision
+from tunnel.client import abort_with_rst_sock
 from tunnel.hbone import Authority
 from tunnel.server import AuthzDecision, AuthzRequest
 
@@ -37,6 +36,10 @@ if TYPE_CHECKING:
     from agent.node.agent import NodeAgent
 
 log = logging.getLogger("ztagent.inbound")
+
+# Refused or failed connections are reset (RST, not FIN), as ztunnel does; the tunnel's function,
+# under the name the node agent imports from here.
+reset = abort_with_rst_sock
 
 UPSTREAM_CONNECT_TIMEOUT = 10.0
 
@@ -142,6 +145,41 @@ def record_decision(
     )
 
 
+def check_and_record(
+    agent: NodeAgent,
+    *,
+    path: str,
+    source_ip: IPAddress | None,
+    source: SpiffeId | None,
+    destination: Workload,
+    destination_ip: str,
+    port: int,
+) -> tuple[Connection, Decision]:
+    """Decide one new connection to a local workload and account for the decision (metrics,
+    and for a denial the access log and status). ``source`` is the authenticated source identity
+    (None for plaintext). Returns the policy input too: open connections keep it for re-checks."""
+    conn = Connection(
+        source_principal=source.principal if source is not None else None,
+        source_ip=source_ip,
+        destination_namespace=destination.namespace,
+        destination_port=port,
+        destination_labels=destination.labels,
+        destination_ip=ipaddress.ip_address(destination_ip),
+    )
+    d = agent.policy_index.check(conn)
+    record_decision(
+        agent,
+        d,
+        path=path,
+        source_ip=source_ip,
+        source_principal=str(source) if source is not None else None,
+        destination=destination,
+        destination_ip=destination_ip,
+        port=port,
+    )
+    return conn, d
+
+
 # --------------------------------------------------------------------------------------------
 # HBONE (server callbacks)
 
@@ -180,21 +218,11 @@ async def authorize_hbone(agent: NodeAgent, req: AuthzRequest) -> AuthzDecision:
     if dest is None:
         return AuthzDecision(False, f"{req.destination.ip} is not an enrolled workload on this node")
     source_ip = trusted_hbone_source(agent, req)
-    conn = Connection(
-        source_principal=req.peer_identity.principal,
-        source_ip=source_ip,
-        destination_namespace=dest.namespace,
-        destination_port=req.destination.port,
-        destination_labels=dest.labels,
-        destination_ip=req.destination.ip,
-    )
-    d = agent.policy_index.check(conn)
-    record_decision(
+    _, d = check_and_record(
         agent,
-        d,
         path="hbone",
         source_ip=source_ip,
-        source_principal=str(req.peer_identity),
+        source=req.peer_identity,
         destination=dest,
         destination_ip=str(req.destination.ip),
         port=req.destination.port,
@@ -244,21 +272,11 @@ async def handle_plaintext(agent: NodeAgent, sock: socket.socket, original: tupl
         )
         reset(sock)
         return
-    conn = Connection(
-        source_principal=None,
-        source_ip=src_ip,
-        destination_namespace=dest.namespace,
-        destination_port=dst_port,
-        destination_labels=dest.labels,
-        destination_ip=ipaddress.ip_address(dst_ip),
-    )
-    d = agent.policy_index.check(conn)
-    record_decision(
+    conn, d = check_and_record(
         agent,
-        d,
         path="plaintext",
         source_ip=src_ip,
-        source_principal=None,
+        source=None,
         destination=dest,
         destination_ip=dst_ip,
         port=dst_port,
@@ -372,9 +390,3 @@ async def run_relay(
         up.close()
     finally:
         agent.tracker.close(tracked, reason)
-
-
-def reset(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING
 from agent.config import IPAddress, Workload
 from agent.metrics import ConnectionStats
 from agent.node.tracking import Tracked, connection_labels, decision_fields
-from agent.proxy_inbound import deliver_local, record_decision, reset, run_relay
+from agent.proxy_inbound import check_and_record, deliver_local, run_relay
 from agent.proxy_plain import PlainRelay
 from agent.store import DestinationKind, Route
-from policy import Connection
 from tunnel.client import TunnelError
+from tunnel.client import abort_with_rst_sock as reset
 from tunnel.hbone import Authority
 
 if TYPE_CHECKING:
@@ -204,21 +204,11 @@ async def _same_node(
     dest = route.workload
     assert dest is not None
     dst_ip, dst_port = route.address
-    conn = Connection(
-        source_principal=source.spiffe_id.principal,
-        source_ip=src_ip,
-        destination_namespace=dest.namespace,
-        destination_port=dst_port,
-        destination_labels=dest.labels,
-        destination_ip=ipaddress.ip_address(dst_ip),
-    )
-    d = agent.policy_index.check(conn)
-    record_decision(
+    conn, d = check_and_record(
         agent,
-        d,
         path="same-node",
         source_ip=src_ip,
-        source_principal=str(source.spiffe_id),
+        source=source.spiffe_id,
         destination=dest,
         destination_ip=dst_ip,
         port=dst_port,

@@ -10,24 +10,14 @@ one side aborts the other with RST.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
-import struct
 from collections.abc import Callable
 from typing import cast
 
+from tunnel.relay import abort_with_rst
+
 WRITE_HIGH = 1024 * 1024
 WRITE_LOW = 256 * 1024
-
-
-def _rst(transport: asyncio.Transport | None) -> None:
-    if transport is None:
-        return
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()
 
 
 class _Side(asyncio.Protocol):
@@ -90,7 +80,7 @@ class _Side(asyncio.Protocol):
         peer = self.peer
         if exc is not None:
             if peer is not None:
-                _rst(peer.transport)
+                abort_with_rst(peer.transport)
             self.relay._finish(f"{self.name} aborted: {exc}")
             return
         if peer is not None and peer.transport is not None and not peer.transport.is_closing():
@@ -144,6 +134,6 @@ class PlainRelay:
 
     def abort(self, reason: str) -> None:
         """Reset both sides (policy now denies this connection, or shutdown)."""
-        _rst(self.down.transport)
-        _rst(self.up.transport)
+        abort_with_rst(self.down.transport)
+        abort_with_rst(self.up.transport)
         self._finish(reason)
