@@ -41,6 +41,12 @@ EXIT_ALLOW, EXIT_DENY, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_CLEAN, EXIT_FINDINGS = 0, 1
 
 
+_INVALID_POLICIES = (
+    "invalid policy documents (the agent enforces them fail-closed: an invalid ALLOW allows nothing,"
+    " an invalid DENY denies everything it selects; fix them before relying on this answer):\n  "
+)
+
+
 class BadInput(Exception):
     """Input the command cannot evaluate: reported on stderr, exit 2."""
 
@@ -224,9 +230,7 @@ def load_inputs(paths: Sequence[str], *, strict_policies: bool) -> Inputs:
                 seen[ident] = path
         sets.append(ps)
     if strict_policies and out.errors:
-        raise BadInput(
-            "invalid policy documents (the agent would refuse this config):\n  " + "\n  ".join(out.errors)
-        )
+        raise BadInput(_INVALID_POLICIES + "\n  ".join(out.errors))
     out.policy_set = PolicySet(
         authorization=tuple(p for s in sets for p in s.authorization),
         peer_authentication=tuple(p for s in sets for p in s.peer_authentication),

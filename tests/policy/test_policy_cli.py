@@ -328,6 +328,7 @@ def test_check_invalid_policy_inside_meshconfig_is_bad_input(tmp_path: Path) -> 
     assert r.returncode == 2
     assert "mesh.yaml: document " in r.stderr
     assert "(AuthorizationPolicy ns2/allow-sleep): spec.rules[0].from[0].source.ipBlocks[0]" in r.stderr
+    assert "fail-closed" in r.stderr
 
 
 @pytest.mark.parametrize(
