@@ -193,11 +193,21 @@ _trusted_source_ip: contextvars.ContextVar[IPAddress | None] = contextvars.Conte
 )
 
 
+def trusted_source_ip(
+    agent: NodeAgent, peer: SpiffeId | str, claimed: IPAddress | None, peer_ip: IPAddress | None
+) -> IPAddress | None:
+    """The source IP of an HBONE stream: the ``forwarded: for=`` claim when the store maps it to a
+    workload with the peer's identity (or it is the peer's own address), else the TCP peer address.
+    Admission and the re-check on policy change both use this, so they see the same source."""
+    if claimed is not None and (claimed == peer_ip or verified_source_workload(agent, peer, claimed)):
+        return claimed
+    return peer_ip
+
+
 def trusted_hbone_source(agent: NodeAgent, req: AuthzRequest) -> IPAddress:
-    """The source IP to use for an HBONE request: the ``forwarded: for=`` address when the store
-    maps it to a workload with the peer's identity, else the TCP peer address (logged)."""
+    """``trusted_source_ip`` for an HBONE request, logging an untrusted claim."""
     claimed, peer_ip = req.source.ip, req.connection.peer.ip
-    if claimed == peer_ip or verified_source_workload(agent, req.peer_identity, claimed) is not None:
+    if trusted_source_ip(agent, req.peer_identity, claimed, peer_ip) == claimed:
         return claimed
     log.warning(
         f"HBONE peer {req.peer_identity} at {peer_ip} claims source {claimed} (forwarded: for=), "

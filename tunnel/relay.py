@@ -70,9 +70,11 @@ class TunnelInfo:
     direction: str  # "inbound" (server side) or "outbound" (client side)
     source_principal: str
     destination_principal: str
-    source: Authority | None
+    source: Authority | None  # the client's ``forwarded: for=`` claim when it sent one
     destination: Authority
     connection_security_policy: str = "mutual_tls"
+    # The TCP peer of the HBONE connection (server side): unlike ``source``, not a claim.
+    peer: Authority | None = None
     bytes_sent: int = 0
     bytes_received: int = 0
     opened_at: float = field(default_factory=time.time)

@@ -170,6 +170,7 @@ class _ServerSession(H2Session):
                 destination_principal=str(self.conn.local_identity),
                 source=source,
                 destination=ev.authority,
+                peer=self.peer,
             )
             st = TunnelStream(self, ev.stream_id, info, outbound=False)
             self.streams[ev.stream_id] = st

@@ -43,6 +43,8 @@ from agent.proxy_inbound import (
     hbone_upstream,
     record_decision,
     reset,
+    trusted_source_ip,
+    verified_source_workload,
 )
 from agent.proxy_outbound import handle_outbound
 from agent.store import WorkloadStore, describe_workloads
@@ -428,11 +430,14 @@ class NodeAgent:
 
     def _inbound_hbone_opened(self, info: TunnelInfo) -> None:
         dest = self.store.by_ip(info.destination.ip)
-        src_ip = info.source.ip if info.source is not None else None
         principal = info.source_principal
-        src_w = self.store.by_ip(src_ip) if src_ip is not None else None
-        if src_w is not None and str(src_w.spiffe_id) != principal:
-            src_w = None  # labels only from a workload whose identity matches the peer's
+        # The same trust rule as the admission check (authorize_hbone): the forwarded source is
+        # believed only when it is a workload with the peer's identity, else the TCP peer address
+        # stands in, so re-checks on policy change see what admission saw.
+        claimed = info.source.ip if info.source is not None else None
+        peer_ip = info.peer.ip if info.peer is not None else None
+        src_ip = trusted_source_ip(self, principal, claimed, peer_ip)
+        src_w = verified_source_workload(self, principal, src_ip)
         service = None
         if dest is not None:
             for s in self.store.services_of(dest):
