@@ -3,22 +3,65 @@
 Admin is JSON only and bound to localhost: it reveals workload identities and config, so it is
 not for the network. The handlers only read from an :class:`AdminView` (the node agent), so the
 admin server holds no state of its own.
+
+The server is deliberately small: a handful of GET routes on asyncio with ``h11`` doing the
+HTTP/1.1 parsing. aiohttp served these before and cost the agent about 10 MB of resident memory
+(its client, multidict, yarl and friends are imported whether or not one serves two JSON
+routes), a seventh of the per-node budget the agent is measured against (an idle Envoy).
+Scrapers and ``curl`` need GET, HEAD, keep-alive and sane limits, which is what is here.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from aiohttp import web
+import h11
 
 from agent.config import ConfigIssue
 from agent.metrics import AgentMetrics
 
+log = logging.getLogger("ztagent.admin")
+
 CONTENT_TYPE_PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE_JSON = "application/json"
+CONTENT_TYPE_TEXT = "text/plain; charset=utf-8"
+# Request line + headers: h11 refuses (431) a head still incomplete past this many buffered bytes.
+# Input is fed to it in slices of this size, so a head that arrived in one large read is held to
+# the same limit: heads up to this size always pass, heads over twice it never do.
+MAX_REQUEST_HEAD = 8 * 1024
+MAX_REQUEST_BODY = 64 * 1024  # GET needs none; a body is read and dropped up to this
+IDLE_TIMEOUT = 30.0  # seconds a keep-alive connection may sit without a request
+MAX_CONNECTIONS = 256  # per listener; more are closed at once (a scraper needs one)
+SERVER_HEADER = b"ztagent"
+
+
+@dataclass(frozen=True)
+class Response:
+    body: bytes
+    status: int = 200
+    content_type: str = CONTENT_TYPE_TEXT
+
+
+Handler = Callable[[], Response]
+
+
+@dataclass
+class HttpApp:
+    """GET routes: exact path -> handler. Handlers run on the event loop and must not block."""
+
+    routes: dict[str, Handler] = field(default_factory=dict)
+
+    def add_get(self, path: str, handler: Handler) -> None:
+        if not path.startswith("/"):
+            raise ValueError(f"route {path!r} must start with /")
+        self.routes[path] = handler
 
 
 class AdminView(Protocol):
@@ -29,10 +72,9 @@ class AdminView(Protocol):
     def policies(self) -> list[dict[str, Any]]: ...
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(
-        text=json.dumps(data, indent=2, default=str) + "\n", status=status, content_type="application/json"
-    )
+def json_response(data: Any, status: int = 200) -> Response:
+    body = json.dumps(data, indent=2, default=str) + "\n"
+    return Response(body.encode(), status, CONTENT_TYPE_JSON)
 
 
 def _policy_errors(view: AdminView) -> tuple[ConfigIssue, ...]:
@@ -69,62 +111,193 @@ def config_dump_with_policy_errors(view: AdminView) -> dict[str, Any]:
     return dump
 
 
-def build_admin_app(view: AdminView) -> web.Application:
-    app = web.Application()
+def _json_handler(fn: Callable[[], Any]) -> Handler:
+    return lambda: json_response(fn())
 
-    def handler(fn: Callable[[], Any]) -> Callable[[web.Request], Any]:
-        async def h(request: web.Request) -> web.Response:
-            return _json(fn())
 
-        return h
-
-    app.router.add_get("/status", handler(lambda: status_with_policy_errors(view)))
-    app.router.add_get("/config_dump", handler(lambda: config_dump_with_policy_errors(view)))
-    app.router.add_get("/certs", handler(view.certs))
-    app.router.add_get("/workloads", handler(view.workloads))
-    app.router.add_get("/policies", handler(view.policies))
-
-    async def index(request: web.Request) -> web.Response:
-        return _json({"endpoints": ["/status", "/config_dump", "/certs", "/workloads", "/policies"]})
-
-    app.router.add_get("/", index)
+def build_admin_app(view: AdminView) -> HttpApp:
+    app = HttpApp()
+    endpoints: dict[str, Callable[[], Any]] = {
+        "/status": lambda: status_with_policy_errors(view),
+        "/config_dump": lambda: config_dump_with_policy_errors(view),
+        "/certs": view.certs,
+        "/workloads": view.workloads,
+        "/policies": view.policies,
+    }
+    for path, fn in endpoints.items():
+        app.add_get(path, _json_handler(fn))
+    app.add_get("/", lambda: json_response({"endpoints": list(endpoints)}))
     return app
 
 
-def build_metrics_app(
-    metrics: AgentMetrics, *, before_scrape: Callable[[], None] | None = None
-) -> web.Application:
-    app = web.Application()
-
-    async def scrape(request: web.Request) -> web.Response:
+def build_metrics_app(metrics: AgentMetrics, *, before_scrape: Callable[[], None] | None = None) -> HttpApp:
+    def scrape() -> Response:
         if before_scrape is not None:
             before_scrape()
         # prometheus_client renders synchronously; with a few hundred series this is sub-ms.
-        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_PROMETHEUS})
+        return Response(metrics.render(), 200, CONTENT_TYPE_PROMETHEUS)
 
-    app.router.add_get("/metrics", scrape)
+    app = HttpApp()
+    app.add_get("/metrics", scrape)
     # Istio's path for the merged Prometheus endpoint, so existing scrape configs work.
-    app.router.add_get("/stats/prometheus", scrape)
+    app.add_get("/stats/prometheus", scrape)
     return app
 
 
-def build_readiness_app(ready: Callable[[], tuple[bool, list[str]]]) -> web.Application:
+def build_readiness_app(ready: Callable[[], tuple[bool, list[str]]]) -> HttpApp:
     """``/healthz/ready``: 200 when ready, else 503 with the reasons (what is not in place yet)."""
-    app = web.Application()
 
-    async def check(request: web.Request) -> web.Response:
+    def check() -> Response:
         ok, reasons = ready()
         if ok:
-            return web.Response(text="ready\n")
-        return web.Response(text="not ready: " + "; ".join(reasons) + "\n", status=503)
+            return Response(b"ready\n")
+        return Response(("not ready: " + "; ".join(reasons) + "\n").encode(), 503)
 
-    app.router.add_get("/healthz/ready", check)
+    app = HttpApp()
+    app.add_get("/healthz/ready", check)
     return app
+
+
+# --- the HTTP/1.1 server -----------------------------------------------------------------------
+class _HttpConnection(asyncio.Protocol):
+    """One client connection: requests in order (HTTP/1.1 has no multiplexing), keep-alive,
+    an idle timeout, and a 4xx for anything that is not a well-formed GET or HEAD."""
+
+    def __init__(self, server: _Server) -> None:
+        self.server = server
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+        self.transport: asyncio.Transport | None = None
+        self.request: h11.Request | None = None
+        self.body_seen = 0
+        self.idle: asyncio.TimerHandle | None = None
+
+    # asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if len(self.server.connections) >= MAX_CONNECTIONS:
+            transport.close()
+            return
+        self.server.connections.add(self)
+        self._arm_idle()
+
+    def data_received(self, data: bytes) -> None:
+        self._arm_idle()
+        for i in range(0, len(data), MAX_REQUEST_HEAD):
+            if self.transport is None:
+                return
+            self.conn.receive_data(data[i : i + MAX_REQUEST_HEAD])
+            self._process()
+
+    def eof_received(self) -> bool:
+        self.conn.receive_data(b"")
+        self._process()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        if self.idle is not None:
+            self.idle.cancel()
+        self.transport = None
+
+    # HTTP
+    def _process(self) -> None:
+        while self.transport is not None:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint
+                self._fail(status, f"bad request: {exc}")
+                return
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            if isinstance(event, h11.Request):
+                self.request, self.body_seen = event, 0
+            elif isinstance(event, h11.Data):
+                self.body_seen += len(event.data)
+                if self.body_seen > MAX_REQUEST_BODY:
+                    self._fail(413, f"request body over {MAX_REQUEST_BODY} bytes")
+                    return
+            elif isinstance(event, h11.EndOfMessage):
+                self._respond()
+            elif isinstance(event, h11.ConnectionClosed):
+                self.close()
+                return
+
+    def _respond(self) -> None:
+        req, self.request = self.request, None
+        assert req is not None
+        method = req.method.decode("ascii", "replace")
+        path = req.target.decode("ascii", "replace").split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            resp = Response(f"method {method} not allowed: GET or HEAD\n".encode(), 405)
+            extra = [(b"allow", b"GET, HEAD")]
+        else:
+            extra = []
+            handler = self.server.app.routes.get(path)
+            if handler is None:
+                known = ", ".join(sorted(self.server.app.routes))
+                resp = Response(f"no such endpoint {path}; try one of: {known}\n".encode(), 404)
+            else:
+                try:
+                    resp = handler()
+                except Exception as exc:
+                    # A bug in one endpoint must not take the listener (or the agent) down.
+                    log.exception(f"admin endpoint {path} failed", extra={"event": "admin_error"})
+                    resp = Response(f"internal error: {exc!r}\n".encode(), 500)
+        self._send(resp, extra, head=method == "HEAD")
+        if self.transport is None:
+            return
+        if self.conn.our_state is h11.MUST_CLOSE:
+            self.close()
+            return
+        try:
+            self.conn.start_next_cycle()
+        except h11.LocalProtocolError:
+            self.close()  # the client did not finish its side (e.g. a body we did not read)
+
+    def _send(self, resp: Response, extra: list[tuple[bytes, bytes]], *, head: bool = False) -> None:
+        headers = [
+            (b"content-type", resp.content_type.encode()),
+            (b"content-length", str(len(resp.body)).encode()),
+            (b"server", SERVER_HEADER),
+            *extra,
+        ]
+        out = self.conn.send(h11.Response(status_code=resp.status, headers=headers)) or b""
+        if resp.body and not head:
+            out += self.conn.send(h11.Data(data=resp.body)) or b""
+        out += self.conn.send(h11.EndOfMessage()) or b""
+        if self.transport is not None:
+            self.transport.write(out)
+
+    def _fail(self, status: int, why: str) -> None:
+        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            with contextlib.suppress(h11.LocalProtocolError):
+                self._send(Response(f"{why}\n".encode(), status), [(b"connection", b"close")])
+        self.close()
+
+    def _arm_idle(self) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
+        loop = self.server.loop
+        self.idle = loop.call_later(IDLE_TIMEOUT, self.close)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+
+
+@dataclass(eq=False)
+class _Server:
+    app: HttpApp
+    loop: asyncio.AbstractEventLoop
+    connections: set[_HttpConnection] = field(default_factory=set)
 
 
 @dataclass
 class RunningSite:
-    runner: web.AppRunner
+    server: asyncio.AbstractServer
+    state: _Server
     host: str
     port: int
 
@@ -134,10 +307,13 @@ class RunningSite:
         return f"http://{host}:{self.port}"
 
     async def close(self) -> None:
-        await self.runner.cleanup()
+        self.server.close()
+        for c in list(self.state.connections):
+            c.close()
+        await self.server.wait_closed()
 
 
-async def serve(app: web.Application, host: str, port: int) -> RunningSite:
+async def serve(app: HttpApp, host: str, port: int) -> RunningSite:
     """Start ``app`` on (host, port); port 0 picks a free one, reported in the result."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -149,8 +325,7 @@ async def serve(app: web.Application, host: str, port: int) -> RunningSite:
     except OSError as exc:
         sock.close()
         raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.SockSite(runner, sock)
-    await site.start()
-    return RunningSite(runner, host, sock.getsockname()[1])
+    loop = asyncio.get_running_loop()
+    state = _Server(app, loop)
+    server = await loop.create_server(lambda: _HttpConnection(state), sock=sock)
+    return RunningSite(server, state, host, sock.getsockname()[1])
