@@ -100,7 +100,8 @@ def restrict_tls13_ciphersuites(ctx: ssl.SSLContext, suites: str = TLS13_CIPHERS
 
 
 # --- contexts ----------------------------------------------------------------------------------
-def _load_credential(ctx: ssl.SSLContext, credential: WorkloadCredential) -> None:
+def load_credential(ctx: ssl.SSLContext, credential: WorkloadCredential) -> None:
+    """Load a certificate chain and key into ``ctx`` from an anonymous memfd (never a disk file)."""
     fd = os.memfd_create("ztagent-svid", os.MFD_CLOEXEC)
     try:
         data = memoryview(credential.chain_pem() + credential.key_pem())
@@ -124,7 +125,7 @@ def _base_context(protocol: int, credential: WorkloadCredential, bundles: TrustB
     ctx.load_verify_locations(cadata=roots.decode("ascii"))
     ctx.set_alpn_protocols([ALPN_H2])
     ctx.options |= ssl.OP_NO_TICKET | ssl.OP_NO_COMPRESSION
-    _load_credential(ctx, credential)
+    load_credential(ctx, credential)
     restrict_tls13_ciphersuites(ctx)
     return ctx
 

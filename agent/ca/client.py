@@ -21,23 +21,26 @@ import dataclasses
 import datetime as dt
 import logging
 import os
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 from cryptography import x509
 from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
 
+from agent.ca.grpc_unary import GrpcError, Status, UnaryChannel
 from agent.ca.identities import CA_SERVER_NAME, IMPERSONATED_IDENTITY
-from agent.ca.proto import ca_pb2, ca_pb2_grpc
+from agent.ca.proto import ca_pb2
 from agent.ca.store import CaStoreError, CredentialFiles, read_credentials, write_credentials
 from identity.bundle import BundleError, TrustBundle, TrustBundleSet
 from identity.ca import is_self_signed
 from identity.keys import build_csr, generate_key
 from identity.spiffe import SpiffeId
 from identity.svid import SvidError, WorkloadCredential, load_pem_chain, verify_svid
+from tunnel.tls import ALPN_H2, load_credential
 
 log = logging.getLogger("ztagent.ca.client")
 
@@ -45,6 +48,8 @@ Clock = Callable[[], dt.datetime]
 MAX_ANSWER_CERTS = 16
 # In-flight calls on a channel replaced by a node-credential renewal get this long to finish.
 CHANNEL_DRAIN_SECONDS = 10.0
+# The method's path on the wire (istio/api security/v1alpha1/ca.proto: package istio.v1.auth).
+CREATE_CERTIFICATE = "/istio.v1.auth.IstioCertificateService/CreateCertificate"
 
 
 def utc_now() -> dt.datetime:
@@ -106,16 +111,27 @@ class NodeCredentials:
         return self.credential.spiffe_id
 
 
-def _kind_for(code: grpc.StatusCode) -> str:
+def _kind_for(code: Status) -> str:
     return {
-        grpc.StatusCode.UNAVAILABLE: "unreachable",
-        grpc.StatusCode.DEADLINE_EXCEEDED: "unreachable",
-        grpc.StatusCode.UNAUTHENTICATED: "unauthenticated",
-        grpc.StatusCode.PERMISSION_DENIED: "denied",
-        grpc.StatusCode.INVALID_ARGUMENT: "rejected",
-        grpc.StatusCode.RESOURCE_EXHAUSTED: "rejected",
-        grpc.StatusCode.FAILED_PRECONDITION: "rejected",
+        Status.UNAVAILABLE: "unreachable",
+        Status.DEADLINE_EXCEEDED: "unreachable",
+        Status.UNAUTHENTICATED: "unauthenticated",
+        Status.PERMISSION_DENIED: "denied",
+        Status.INVALID_ARGUMENT: "rejected",
+        Status.RESOURCE_EXHAUSTED: "rejected",
+        Status.FAILED_PRECONDITION: "rejected",
     }.get(code, "ca-error")
+
+
+def ca_client_context(node: NodeCredentials) -> ssl.SSLContext:
+    """TLS 1.3 with the node's credential, trusting the node's bundle for the CA's certificate,
+    which must carry :data:`CA_SERVER_NAME` (checked as a DNS name, like any gRPC client)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_verify_locations(cadata=node.bundles.all_roots_pem().decode("ascii"))
+    ctx.set_alpn_protocols([ALPN_H2])
+    load_credential(ctx, node.credential)
+    return ctx
 
 
 class CaClient:
@@ -141,35 +157,16 @@ class CaClient:
         self._clock = clock
         self._impersonate = impersonate
         self._server_name = server_name
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: Any = None
-        self._draining: dict[asyncio.Task[None], grpc.aio.Channel] = {}
+        self._channel: UnaryChannel | None = None
+        self._draining: dict[asyncio.Task[None], UnaryChannel] = {}
 
     def bundles(self) -> TrustBundleSet:
         return self.node.bundles
 
-    def _get_stub(self) -> Any:
-        if self._stub is None:
-            files = self.node.files
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=self.node.bundles.all_roots_pem(),
-                private_key=files.key_pem,
-                certificate_chain=files.chain_pem,
-            )
-            self._channel = grpc.aio.secure_channel(
-                self.address,
-                creds,
-                options=[
-                    ("grpc.ssl_target_name_override", self._server_name),
-                    ("grpc.default_authority", self._server_name),
-                    # Fail fast and retry in the certificate manager, which owns the schedule.
-                    ("grpc.enable_retries", 0),
-                    ("grpc.initial_reconnect_backoff_ms", 200),
-                    ("grpc.max_reconnect_backoff_ms", 2000),
-                ],
-            )
-            self._stub = ca_pb2_grpc.IstioCertificateServiceStub(self._channel)  # type: ignore[no-untyped-call]
-        return self._stub
+    def _get_channel(self) -> UnaryChannel:
+        if self._channel is None:
+            self._channel = UnaryChannel(self.address, ca_client_context(self.node), self._server_name)
+        return self._channel
 
     def set_node_credential(self, cred: WorkloadCredential, *, persist: bool = True) -> None:
         """Use a renewed node credential from the next connection on.
@@ -189,7 +186,7 @@ class CaClient:
                     f"renewed node credential not saved: {exc}",
                     extra={"event": "node_credential_save_failed", "identity": str(cred.spiffe_id)},
                 )
-        old, self._channel, self._stub = self._channel, None, None
+        old, self._channel = self._channel, None
         if old is not None:
             task = asyncio.get_running_loop().create_task(old.close(grace=CHANNEL_DRAIN_SECONDS))
             self._draining[task] = old
@@ -205,7 +202,7 @@ class CaClient:
             self.set_node_credential(cred)
 
     async def close(self) -> None:
-        ch, self._channel, self._stub = self._channel, None, None
+        ch, self._channel = self._channel, None
         if ch is not None:
             await ch.close()
         # Channels still draining after a renewal: close them now (cancels their calls).
@@ -236,10 +233,12 @@ class CaClient:
             value = struct_pb2.Value(string_value=str(spiffe_id))
             request.metadata.CopyFrom(struct_pb2.Struct(fields={IMPERSONATED_IDENTITY: value}))
         try:
-            answer = await self._get_stub().CreateCertificate(request, timeout=self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            kind = _kind_for(exc.code())
-            details = exc.details() or ""
+            raw = await self._get_channel().call(
+                CREATE_CERTIFICATE, request.SerializeToString(), timeout=self.timeout
+            )
+        except GrpcError as exc:
+            kind = _kind_for(exc.code)
+            details = exc.details
             if kind == "unreachable":
                 # Drop the channel: the next attempt dials afresh instead of waiting out gRPC's
                 # reconnect backoff (the certificate manager owns the retry schedule).
@@ -248,12 +247,18 @@ class CaClient:
                     "is the CA running there, and does it accept this node's credential "
                     f"({self.node.spiffe_id})? TLS handshake failures also show up this way"
                 )
-                msg = (
-                    f"CA at {self.address} unreachable for {spiffe_id}: {exc.code().name}: {details} ({hint})"
-                )
+                msg = f"CA at {self.address} unreachable for {spiffe_id}: {exc.code.name}: {details} ({hint})"
             else:
-                msg = f"CA at {self.address} refused {spiffe_id}: {exc.code().name}: {details}"
+                msg = f"CA at {self.address} refused {spiffe_id}: {exc.code.name}: {details}"
             raise CaClientError(kind, msg, spiffe_id) from None
+        try:
+            answer = ca_pb2.IstioCertificateResponse.FromString(raw)
+        except DecodeError as exc:
+            raise CaClientError(
+                "malformed-answer",
+                f"CA at {self.address} answered badly for {spiffe_id}: undecodable answer: {exc}",
+                spiffe_id,
+            ) from None
         return self._check_answer(answer, key, spiffe_id)
 
     def _check_answer(self, answer: Any, key: Any, spiffe_id: SpiffeId) -> WorkloadCredential:
@@ -288,4 +293,3 @@ class CaClient:
         except SvidError as exc:
             raise bad(f"issued certificate does not verify against our trust bundle: {exc}") from None
         return cred
-
