@@ -28,18 +28,14 @@ from agent.node.tracking import Tracked, connection_labels, decision_fields
 from agent.proxy_plain import PlainRelay
 from identity.spiffe import SpiffeId
 from policy import Connection, Decision
-from tunnel.client import abort_with_rst_sock
 from tunnel.hbone import Authority
 from tunnel.server import AuthzDecision, AuthzRequest
 
 if TYPE_CHECKING:
+    from agent.downstream import Downstream
     from agent.node.agent import NodeAgent
 
 log = logging.getLogger("ztagent.inbound")
-
-# Refused or failed connections are reset (RST, not FIN), as ztunnel does; the tunnel's function,
-# under the name the node agent imports from here.
-reset = abort_with_rst_sock
 
 UPSTREAM_CONNECT_TIMEOUT = 10.0
 
@@ -264,14 +260,10 @@ def hbone_is_local(agent: NodeAgent, authority: Authority, conn: Any) -> bool:
 # Plaintext inbound (15006)
 
 
-async def handle_plaintext(agent: NodeAgent, sock: socket.socket, original: tuple[str, int]) -> None:
+async def handle_plaintext(agent: NodeAgent, down: Downstream, original: tuple[str, int]) -> None:
     """A captured non-mesh connection to a local pod: STRICT refuses, PERMISSIVE admits."""
-    try:
-        peer = sock.getpeername()
-        src_ip: IPAddress | None = ipaddress.ip_address(peer[0].split("%")[0])
-    except (OSError, ValueError):
-        src_ip = None
-        peer = ("?", 0)
+    peer = down.peer
+    src_ip = down.peer_ip
     dst_ip, dst_port = original
     dest = agent.store.is_local_enrolled_ip(dst_ip)
     if dest is None:
@@ -280,7 +272,7 @@ async def handle_plaintext(agent: NodeAgent, sock: socket.socket, original: tupl
             f"plaintext connection from {peer[0]} to {dst_ip}:{dst_port}: not an enrolled local workload",
             extra={"event": "inbound_unknown_destination"},
         )
-        reset(sock)
+        down.reset()
         return
     conn, d = check_and_record(
         agent,
@@ -292,12 +284,12 @@ async def handle_plaintext(agent: NodeAgent, sock: socket.socket, original: tupl
         port=dst_port,
     )
     if not d.allowed:
-        reset(sock)
+        down.reset()
         return
     agent.metrics.plaintext_connections.labels(dest.namespace).inc()
     await deliver_local(
         agent,
-        sock,
+        down,
         dest=dest,
         dst=(dst_ip, dst_port),
         source_ip=src_ip,
@@ -312,7 +304,7 @@ async def handle_plaintext(agent: NodeAgent, sock: socket.socket, original: tupl
 
 async def deliver_local(
     agent: NodeAgent,
-    sock: socket.socket,
+    down: Downstream,
     *,
     dest: Workload,
     dst: tuple[str, int],
@@ -344,7 +336,7 @@ async def deliver_local(
             reason=f"cannot connect to the pod: {exc!r}",
         )
         agent.metrics.handshake_failures.labels("inbound", "upstream-failed").inc()
-        reset(sock)
+        down.reset()
         return
     labels = connection_labels(
         reporter="destination",
@@ -383,11 +375,11 @@ async def deliver_local(
             destination_key=dest.key,
         )
     )
-    await run_relay(agent, relay, sock, up, tracked)
+    await run_relay(agent, relay, down, up, tracked)
 
 
 async def run_relay(
-    agent: NodeAgent, relay: PlainRelay, down: socket.socket, up: socket.socket, tracked: Tracked
+    agent: NodeAgent, relay: PlainRelay, down: Downstream, up: socket.socket, tracked: Tracked
 ) -> None:
     reason = "aborted"
     try:
@@ -396,7 +388,7 @@ async def run_relay(
     except (OSError, ConnectionError) as exc:
         reason = f"relay failed: {exc!r}"
         relay.abort(reason)
-        down.close()
+        down.reset()
         up.close()
     finally:
         agent.tracker.close(tracked, reason)

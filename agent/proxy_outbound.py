@@ -15,9 +15,7 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
-import socket
 from typing import TYPE_CHECKING
 
 from agent.config import IPAddress, Workload
@@ -26,29 +24,19 @@ from agent.node.tracking import Tracked, connection_labels, decision_fields
 from agent.proxy_inbound import check_and_record, deliver_local, run_relay
 from agent.proxy_plain import PlainRelay
 from agent.store import DestinationKind, Route
-from tunnel.client import TunnelError
-from tunnel.client import abort_with_rst_sock as reset
+from tunnel.client import OutboundTarget, TunnelError
 from tunnel.hbone import Authority
 
 if TYPE_CHECKING:
+    from agent.downstream import Downstream
     from agent.node.agent import NodeAgent
 
 log = logging.getLogger("ztagent.outbound")
 
-def _ip(text: str) -> IPAddress | None:
-    try:
-        return ipaddress.ip_address(text.split("%")[0])
-    except ValueError:
-        return None
 
-
-async def handle_outbound(agent: NodeAgent, sock: socket.socket, original: tuple[str, int]) -> None:
-    try:
-        peer = sock.getpeername()
-    except OSError:
-        sock.close()
-        return
-    src_ip = _ip(peer[0])
+async def handle_outbound(agent: NodeAgent, down: Downstream, original: tuple[str, int]) -> None:
+    peer = down.peer
+    src_ip = down.peer_ip
     store = agent.store
     source = store.is_local_enrolled_ip(src_ip) if src_ip is not None else None
     if source is None:
@@ -58,14 +46,14 @@ async def handle_outbound(agent: NodeAgent, sock: socket.socket, original: tuple
             extra={"event": "outbound_unknown_source", "source_ip": peer[0]},
         )
         agent.metrics.handshake_failures.labels("outbound", "unknown-source").inc()
-        reset(sock)
+        down.reset()
         return
     if agent.is_own_listener(original):
         log.warning(
             f"outbound connection from {source.key} to the agent's own listener {original}: refused (loop)",
             extra={"event": "outbound_loop"},
         )
-        reset(sock)
+        down.reset()
         return
     route = store.route(original[0], original[1])
     if route is None:
@@ -74,7 +62,7 @@ async def handle_outbound(agent: NodeAgent, sock: socket.socket, original: tuple
             extra={"event": "no_endpoint", "source_workload": source.key},
         )
         agent.metrics.handshake_failures.labels("outbound", "no-endpoint").inc()
-        reset(sock)
+        down.reset()
         return
     if route.waypoint is not None:
         # Seam for the waypoint issue: HBONE to the waypoint instead of the destination. Until it
@@ -83,20 +71,20 @@ async def handle_outbound(agent: NodeAgent, sock: socket.socket, original: tuple
             f"{source.key} -> {original}: destination has a waypoint, which this agent cannot route to yet",
             extra={"event": "waypoint_unsupported"},
         )
-        reset(sock)
+        down.reset()
         return
     assert src_ip is not None
     if route.kind is DestinationKind.WORKLOAD and route.workload is not None:
         if route.workload.node == agent.node_name:
-            await _same_node(agent, sock, source, src_ip, route)
+            await _same_node(agent, down, source, src_ip, route)
         else:
-            await _hbone(agent, sock, source, src_ip, peer[1], route)
+            await _hbone(agent, down, source, src_ip, peer[1], route)
     else:
-        await _passthrough(agent, sock, source, src_ip, route)
+        await _passthrough(agent, down, source, src_ip, route)
 
 
 async def _hbone(
-    agent: NodeAgent, sock: socket.socket, source: Workload, src_ip: IPAddress, src_port: int, route: Route
+    agent: NodeAgent, down: Downstream, source: Workload, src_ip: IPAddress, src_port: int, route: Route
 ) -> None:
     dest = route.workload
     assert dest is not None
@@ -108,21 +96,21 @@ async def _hbone(
             extra={"event": "no_credential", "identity": str(source.spiffe_id)},
         )
         agent.metrics.handshake_failures.labels("outbound", "no-credential").inc()
-        reset(sock)
+        down.reset()
         return
     dst_ip, dst_port = route.address
     destination = Authority.of(dst_ip, dst_port)
     agent_address = Authority.of(dst_ip, agent.hbone_port)
+    target = OutboundTarget(
+        source=cred,
+        destination=destination,
+        agent_address=agent_address,
+        expected_identities=(dest.spiffe_id,),
+        source_address=Authority.of(src_ip, src_port),
+        baggage=_baggage(source),
+    )
     try:
-        stream = await agent.hbone_client.open_tunnel(
-            sock,
-            source=cred,
-            destination=destination,
-            agent_address=agent_address,
-            expected_identities=[dest.spiffe_id],
-            source_address=Authority.of(src_ip, src_port),
-            baggage=_baggage(source),
-        )
+        stream = await agent.hbone_client.establish(target, down.reset)
     except TunnelError as exc:
         # The tunnel's message already says what is likely wrong (blocked port, no agent, ...).
         log.warning(
@@ -152,6 +140,11 @@ async def _hbone(
             status=exc.status,
             reason=str(exc),
         )
+        return
+    try:
+        down.hand_over(stream.tcp_protocol())
+    except ConnectionError as exc:
+        stream.abort(reason=str(exc))
         return
     info = stream.info
     labels = connection_labels(
@@ -194,7 +187,7 @@ async def _hbone(
 
 
 async def _same_node(
-    agent: NodeAgent, sock: socket.socket, source: Workload, src_ip: IPAddress, route: Route
+    agent: NodeAgent, down: Downstream, source: Workload, src_ip: IPAddress, route: Route
 ) -> None:
     """Both ends on this node: authorize as the destination agent would, then connect locally.
 
@@ -214,11 +207,11 @@ async def _same_node(
         port=dst_port,
     )
     if not d.allowed:
-        reset(sock)
+        down.reset()
         return
     await deliver_local(
         agent,
-        sock,
+        down,
         dest=dest,
         dst=(dst_ip, dst_port),
         source_ip=src_ip,
@@ -232,7 +225,7 @@ async def _same_node(
 
 
 async def _passthrough(
-    agent: NodeAgent, sock: socket.socket, source: Workload, src_ip: IPAddress, route: Route
+    agent: NodeAgent, down: Downstream, source: Workload, src_ip: IPAddress, route: Route
 ) -> None:
     """Unenrolled or external destination: plaintext, from the node (the agent's own traffic is
     never captured, so this cannot loop)."""
@@ -246,7 +239,7 @@ async def _passthrough(
         )
         if route.service is not None:
             agent.store.mark_unhealthy(dst_ip, dst_port)
-        reset(sock)
+        down.reset()
         return
     counts = [0, 0]
 
@@ -283,7 +276,7 @@ async def _passthrough(
             },
         )
     )
-    await run_relay(agent, relay, sock, up, tracked)
+    await run_relay(agent, relay, down, up, tracked)
 
 
 def _baggage(w: Workload) -> str:

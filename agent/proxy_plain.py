@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from tunnel.relay import abort_with_rst
+
+if TYPE_CHECKING:
+    from agent.downstream import Downstream
 
 WRITE_HIGH = 1024 * 1024
 WRITE_LOW = 256 * 1024
@@ -99,7 +102,7 @@ class _Side(asyncio.Protocol):
 
 
 class PlainRelay:
-    """Relays bytes between an accepted socket and an upstream socket until both ends finish.
+    """Relays bytes between an accepted connection and an upstream socket until both ends finish.
 
     ``on_bytes(direction, n)`` is called for every chunk: ``"received"`` for downstream ->
     upstream (request direction), ``"sent"`` for upstream -> downstream (Istio's convention).
@@ -116,12 +119,14 @@ class PlainRelay:
         if self._on_bytes is not None:
             self._on_bytes("received" if side == "down" else "sent", n)
 
-    async def start(self, downstream: socket.socket, upstream: socket.socket) -> None:
+    async def start(self, downstream: Downstream, upstream: socket.socket) -> None:
+        """Attach the upstream socket, then take over the held downstream connection (what the
+        app sent while held is replayed to the upstream). Raises ConnectionError if the app
+        left meanwhile."""
         loop = asyncio.get_running_loop()
-        downstream.setblocking(False)
         upstream.setblocking(False)
-        await loop.connect_accepted_socket(lambda: self.down, sock=downstream)
         await loop.create_connection(lambda: self.up, sock=upstream)
+        downstream.hand_over(self.down)
 
     def _close_both(self) -> None:
         for side in (self.down, self.up):

@@ -279,7 +279,7 @@ class HboneClient:
             baggage,
             extra_headers,
         )
-        stream = await self._establish(target, lambda: abort_with_rst_sock(sock))
+        stream = await self.establish(target, lambda: abort_with_rst_sock(sock))
         await stream.attach(sock)
         return stream
 
@@ -309,8 +309,11 @@ class HboneClient:
         self.stats[exc.kind] += 1
         _safe(self.observer.rejected, exc.kind, str(exc))
 
-    async def _establish(self, target: OutboundTarget, reset_local: Callable[[], None]) -> TunnelStream:
-        """Open the CONNECT stream for ``target`` and wait for the 200 (TCP side not attached)."""
+    async def establish(self, target: OutboundTarget, reset_local: Callable[[], None]) -> TunnelStream:
+        """Open the CONNECT stream for ``target`` and wait for the 200, without a TCP side: the
+        caller makes ``stream.tcp_protocol()`` the protocol of the transport it holds (bytes the
+        server sends meanwhile are kept). On failure calls ``reset_local`` and raises
+        :class:`TunnelError`."""
         try:
             if not target.expected_identities:
                 raise TunnelError(
@@ -571,7 +574,7 @@ class _OutboundSide(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         try:
-            stream = await self.client._establish(target, lambda: abort_with_rst(transport))
+            stream = await self.client.establish(target, lambda: abort_with_rst(transport))
         except (TunnelError, asyncio.CancelledError):
             return
         if transport.is_closing():

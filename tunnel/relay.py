@@ -207,6 +207,13 @@ class TunnelStream:
         self._may_send = False
         await self.session.loop.create_connection(lambda: _TcpSide(self), str(authority.ip), authority.port)
 
+    def tcp_protocol(self) -> asyncio.Protocol:
+        """The protocol of this stream's TCP side, for a transport the caller already holds (an
+        accepted connection kept paused while the tunnel opened): ``transport.set_protocol(p)``,
+        then ``p.connection_made(transport)``. Cheaper than :meth:`attach`, which builds a new
+        transport from a socket."""
+        return _TcpSide(self)
+
     def start_sending(self) -> None:
         """The response headers are out: let TCP bytes flow into the stream."""
         if self._may_send or self.closed:

@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from importlib.metadata import version as pkg_version
 from typing import Any
@@ -32,6 +33,7 @@ from agent.admin import RunningSite, build_admin_app, build_metrics_app, build_r
 from agent.ca.client import CaClient, NodeCredentials
 from agent.ca.manager import CertificateManager, NoCredentialError
 from agent.config import ConfigError, FileConfigSource, MeshConfig, thaw
+from agent.downstream import Downstream, downstream_factory
 from agent.metrics import AgentMetrics, ConnectionStats
 from agent.node.capture import CaptureLayer, StaticCapture, make_listener, parse_address
 from agent.node.tracking import Tracked, Tracker, connection_labels, decision_fields
@@ -42,7 +44,6 @@ from agent.proxy_inbound import (
     hbone_is_local,
     hbone_upstream,
     record_decision,
-    reset,
     trusted_source_ip,
     verified_source_workload,
 )
@@ -89,7 +90,7 @@ class _Listener:
     sock: socket.socket
     role: str  # "outbound" | "inbound"
     original: tuple[str, int] | None = None  # static capture: fixed original destination
-    task: asyncio.Task[None] | None = None
+    server: asyncio.AbstractServer | None = None
 
 
 @dataclass
@@ -254,8 +255,11 @@ class NodeAgent:
         for sc in o.static_captures:
             sock = make_listener(sc.listen[0], sc.listen[1], transparent=False)
             self._listeners.append(_Listener(sock, sc.role, original=sc.original))
+        loop = asyncio.get_running_loop()
         for lst in self._listeners:
-            lst.task = asyncio.get_running_loop().create_task(self._accept_loop(lst))
+            lst.server = await loop.create_server(
+                downstream_factory(self._connection_handler(lst), self._tasks), sock=lst.sock, backlog=4096
+            )
 
         # 4. capture: steer traffic only now that the listeners exist
         try:
@@ -294,8 +298,8 @@ class NodeAgent:
             if self._config_task is not None:
                 self._config_task.cancel()
             for lst in self._listeners:
-                if lst.task is not None:
-                    lst.task.cancel()
+                if lst.server is not None:
+                    lst.server.close()
                 lst.sock.close()
             if self.hbone_server is not None:
                 await self.hbone_server.drain(self.options.drain_timeout)
@@ -513,54 +517,17 @@ class NodeAgent:
             await self.hbone_server.start(sock=sock)
         # Listeners for pods that left stay open: harmless (the server refuses unknown local IPs).
 
-    async def _accept_loop(self, lst: _Listener) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                conn, _ = await loop.sock_accept(lst.sock)
-            except asyncio.CancelledError:
-                raise
-            except OSError as exc:
-                if lst.sock.fileno() < 0:
-                    return
-                log.warning(f"accept on {lst.role} listener failed: {exc}", extra={"event": "accept_error"})
-                await asyncio.sleep(0.05)  # e.g. EMFILE: do not spin
-                continue
-            conn.setblocking(False)
-            task = loop.create_task(self._handle(lst, conn))
-            self._tasks.add(task)
-            task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error(
-                "connection handler failed", exc_info=task.exception(), extra={"event": "handler_error"}
-            )
-
-    async def _handle(self, lst: _Listener, conn: socket.socket) -> None:
-        try:
-            if lst.original is not None:
-                original = lst.original
-            else:
-                name = conn.getsockname()
-                original = (name[0].split("%")[0], name[1])
-        except OSError:
-            conn.close()
-            return
-        try:
+    def _connection_handler(self, lst: _Listener) -> Callable[[Downstream], Coroutine[Any, Any, None]]:
+        async def handle(down: Downstream) -> None:
+            # With bpf capture the connection keeps its original destination as its local
+            # address (sk_lookup assigns the socket without rewriting the packet).
+            original = lst.original if lst.original is not None else down.local
             if lst.role == "outbound":
-                await handle_outbound(self, conn, original)
+                await handle_outbound(self, down, original)
             else:
-                await handle_plaintext(self, conn, original)
-        except Exception:
-            # A bug or an unexpected library error must not leave the app hanging: reset it.
-            log.exception(
-                f"{lst.role} connection to {original[0]}:{original[1]} failed unexpectedly",
-                extra={"event": "handler_error"},
-            )
-            if conn.fileno() >= 0:
-                reset(conn)
+                await handle_plaintext(self, down, original)
+
+        return handle
 
     def is_own_listener(self, addr: tuple[str, int]) -> bool:
         try:
