@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import resource
 import signal
 import sys
 
@@ -131,6 +132,30 @@ async def serve(options: AgentOptions) -> int:
     return 0
 
 
+# Every proxied connection holds two descriptors (the app's and the upstream's or the tunnel's
+# share); distributions start services with a soft limit of 1024, which a busy node passes.
+WANTED_NOFILE = 1 << 20
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE towards the hard limit (as Envoy and ztunnel do); returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = WANTED_NOFILE if hard == resource.RLIM_INFINITY else min(hard, WANTED_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError) as exc:
+            log.warning(f"cannot raise the open-files limit from {soft}: {exc}", extra={"event": "nofile"})
+    if soft < 16384:
+        log.warning(
+            f"open-files limit is {soft}: at about {soft // 2} proxied connections new ones will fail "
+            "(raise the hard limit, e.g. LimitNOFILE= or the container runtime's ulimit)",
+            extra={"event": "nofile"},
+        )
+    return soft
+
+
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     try:
@@ -138,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: ztagent run: {exc}", file=sys.stderr)
         return 2
+    raise_nofile_limit()
     if args.loop == "uvloop":
         with contextlib.suppress(ImportError):
             import uvloop
