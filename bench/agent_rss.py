@@ -36,7 +36,7 @@ def _block() -> str:
     return f"127.{100 + (pid >> 8) % 150}.{pid % 256}"
 
 
-def _config(base: str, n_pods: int, server_port: int) -> str:
+def _config(base: str, n_pods: int, server_ports: list[int]) -> str:
     lines = [
         "apiVersion: ztagent.io/v1alpha1",
         "kind: MeshConfig",
@@ -57,7 +57,7 @@ def _config(base: str, n_pods: int, server_port: int) -> str:
         f"  - {{name: server, namespace: ns2, serviceAccount: server, node: node-b, ips: [{base}.130], "
         f"labels: {{app: server}}}}"
     )
-    lines.append(f"# server pod port {server_port}")
+    lines.append(f"# server pod ports {server_ports}")
     return "\n".join(lines) + "\n"
 
 
@@ -78,18 +78,27 @@ def _wait(cond: Any, timeout: float, what: str, proc: subprocess.Popen[bytes] | 
     raise RuntimeError(f"{what}: not ready within {timeout:.0f} s")
 
 
+def server_pod_ip() -> str:
+    """The server pod's IP on node-b: backends for :func:`node_pair` listen there."""
+    return f"{_block()}.130"
+
+
 @contextmanager
-def node_pair(n_pods: int, log_dir: str | None = None) -> Iterator[dict[str, Any]]:
-    """CA + node-a (n_pods enrolled) + node-b (server pod with nginx); yields pids and the
-    address of node-a's outbound listener standing for the server pod."""
+def node_pair(
+    n_pods: int, log_dir: str | None = None, targets: dict[str, int] | None = None
+) -> Iterator[dict[str, Any]]:
+    """CA + node-a (n_pods enrolled) + node-b (the server pod); yields the agents' pids and,
+    per target kind, the port of node-a's outbound listener standing for ``server_pod_ip():port``.
+    Without ``targets`` an nginx answering 1 KB is started on the server pod (kind "http")."""
     base = _block()
     zt = _zt()
     with ExitStack() as stack:
         tmp = tempfile.mkdtemp(prefix="ztagent-bench-agents-")
         stack.callback(lambda: subprocess.run(["rm", "-rf", tmp], check=False))
-        server_port = stack.enter_context(suite.nginx_1kb(f"{base}.130"))
+        if targets is None:
+            targets = {"http": stack.enter_context(suite.nginx_1kb(server_pod_ip()))}
         cfg = Path(tmp, "mesh.yaml")
-        cfg.write_text(_config(base, n_pods, server_port))
+        cfg.write_text(_config(base, n_pods, sorted(targets.values())))
         _run_ok([zt, "ca", "init", "--dir", f"{tmp}/ca", "--trust-domain", TD])
         for node in ("node-a", "node-b"):
             _run_ok(
@@ -115,7 +124,8 @@ def node_pair(n_pods: int, log_dir: str | None = None) -> Iterator[dict[str, Any
                 "--access-log", f"{tmp}/{node}.access.log", "--log-level", "warning",
             ]  # fmt: skip
             if node == "node-a":
-                argv += ["--static-capture", f"out:127.0.0.1:0={base}.130:{server_port}"]
+                for port in targets.values():
+                    argv += ["--static-capture", f"out:127.0.0.1:0={base}.130:{port}"]
             log = open(f"{log_dir or tmp}/{node}.log", "wb")  # noqa: SIM115 - closed by the stack
             stack.callback(log.close)
             p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
@@ -123,8 +133,13 @@ def node_pair(n_pods: int, log_dir: str | None = None) -> Iterator[dict[str, Any
             _wait(lambda state=state: os.path.exists(state), 60, f"ztagent run {node}", p)
             procs[node] = p
         doc = json.loads(Path(f"{tmp}/node-a.state.json").read_text())
-        listener = next(x["address"] for x in doc["addresses"]["listeners"] if x["role"] == "outbound")
-        yield {"pids": {k: v.pid for k, v in procs.items()}, "listener": listener, "tmp": tmp}
+        by_original = {
+            x["original"]: int(x["address"].rsplit(":", 1)[1])
+            for x in doc["addresses"]["listeners"]
+            if x["role"] == "outbound"
+        }
+        listeners = {kind: by_original[f"{base}.130:{port}"] for kind, port in targets.items()}
+        yield {"pids": {k: v.pid for k, v in procs.items()}, "listeners": listeners, "tmp": tmp}
 
 
 def measure(*, quick: bool, envoy_idle_rss_mb: float, envoy_idle_private_mb: float) -> dict[str, Any]:
@@ -144,7 +159,7 @@ def measure(*, quick: bool, envoy_idle_rss_mb: float, envoy_idle_private_mb: flo
             private[str(n)] = suite.private_kb(pair["pids"]["node-a"]) / 1024
             print(f"agent_rss: {n} pods: {pods[str(n)]:.1f} MB", file=sys.stderr)
             if n == counts[-1]:
-                port = int(pair["listener"].rsplit(":", 1)[1])
+                port = pair["listeners"]["http"]
                 secs = 1 if quick else 4
                 load = suite.wrk(port, 16, secs)
                 conns = suite.wrk(port, 8, secs, close=True)

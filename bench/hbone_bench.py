@@ -43,7 +43,7 @@ def _announce(port: int) -> None:
 
 
 # --- child roles -------------------------------------------------------------------------------
-async def _backend() -> None:
+async def _backend(doc: dict[str, str]) -> None:
     loop = asyncio.get_running_loop()
 
     class Backend(asyncio.Protocol):
@@ -69,7 +69,7 @@ async def _backend() -> None:
             self.t.close()
             return True
 
-    srv = await loop.create_server(Backend, "127.0.0.1", 0, backlog=4096)
+    srv = await loop.create_server(Backend, doc.get("host", "127.0.0.1"), 0, backlog=4096)
     _announce(srv.sockets[0].getsockname()[1])
     await asyncio.Event().wait()
 
@@ -123,9 +123,9 @@ def child_main(role: str) -> None:
     _raise_nofile()
     import uvloop
 
-    doc = json.loads(sys.stdin.readline()) if role != "backend" else {}
+    doc = json.loads(sys.stdin.readline() or "{}")
     coro = {"backend": _backend, "ours-server": _ours_server, "ours-client": _ours_client}[role]
-    uvloop.run(coro(doc) if doc else coro())  # type: ignore[operator]
+    uvloop.run(coro(doc))
 
 
 # --- orchestration -----------------------------------------------------------------------------

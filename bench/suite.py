@@ -2,23 +2,25 @@
 
     .venv/bin/python -m bench [--runs N] [--quick] [--only SCENARIO,...] [--idle-n N]
 
-Paths, each measured in turn for every scenario and run (a, b, c, a, b, c, ...):
+Paths, each measured in turn for every scenario and run (a, b, c, d, a, b, c, d, ...):
   (a) direct  — the load tool talks to the backend itself (no mesh; the physical limit);
   (b) envoy   — client Envoy (plaintext in, HBONE = HTTP/2 CONNECT over mTLS 1.3 out) and server
                 Envoy (HBONE in, plaintext to the backend), configs from ``bench.envoy``, one
                 worker each (``--concurrency 1``);
-  (c) ours    — ztagent's tunnel pair: ``tunnel.client.HboneClient.listener_protocol`` in front and
-                ``tunnel.server.HboneServer`` with its default upstream connector behind, one uvloop
-                process each. This is NOT the path ``ztagent run`` takes today: the agent accepts
-                with ``sock_accept`` and tunnels through ``HboneClient.open_tunnel``, and its 15008
-                delivers through its own connector (IP_TRANSPARENT source bind); capture, policy
-                and the access log are outside the pair too. The figures are the tunnel's ceiling;
-                ``--only agent_rss`` drives wrk through real ``ztagent run`` processes, and
-                ``--only lab`` through the lab with eBPF capture.
+  (c) agent   — ztagent: two real ``ztagent run`` processes (node-a, node-b; certificates from a
+                real ``ztagent ca serve``), the load entering node-a's outbound listener as a
+                captured connection of an enrolled pod (``--capture none --static-capture``, so
+                no eBPF on loopback), HBONE to node-b, which authorizes (L4 policy), access-logs,
+                counts and delivers to the backend on the server pod's IP. The targets are
+                judged on this path. ``--only lab`` adds eBPF capture in network namespaces;
+  (d) pair    — ztagent's tunnel alone (``HboneClient.listener_protocol`` + ``HboneServer``, one
+                uvloop process each, no policy, metrics or logs): the data plane's ceiling, to
+                show what the agent's own work costs.
 
 Backends: iperf3 (bulk), nginx with one worker returning 1 KB (wrk scenarios), a uvloop echo
-server (idle tunnels). Load tools: iperf3 -c, wrk (``--latency`` for p50/p99; ``Connection: close``
-for new connections/s). Only same-run ratios are claims: other work on the machine moves absolute
+server (idle tunnels); the agent path has its own instances on the server pod's loopback IP.
+Load tools: iperf3 -c, wrk (``--latency`` for p50/p99; ``Connection: close`` for new
+connections/s). Only same-run ratios are claims: other work on the machine moves absolute
 figures. Writes bench/results/latest.json and bench/results/latest.md.
 """
 
@@ -46,7 +48,7 @@ from typing import Any
 from bench import hbone_bench as hb
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PATHS = ("direct", "envoy", "ours")
+PATHS = ("direct", "envoy", "agent", "pair")
 SCENARIOS = ("bulk", "http1", "http16", "newconns", "tunnel_mem", "agent_rss", "lab")
 
 
@@ -160,15 +162,15 @@ http {{
 
 
 @contextmanager
-def iperf3_server() -> Iterator[int]:
-    port = _free_port()
+def iperf3_server(host: str = "127.0.0.1") -> Iterator[int]:
+    port = _free_port(host)
     proc = subprocess.Popen(
-        ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(port)],
+        ["iperf3", "-s", "-B", host, "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        _wait_port(port, proc, "iperf3 -s")
+        _wait_port(port, proc, "iperf3 -s", host=host)
         yield port
     finally:
         _stop(proc)
@@ -377,7 +379,7 @@ def run(opts: Options, partial: Callable[[dict[str, Any]], None] | None = None) 
         backends = {"iperf": iperf_port, "http": http_port, "echo": echo_doc["port"]}
         kinds = list(backends)
 
-        # (c) ours
+        # (d) the tunnel pair alone
         srv_proc, srv_doc = stack.enter_context(child("ours-server", sdoc))
         cli_proc, cli_doc = stack.enter_context(
             child(
@@ -390,7 +392,21 @@ def run(opts: Options, partial: Callable[[dict[str, Any]], None] | None = None) 
                 },
             )
         )
-        ours = Path_("ours", dict(zip(kinds, cli_doc["ports"], strict=True)), [cli_proc.pid, srv_proc.pid])
+        pair = Path_("pair", dict(zip(kinds, cli_doc["ports"], strict=True)), [cli_proc.pid, srv_proc.pid])
+
+        # (c) two real agents, with the same backends on the server pod's IP
+        from bench import agent_rss
+
+        pod_ip = agent_rss.server_pod_ip()
+        _pod_echo, pod_echo_doc = stack.enter_context(child("backend", {"host": pod_ip}))
+        pod_backends = {
+            "iperf": stack.enter_context(iperf3_server(pod_ip)),
+            "http": stack.enter_context(nginx_1kb(pod_ip)),
+            "echo": pod_echo_doc["port"],
+        }
+        agents = stack.enter_context(agent_rss.node_pair(1, targets=pod_backends))
+        agent = Path_("agent", agents["listeners"], [agents["pids"]["node-a"], agents["pids"]["node-b"]])
+        extra["agent_logs"] = agents["tmp"]
 
         # (b) Envoy: one server Envoy, one client Envoy with a listener per backend
         env_srv = start_envoy(
@@ -418,9 +434,10 @@ def run(opts: Options, partial: Callable[[dict[str, Any]], None] | None = None) 
             [env_cli.proc.pid, env_srv.proc.pid],
         )
         direct = Path_("direct", dict(backends))
-        paths = [direct, envoy, ours]
+        paths = [direct, envoy, agent, pair]
+        proxies = [envoy, agent, pair]
 
-        for p in (envoy, ours):
+        for p in proxies:
             samples["proxy_rss_idle_mb"][p.name].append(status_kb(p.pids[0], "VmRSS") / 1024)
             extra.setdefault("server_proxy_rss_idle_mb", {})[p.name] = status_kb(p.pids[1], "VmRSS") / 1024
             extra.setdefault("server_proxy_private_idle_mb", {})[p.name] = private_kb(p.pids[1]) / 1024
@@ -446,10 +463,10 @@ def run(opts: Options, partial: Callable[[dict[str, Any]], None] | None = None) 
                     print(f"run {r + 1}/{opts.runs} {scenario:9s} {p.name:6s} done", file=sys.stderr)
             if partial is not None:  # a long run that dies later still leaves its figures
                 partial(_summarise(samples, opts, extra))
-        for p in (envoy, ours):
+        for p in proxies:
             samples["proxy_rss_load_mb"][p.name].append(status_kb(p.pids[0], "VmHWM") / 1024)
         if "tunnel_mem" in todo:
-            for p in (envoy, ours):
+            for p in proxies:
                 try:
                     kb = idle_tunnels(p.ports["echo"], p.pids, opts.idle_n) / 1024
                 except (OSError, RuntimeError) as exc:
@@ -527,10 +544,10 @@ def _summarise(
             continue
         entry: dict[str, Any] = {"unit": METRICS[key].unit, "paths": stats}
         med = {p: s["median"] for p, s in stats.items() if s}
-        if med.get("ours") is not None and med.get("envoy"):
-            entry["ours_over_envoy"] = med["ours"] / med["envoy"]
-        if med.get("ours") is not None and med.get("direct"):
-            entry["ours_over_direct"] = med["ours"] / med["direct"]
+        for ours in ("agent", "pair"):
+            for ref in ("envoy", "direct"):
+                if med.get(ours) is not None and med.get(ref):
+                    entry[f"{ours}_over_{ref}"] = med[ours] / med[ref]
         metrics[key] = entry
     targets = _targets(metrics, extra)
     return {
@@ -539,8 +556,11 @@ def _summarise(
         "runs": opts.runs,
         "quick": opts.quick,
         "idle_tunnels": opts.idle_n,
-        "ours_is": "tunnel.client.HboneClient.listener_protocol + tunnel.server.HboneServer, one uvloop "
-        "process each (the agent's data plane without capture/policy/access log)",
+        "paths": {
+            "agent": "two `ztagent run` processes (static capture on loopback, policy, metrics, access log)",
+            "pair": "tunnel.client.HboneClient.listener_protocol + tunnel.server.HboneServer, one uvloop "
+            "process each (the data plane without policy/metrics/access log)",
+        },
         "metrics": metrics,
         "extra": extra,
         "targets": targets,
@@ -555,7 +575,7 @@ def _targets(metrics: dict[str, Any], extra: dict[str, Any]) -> list[dict[str, A
         return s["median"] if s else None
 
     def ratio_target(name: str, key: str, want: str) -> None:
-        o, e = med(key, "ours"), med(key, "envoy")
+        o, e = med(key, "agent"), med(key, "envoy")
         if o is None or not e:
             return
         r = o / e
@@ -563,7 +583,7 @@ def _targets(metrics: dict[str, Any], extra: dict[str, Any]) -> list[dict[str, A
         out.append({"target": name, "measured": f"{r:.2f}x Envoy", "met": ok})
 
     ratio_target("bulk throughput, 1 stream >= 1.0x Envoy pair", "bulk_gbps", ">=")
-    o, e, d = med("http1_p50_ms", "ours"), med("http1_p50_ms", "envoy"), med("http1_p50_ms", "direct")
+    o, e, d = med("http1_p50_ms", "agent"), med("http1_p50_ms", "envoy"), med("http1_p50_ms", "direct")
     if o is not None and e is not None and d is not None and e > d:
         r = (o - d) / (e - d)
         out.append(
@@ -575,7 +595,7 @@ def _targets(metrics: dict[str, Any], extra: dict[str, Any]) -> list[dict[str, A
         )
     ratio_target("req/s at 16 connections >= 1.0x Envoy pair", "http16_rps", ">=")
     ratio_target("new connections/s >= 1.0x Envoy pair", "newconns_per_s", ">=")
-    kb = med("kb_per_tunnel", "ours")
+    kb = med("kb_per_tunnel", "agent")
     if kb is not None:
         out.append({"target": "memory per open tunnel <= 16 KB", "measured": f"{kb:.1f} KB", "met": kb <= 16})
     rss = extra.get("agent_rss", {})
@@ -611,10 +631,12 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [
         f"Measured {res['date']} on {m['cpu']} ({m['cores']} cores, Linux {m['kernel']}, "
         f"Python {m['python']}); "
-        f"median of {res['runs']} alternating runs [min-max]; loopback.",
+        f"median of {res['runs']} alternating runs [min-max]; loopback. ztagent = two real "
+        "`ztagent run` agents; tunnel pair = the HBONE data plane alone (no policy, metrics, logs).",
         "",
-        "| metric | direct | Envoy pair | ztagent | ztagent/Envoy | ztagent/direct |",
-        "|---|---|---|---|---|---|",
+        "| metric | direct | Envoy pair | ztagent | tunnel pair | ztagent/Envoy | ztagent/direct "
+        "| pair/Envoy |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for key, entry in res["metrics"].items():
         met = METRICS[key]
@@ -626,9 +648,11 @@ def markdown(res: dict[str, Any]) -> str:
                 if s
                 else "-"
             )
-        r1 = f"{entry['ours_over_envoy']:.2f}x" if "ours_over_envoy" in entry else "-"
-        r2 = f"{entry['ours_over_direct']:.2f}x" if "ours_over_direct" in entry else "-"
-        lines.append(f"| {met.label} ({met.unit}) | {' | '.join(cells)} | {r1} | {r2} |")
+        ratios = [
+            f"{entry[k]:.2f}x" if k in entry else "-"
+            for k in ("agent_over_envoy", "agent_over_direct", "pair_over_envoy")
+        ]
+        lines.append(f"| {met.label} ({met.unit}) | {' | '.join(cells)} | {' | '.join(ratios)} |")
     rss = res["extra"].get("agent_rss")
     if rss:
         lines += ["", "Node memory as pods grow (real `ztagent run`, `--capture none`):", ""]
