@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -121,9 +122,10 @@ class Workload:
     enrolled: bool
     spiffe_id: SpiffeId
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
-        """``namespace/name``: how the CLI, admin and logs refer to a workload."""
+        """``namespace/name``: how the CLI, admin and logs refer to a workload (formatted once:
+        every connection's log fields name its workloads)."""
         return f"{self.namespace}/{self.name}"
 
 

@@ -17,6 +17,7 @@ callers (CLI, logs, tests) can report it without parsing prose.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Final
@@ -207,5 +208,11 @@ class SpiffeId:
     def member_of(self, trust_domain: TrustDomain) -> bool:
         return self.trust_domain == trust_domain
 
-    def __str__(self) -> str:
+    @functools.cached_property
+    def _uri(self) -> str:
+        # Formatted once per ID: the agent names principals in the labels, logs and headers of
+        # every connection, and one shared string beats a fresh copy for each (issue 6 memory).
         return f"{SCHEME_PREFIX}{self.trust_domain.name}{self.path}"
+
+    def __str__(self) -> str:
+        return self._uri
