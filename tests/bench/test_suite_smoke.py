@@ -1,5 +1,5 @@
-"""Keeps the benchmark suite from rotting: one cheap scenario end to end through all three paths
-(direct, a real Envoy pair, our tunnel pair), checking the result file it writes. Asserts that the
+"""Keeps the benchmark suite from rotting: one cheap scenario end to end through all four paths
+(direct, a real Envoy pair, two real agents, our tunnel pair), checking the result file it writes. Asserts that the
 suite works and reports sane figures, never how fast anything is."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ pytestmark = [
 
 
 @pytest.mark.timeout(90)
-def test_quick_http1_runs_all_three_paths(tmp_path: Path) -> None:
+def test_quick_http1_runs_all_four_paths(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--only", "http1", "--out", str(out)],
@@ -39,9 +39,9 @@ def test_quick_http1_runs_all_three_paths(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     rps = res["metrics"]["http1_rps"]
-    assert set(rps["paths"]) == {"direct", "envoy", "ours"}
+    assert set(rps["paths"]) == {"direct", "envoy", "agent", "pair"}
     for stat in rps["paths"].values():
         assert stat["median"] > 0 and len(stat["samples"]) == 1
-    assert rps["ours_over_envoy"] > 0
+    assert rps["agent_over_envoy"] > 0 and rps["pair_over_envoy"] > 0
     assert "| 1 KB HTTP req/s, 1 conn (req/s) |" in out.with_suffix(".md").read_text()
     assert "bulk_gbps" not in res["metrics"]  # --only is honoured
