@@ -1,6 +1,6 @@
 """Keeps the benchmark suite from rotting: one cheap scenario end to end through all four paths
-(direct, a real Envoy pair, two real agents, our tunnel pair), checking the result file it writes. Asserts that the
-suite works and reports sane figures, never how fast anything is."""
+(direct, a real Envoy pair, two real agents, our tunnel pair), checking the result file it
+writes. Asserts that the suite works and reports sane figures, never how fast anything is."""
 
 from __future__ import annotations
 
