@@ -19,6 +19,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
+from tunnel.hbone import parse_ip
 from tunnel.relay import abort_with_rst
 
 log = logging.getLogger("ztagent.downstream")
@@ -71,7 +72,7 @@ class Downstream(asyncio.Protocol):
     @property
     def peer_ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         try:
-            return ipaddress.ip_address(self.peer[0])
+            return parse_ip(self.peer[0])
         except ValueError:
             return None
 

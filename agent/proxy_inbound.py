@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import errno
-import ipaddress
 import logging
 import socket
 from typing import TYPE_CHECKING, Any
@@ -28,7 +27,7 @@ from agent.node.tracking import Tracked, connection_labels, decision_fields
 from agent.proxy_plain import PlainRelay
 from identity.spiffe import SpiffeId
 from policy import Connection, Decision
-from tunnel.hbone import Authority
+from tunnel.hbone import Authority, parse_ip
 from tunnel.server import AuthzDecision, AuthzRequest
 
 if TYPE_CHECKING:
@@ -160,7 +159,7 @@ def check_and_record(
         destination_namespace=destination.namespace,
         destination_port=port,
         destination_labels=destination.labels,
-        destination_ip=ipaddress.ip_address(destination_ip),
+        destination_ip=parse_ip(destination_ip),
     )
     d = agent.policy_index.check(conn)
     record_decision(

@@ -13,7 +13,6 @@ the cost of a decision does not grow with policies that select other workloads).
 from __future__ import annotations
 
 import enum
-import ipaddress
 import itertools
 import random
 import time
@@ -23,6 +22,7 @@ from typing import Any
 
 from agent.config import IPAddress, MeshConfig, Node, Service, ServicePort, Workload
 from policy import PolicyIndex, PolicySet
+from tunnel.hbone import parse_ip
 
 
 class LoadBalancing(enum.Enum):
@@ -135,7 +135,7 @@ class WorkloadStore:
 
     def by_ip(self, ip: str | IPAddress) -> Workload | None:
         try:
-            addr = ipaddress.ip_address(ip) if isinstance(ip, str) else ip
+            addr = parse_ip(ip) if isinstance(ip, str) else ip
         except ValueError:
             return None
         return self._by_ip.get(addr)
@@ -278,7 +278,7 @@ class WorkloadStore:
         if not isinstance(ip, str):
             return ip
         try:
-            return ipaddress.ip_address(ip)
+            return parse_ip(ip)
         except ValueError:
             return None
 

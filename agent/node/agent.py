@@ -32,7 +32,7 @@ from agent.accesslog import AccessLog
 from agent.admin import RunningSite, build_admin_app, build_metrics_app, build_readiness_app, serve
 from agent.ca.client import CaClient, NodeCredentials
 from agent.ca.manager import CertificateManager, NoCredentialError
-from agent.config import ConfigError, FileConfigSource, MeshConfig, thaw
+from agent.config import ConfigError, FileConfigSource, IPAddress, MeshConfig, thaw
 from agent.downstream import Downstream, downstream_factory
 from agent.metrics import AgentMetrics, ConnectionStats
 from agent.node.capture import CaptureLayer, StaticCapture, make_listener, parse_address
@@ -53,6 +53,7 @@ from identity.spiffe import SpiffeId
 from identity.svid import WorkloadCredential
 from policy import Connection, PolicyIndex, PolicySet
 from tunnel.client import HboneClient
+from tunnel.hbone import parse_ip
 from tunnel.relay import TunnelInfo
 from tunnel.server import AuthzRequest, HboneServer, ServerConfig
 
@@ -91,6 +92,7 @@ class _Listener:
     role: str  # "outbound" | "inbound"
     original: tuple[str, int] | None = None  # static capture: fixed original destination
     server: asyncio.AbstractServer | None = None
+    bound: tuple[IPAddress, int] | None = None  # the listening address, once asked
 
 
 @dataclass
@@ -531,14 +533,17 @@ class NodeAgent:
 
     def is_own_listener(self, addr: tuple[str, int]) -> bool:
         try:
-            ip = ipaddress.ip_address(addr[0])
+            ip = parse_ip(addr[0])
         except ValueError:
             return False
         for lst in self._listeners:
             if lst.sock.fileno() < 0:
                 continue
-            h, p = lst.sock.getsockname()[:2]
-            if p == addr[1] and (ipaddress.ip_address(h) == ip or ipaddress.ip_address(h).is_unspecified):
+            if lst.bound is None:  # asked on every outbound connection: no syscall each time
+                h, p = lst.sock.getsockname()[:2]
+                lst.bound = (parse_ip(h), p)
+            h_ip, p = lst.bound
+            if p == addr[1] and (h_ip == ip or h_ip.is_unspecified):
                 return lst.original is None
         return False
 
