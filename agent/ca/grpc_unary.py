@@ -295,6 +295,9 @@ class UnaryChannel:
             return self._conn
         if self._dialing is None:
             self._dialing = asyncio.ensure_future(self._dial())
+            # Every caller may have given up (deadline) before the dial ends: its outcome is then
+            # read here, not left to be reported as "never retrieved" at garbage collection.
+            self._dialing.add_done_callback(lambda f: f.cancelled() or f.exception())
         dialing = self._dialing
         try:
             conn = await asyncio.wait_for(asyncio.shield(dialing), timeout)
