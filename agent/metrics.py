@@ -9,7 +9,7 @@ so two agents in one test process (or the CA and the agent) never share counters
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
@@ -87,16 +87,15 @@ class ConnectionStats:
     downstream (request direction), ``sent`` bytes towards the downstream (response direction).
     """
 
+    __slots__ = ("_closed", "_done", "_received", "_sent", "labels", "received", "sent")
+
     def __init__(self, metrics: AgentMetrics, labels: ConnectionLabels) -> None:
         self.labels = labels
-        v = labels.values()
-        self._sent = metrics.tcp_sent_bytes.labels(*v)
-        self._received = metrics.tcp_received_bytes.labels(*v)
-        self._closed = metrics.tcp_connections_closed.labels(*v)
+        opened, self._closed, self._sent, self._received = metrics.connection_series(labels)
         self.sent = 0
         self.received = 0
         self._done = False
-        metrics.tcp_connections_opened.labels(*v).inc()
+        opened.inc()
 
     def add_sent(self, n: int) -> None:
         self.sent += n
@@ -112,10 +111,17 @@ class ConnectionStats:
             self._closed.inc()
 
 
+# Label sets whose four TCP series are kept resolved (then the cache starts over).
+SERIES_CACHE_LIMIT = 4096
+
+
 class AgentMetrics:
     """All metrics of one agent, in one registry."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # (opened, closed, sent, received) series per label set: resolving a child takes a lock
+        # and a 20-tuple of label values, four times per connection, for the same few pairs.
+        self._series: dict[ConnectionLabels, tuple[Any, Any, Any, Any]] = {}
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
         self.tcp_connections_opened = Counter(
@@ -171,6 +177,23 @@ class AgentMetrics:
         # Certificate expiry and rotation failures (ztagent_cert_expiry_timestamp_seconds,
         # ztagent_cert_rotation_failures_total) are registered here by agent.ca's
         # CertificateManager, which owns those facts.
+
+    def connection_series(self, labels: ConnectionLabels) -> tuple[Any, Any, Any, Any]:
+        """The (opened, closed, sent, received) TCP counters for ``labels``. Series are never
+        removed from these metrics, so a resolved child stays the one the registry exports."""
+        got = self._series.get(labels)
+        if got is None:
+            v = labels.values()
+            got = (
+                self.tcp_connections_opened.labels(*v),
+                self.tcp_connections_closed.labels(*v),
+                self.tcp_sent_bytes.labels(*v),
+                self.tcp_received_bytes.labels(*v),
+            )
+            if len(self._series) >= SERIES_CACHE_LIMIT:
+                self._series.clear()
+            self._series[labels] = got
+        return got
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
