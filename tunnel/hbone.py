@@ -302,24 +302,13 @@ _DATA_HEADER = struct.Struct(">BHBBL")
 _SENDABLE = (h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE)
 
 
-class _H2Connection(h2.connection.H2Connection):
-    """``h2`` treats one stream beyond MAX_CONCURRENT_STREAMS as a connection error, which would
-    tear down every tunnel on the connection. RFC 9113 §5.1.2 allows refusing just that stream,
-    so the limit check is moved up into :class:`ServerConnection` (after HPACK decoding, which
-    must happen anyway to keep the header table in sync) and answered with REFUSED_STREAM."""
+class GracefulGoawayH2Connection(h2.connection.H2Connection):
+    """``h2`` moves the whole connection to CLOSED on any GOAWAY, sent or received, after which
+    not even DATA on streams the GOAWAY let through may be sent or received. RFC 9113 §6.8 says
+    those streams finish normally; that is what makes a graceful drain possible. So a GOAWAY
+    with NO_ERROR is sent/received here without the state change; error GOAWAYs keep h2's
+    behaviour. (Also used by the agent's gRPC client: a CA shutting down gracefully.)"""
 
-    _skip_inbound_limit = False
-
-    @property
-    def open_inbound_streams(self) -> int:
-        if self._skip_inbound_limit:
-            return 0
-        return int(super().open_inbound_streams)
-
-    # ``h2`` moves the whole connection to CLOSED on any GOAWAY, sent or received, after which
-    # not even DATA on streams the GOAWAY let through may be sent. RFC 9113 §6.8 says those
-    # streams finish normally; that is what makes a graceful drain possible. So a GOAWAY with
-    # NO_ERROR is sent/received here without the state change; error GOAWAYs keep h2's behaviour.
     def send_graceful_goaway(self, last_stream_id: int, additional_data: bytes | None) -> None:
         frame = hyperframe.frame.GoAwayFrame(
             stream_id=0, last_stream_id=last_stream_id, error_code=0, additional_data=additional_data or b""
@@ -334,6 +323,21 @@ class _H2Connection(h2.connection.H2Connection):
         event.last_stream_id = frame.last_stream_id
         event.additional_data = frame.additional_data or None
         return [], [event]
+
+
+class _H2Connection(GracefulGoawayH2Connection):
+    """``h2`` treats one stream beyond MAX_CONCURRENT_STREAMS as a connection error, which would
+    tear down every tunnel on the connection. RFC 9113 §5.1.2 allows refusing just that stream,
+    so the limit check is moved up into :class:`ServerConnection` (after HPACK decoding, which
+    must happen anyway to keep the header table in sync) and answered with REFUSED_STREAM."""
+
+    _skip_inbound_limit = False
+
+    @property
+    def open_inbound_streams(self) -> int:
+        if self._skip_inbound_limit:
+            return 0
+        return int(super().open_inbound_streams)
 
     def _receive_headers_frame(self, frame: Any) -> Any:
         self._skip_inbound_limit = True

@@ -204,12 +204,19 @@ class CaClient:
     async def close(self) -> None:
         ch, self._channel = self._channel, None
         if ch is not None:
-            await ch.close()
+            await ch.close(cancel_dial=True)
         # Channels still draining after a renewal: close them now (cancels their calls).
         for task, old in list(self._draining.items()):
             task.cancel()
-            await old.close()
+            await old.close(cancel_dial=True)
         self._draining.clear()
+
+    async def _drop_channel(self) -> None:
+        """Forget the channel after an unreachable CA, so the next call dials afresh. Calls
+        sharing its connection or its dial fail as unreachable; nothing is cancelled."""
+        ch, self._channel = self._channel, None
+        if ch is not None:
+            await ch.close()
 
     async def __aenter__(self) -> CaClient:
         return self
@@ -240,9 +247,9 @@ class CaClient:
             kind = _kind_for(exc.code)
             details = exc.details
             if kind == "unreachable":
-                # Drop the channel: the next attempt dials afresh instead of waiting out gRPC's
-                # reconnect backoff (the certificate manager owns the retry schedule).
-                await self.close()
+                # Drop the channel: the next attempt dials afresh (the certificate manager owns
+                # the retry schedule).
+                await self._drop_channel()
                 hint = (
                     "is the CA running there, and does it accept this node's credential "
                     f"({self.node.spiffe_id})? TLS handshake failures also show up this way"

@@ -28,10 +28,11 @@ import urllib.parse
 from dataclasses import dataclass, field
 
 import h2.config
-import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+
+from tunnel.hbone import GracefulGoawayH2Connection
 
 MAX_MESSAGE = 4 * 1024 * 1024  # gRPC's default receive limit
 _PREFIX = struct.Struct(">BI")  # compressed flag, message length
@@ -146,7 +147,9 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, authority: str) -> None:
         self.authority = authority
-        self.h2 = h2.connection.H2Connection(
+        # A CA that restarts sends GOAWAY(NO_ERROR) and finishes the calls it already has: plain
+        # h2 would turn their remaining frames into protocol errors.
+        self.h2 = GracefulGoawayH2Connection(
             h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
         )
         self.transport: asyncio.Transport | None = None
@@ -169,6 +172,8 @@ class _Connection(asyncio.Protocol):
         for ev in events:
             self._event(ev)
         self._flush()
+        if not self.usable and not self.calls and self.transport is not None:
+            self.close()  # drained after a GOAWAY or a channel close
 
     def _event(self, ev: h2.events.Event) -> None:
         if isinstance(ev, h2.events.ResponseReceived):
@@ -206,8 +211,11 @@ class _Connection(asyncio.Protocol):
             last = ev.last_stream_id if ev.last_stream_id is not None else 0
             for sid in [s for s in self.calls if s > last]:
                 self.calls.pop(sid).fail(Status.UNAVAILABLE, "server sent GOAWAY before handling the call")
-            if not self.calls and self.transport is not None:
-                self.transport.close()
+            if ev.error_code:
+                why = f"server ended the connection (HTTP/2 error {ev.error_code})"
+                for call in self.calls.values():
+                    call.fail(Status.UNAVAILABLE, why)
+                self.calls.clear()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost(
@@ -289,6 +297,7 @@ class UnaryChannel:
         self._server_name = server_name
         self._conn: _Connection | None = None
         self._dialing: asyncio.Future[_Connection] | None = None
+        self._generation = 0  # bumped by close(): a dial that started before is not kept
 
     async def _connection(self, timeout: float) -> _Connection:
         if self._conn is not None and self._conn.usable and self._conn.transport is not None:
@@ -311,6 +320,7 @@ class UnaryChannel:
         return conn
 
     async def _dial(self) -> _Connection:
+        generation = self._generation
         loop = asyncio.get_running_loop()
         factory = lambda: _Connection(self._server_name)  # noqa: E731
         try:
@@ -331,6 +341,9 @@ class UnaryChannel:
         if ssl_obj is None or ssl_obj.selected_alpn_protocol() != "h2":
             proto.close()
             raise GrpcError(Status.UNAVAILABLE, f"{self.address} did not negotiate HTTP/2 (ALPN h2)")
+        if generation != self._generation:
+            proto.close()
+            raise GrpcError(Status.UNAVAILABLE, f"channel to {self.address} was closed while dialling")
         self._conn = proto
         return proto
 
@@ -352,12 +365,15 @@ class UnaryChannel:
             conn.cancel(sid)
             raise
 
-    async def close(self, grace: float = 0.0) -> None:
-        """Stop using the connection; calls in flight get ``grace`` seconds to finish."""
+    async def close(self, grace: float = 0.0, *, cancel_dial: bool = False) -> None:
+        """Stop using the connection; calls in flight get ``grace`` seconds to finish. A dial in
+        progress is not cancelled (other calls may be waiting on it: they get UNAVAILABLE when it
+        ends) unless ``cancel_dial``, for a final shutdown."""
+        self._generation += 1
         conn, self._conn = self._conn, None
-        if self._dialing is not None:
-            self._dialing.cancel()
-            self._dialing = None
+        dialing, self._dialing = self._dialing, None
+        if dialing is not None and cancel_dial:
+            dialing.cancel()
         if conn is None:
             return
         conn.usable = False

@@ -9,6 +9,7 @@ from our side.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -222,3 +223,51 @@ async def test_responses_without_a_usable_status_map_per_the_spec(
     assert ei.value.code is code
     if "grpc-message" in trailers:
         assert ei.value.details == "no way"
+
+
+async def test_a_graceful_server_shutdown_lets_the_call_in_flight_finish(env: CaEnv) -> None:
+    servicer = ScriptedCa()
+    server, port = await _start(env, servicer)
+    channel = UnaryChannel(
+        f"127.0.0.1:{port}", ca_client_context(NodeCredentials.from_dir(env.node_a)), CA_SERVER_NAME
+    )
+    try:
+        assert _answer(await channel.call(CREATE_CERTIFICATE, _request("warm"), timeout=10)) == ["mraw"]
+        servicer.delay = 1.0
+        in_flight = asyncio.ensure_future(channel.call(CREATE_CERTIFICATE, _request("late"), timeout=10))
+        await asyncio.sleep(0.3)
+        stopping = asyncio.ensure_future(server.stop(5))  # GOAWAY(NO_ERROR), then waits for calls
+        assert _answer(await in_flight) == ["etal"]  # not an INTERNAL error from the GOAWAY
+        await stopping
+        with pytest.raises(GrpcError) as ei:
+            await channel.call(CREATE_CERTIFICATE, _request("after"), timeout=2)
+        assert ei.value.code in (Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED)
+    finally:
+        await channel.close()
+        await server.stop(None)
+
+
+async def test_calls_sharing_a_stalled_dial_fail_cleanly_when_the_channel_is_dropped(env: CaEnv) -> None:
+    # A black hole: the kernel completes TCP handshakes, nobody ever answers the TLS hello.
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(16)
+    channel = UnaryChannel(
+        f"127.0.0.1:{hole.getsockname()[1]}",
+        ca_client_context(NodeCredentials.from_dir(env.node_a)),
+        CA_SERVER_NAME,
+    )
+    try:
+        first = asyncio.ensure_future(channel.call(CREATE_CERTIFICATE, _request("a"), timeout=0.3))
+        await asyncio.sleep(0.1)
+        second = asyncio.ensure_future(channel.call(CREATE_CERTIFICATE, _request("b"), timeout=3))
+        with pytest.raises(GrpcError) as e1:
+            await first
+        assert e1.value.code is Status.DEADLINE_EXCEEDED
+        await channel.close()  # what CaClient does after an unreachable CA: must not cancel `second`
+        with pytest.raises(GrpcError) as e2:
+            await second
+        assert e2.value.code in (Status.DEADLINE_EXCEEDED, Status.UNAVAILABLE)
+    finally:
+        await channel.close(cancel_dial=True)
+        hole.close()
