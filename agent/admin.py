@@ -20,7 +20,7 @@ import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import h11
 
@@ -37,8 +37,14 @@ CONTENT_TYPE_TEXT = "text/plain; charset=utf-8"
 # the same limit: heads up to this size always pass, heads over twice it never do.
 MAX_REQUEST_HEAD = 8 * 1024
 MAX_REQUEST_BODY = 64 * 1024  # GET needs none; a body is read and dropped up to this
-IDLE_TIMEOUT = 30.0  # seconds a keep-alive connection may sit without a request
-MAX_CONNECTIONS = 256  # per listener; more are closed at once (a scraper needs one)
+# Seconds a client has to deliver a complete request, counted from the connection or from the
+# previous response and not extended by trickled bytes (so slow clients cannot hold slots).
+REQUEST_TIMEOUT = 10.0
+# Connections per listener; a new one beyond this evicts the oldest, so a flood of idle
+# connections cannot lock the kubelet's readiness probe or Prometheus out.
+MAX_CONNECTIONS = 256
+WRITE_HIGH = 256 * 1024  # unread responses buffered per connection before we stop reading
+WRITE_LOW = 64 * 1024
 SERVER_HEADER = b"ztagent"
 
 
@@ -169,39 +175,67 @@ class _HttpConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.request: h11.Request | None = None
         self.body_seen = 0
-        self.idle: asyncio.TimerHandle | None = None
+        self.deadline: asyncio.TimerHandle | None = None
+        self.unfed = b""  # input not yet given to h11 (held while the client is not reading)
+        self.eof = False  # the client's FIN, given to h11 after the input before it
+        self.eof_fed = False
+        self.writing_paused = False
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        if len(self.server.connections) >= MAX_CONNECTIONS:
-            transport.close()
-            return
-        self.server.connections.add(self)
-        self._arm_idle()
+        self.transport = t = cast(asyncio.Transport, transport)
+        t.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+        conns = self.server.connections
+        while len(conns) >= MAX_CONNECTIONS:
+            oldest = next(iter(conns))
+            conns.pop(oldest)
+            oldest.close()
+        conns[self] = None
+        self._arm_deadline()
 
     def data_received(self, data: bytes) -> None:
-        self._arm_idle()
-        for i in range(0, len(data), MAX_REQUEST_HEAD):
-            if self.transport is None:
-                return
-            self.conn.receive_data(data[i : i + MAX_REQUEST_HEAD])
-            self._process()
+        self.unfed += data
+        self._feed()
 
     def eof_received(self) -> bool:
-        self.conn.receive_data(b"")
-        self._process()
-        return False
+        self.eof = True
+        self._feed()
+        return True  # answer what came before the FIN; we close after the last answer
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server.connections.discard(self)
-        if self.idle is not None:
-            self.idle.cancel()
+        self.server.connections.pop(self, None)
+        if self.deadline is not None:
+            self.deadline.cancel()
         self.transport = None
 
+    # A client that pipelines requests without reading the answers must not make us buffer
+    # answers without bound: stop reading (and answering) until it catches up.
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        if self.transport is not None:
+            self.transport.resume_reading()
+            self._feed()
+
     # HTTP
+    def _feed(self) -> None:
+        # Slices of MAX_REQUEST_HEAD: see its comment.
+        while self.unfed and self.transport is not None and not self.writing_paused:
+            chunk, self.unfed = self.unfed[:MAX_REQUEST_HEAD], self.unfed[MAX_REQUEST_HEAD:]
+            self.conn.receive_data(chunk)
+            self._process()
+        if not self.unfed and self.transport is not None and not self.writing_paused:
+            if self.eof and not self.eof_fed:
+                self.eof_fed = True
+                self.conn.receive_data(b"")
+            self._process()
+
     def _process(self) -> None:
-        while self.transport is not None:
+        while self.transport is not None and not self.writing_paused:
             try:
                 event = self.conn.next_event()
             except h11.RemoteProtocolError as exc:
@@ -254,6 +288,8 @@ class _HttpConnection(asyncio.Protocol):
             self.conn.start_next_cycle()
         except h11.LocalProtocolError:
             self.close()  # the client did not finish its side (e.g. a body we did not read)
+            return
+        self._arm_deadline()  # the next request gets its own REQUEST_TIMEOUT
 
     def _send(self, resp: Response, extra: list[tuple[bytes, bytes]], *, head: bool = False) -> None:
         headers = [
@@ -275,11 +311,10 @@ class _HttpConnection(asyncio.Protocol):
                 self._send(Response(f"{why}\n".encode(), status), [(b"connection", b"close")])
         self.close()
 
-    def _arm_idle(self) -> None:
-        if self.idle is not None:
-            self.idle.cancel()
-        loop = self.server.loop
-        self.idle = loop.call_later(IDLE_TIMEOUT, self.close)
+    def _arm_deadline(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+        self.deadline = self.server.loop.call_later(REQUEST_TIMEOUT, self.close)
 
     def close(self) -> None:
         if self.transport is not None:
@@ -291,7 +326,7 @@ class _HttpConnection(asyncio.Protocol):
 class _Server:
     app: HttpApp
     loop: asyncio.AbstractEventLoop
-    connections: set[_HttpConnection] = field(default_factory=set)
+    connections: dict[_HttpConnection, None] = field(default_factory=dict)  # oldest first
 
 
 @dataclass

@@ -155,3 +155,68 @@ async def test_close_drops_open_keep_alive_connections() -> None:
 def test_routes_must_be_absolute() -> None:
     with pytest.raises(ValueError, match="must start with /"):
         HttpApp().add_get("status", lambda: Response(b""))
+
+
+async def test_a_client_that_pipelines_without_reading_cannot_make_us_buffer_without_bound() -> None:
+    app = HttpApp()
+    big = b"m" * 200_000
+    rendered = {"n": 0}
+
+    def metrics() -> Response:
+        rendered["n"] += 1
+        return Response(big)
+
+    app.add_get("/metrics", metrics)
+    s = await serve(app, "127.0.0.1", 0)
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", s.port)
+        w.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 2000)  # ~70 KB of requests
+        await w.drain()
+        await asyncio.sleep(1.0)  # we never read
+        # Answers stop once the unread ones fill the socket and our write buffer.
+        assert rendered["n"] < 100, rendered
+        conn = next(iter(s.state.connections))
+        assert conn.transport is not None and conn.transport.get_write_buffer_size() < 2 * 1024 * 1024
+        # Reading resumes the answers, in order and complete.
+        got = 0
+        while got < 5 * len(big):
+            chunk = await asyncio.wait_for(r.read(1 << 20), 5)
+            assert chunk
+            got += len(chunk)
+        assert rendered["n"] >= 5
+        w.close()
+    finally:
+        await s.close()
+
+
+async def test_trickling_bytes_does_not_hold_a_connection_and_the_oldest_is_evicted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import agent.admin as admin
+
+    monkeypatch.setattr(admin, "REQUEST_TIMEOUT", 0.5)
+    monkeypatch.setattr(admin, "MAX_CONNECTIONS", 3)
+    app = HttpApp()
+    app.add_get("/healthz/ready", lambda: Response(b"ready\n"))
+    s = await serve(app, "127.0.0.1", 0)
+    try:
+        # A slow client trickles a byte every 0.2 s: the request deadline still closes it.
+        r, w = await asyncio.open_connection("127.0.0.1", s.port)
+        for b in b"GET /healthz/re":
+            w.write(bytes([b]))
+            await asyncio.sleep(0.2)
+            if r.at_eof():
+                break
+        assert await asyncio.wait_for(r.read(), 5) == b""
+        w.close()
+        # Three idle connections fill the listener; a fourth (the probe) evicts the oldest.
+        idle = [await asyncio.open_connection("127.0.0.1", s.port) for _ in range(3)]
+        probe = await asyncio.to_thread(
+            _raw, s.port, b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        assert probe.startswith(b"HTTP/1.1 200")
+        assert await asyncio.wait_for(idle[0][0].read(), 5) == b""  # the oldest was closed
+        for _, iw in idle:
+            iw.close()
+    finally:
+        await s.close()
