@@ -126,6 +126,12 @@ class PlainRelay:
         loop = asyncio.get_running_loop()
         upstream.setblocking(False)
         await loop.create_connection(lambda: self.up, sock=upstream)
+        if self.done.done():
+            # Aborted while the upstream attached (a policy re-check now denies it, or shutdown):
+            # the app's connection must not be relayed after all.
+            abort_with_rst(self.up.transport)
+            downstream.reset()
+            raise ConnectionError(f"relay aborted before it started: {self.done.result()}")
         downstream.hand_over(self.down)
 
     def _close_both(self) -> None:
