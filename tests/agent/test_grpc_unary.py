@@ -70,12 +70,18 @@ async def _start(env: CaEnv, servicer: ScriptedCa, port: int = 0) -> tuple[grpc.
     return server, port
 
 
+def _channel(env: CaEnv, port: int) -> UnaryChannel:
+    """A channel as node-a's agent would open it (its node credential, the CA's TLS name)."""
+    return UnaryChannel(
+        f"127.0.0.1:{port}", ca_client_context(NodeCredentials.from_dir(env.node_a)), CA_SERVER_NAME
+    )
+
+
 @pytest.fixture
 async def served(env: CaEnv) -> AsyncIterator[tuple[ScriptedCa, UnaryChannel]]:
     servicer = ScriptedCa()
     server, port = await _start(env, servicer)
-    node = NodeCredentials.from_dir(env.node_a)
-    channel = UnaryChannel(f"127.0.0.1:{port}", ca_client_context(node), CA_SERVER_NAME)
+    channel = _channel(env, port)
     try:
         yield servicer, channel
     finally:
@@ -138,9 +144,7 @@ async def test_a_deadline_cancels_the_call_not_the_connection(
 async def test_a_restarted_server_is_redialled(env: CaEnv) -> None:
     servicer = ScriptedCa()
     server, port = await _start(env, servicer)
-    channel = UnaryChannel(
-        f"127.0.0.1:{port}", ca_client_context(NodeCredentials.from_dir(env.node_a)), CA_SERVER_NAME
-    )
+    channel = _channel(env, port)
     try:
         assert _answer(await channel.call(CREATE_CERTIFICATE, _request("a"), timeout=10)) == ["a"]
         await server.stop(None)
@@ -163,9 +167,7 @@ async def test_a_server_we_do_not_trust_is_refused_at_the_handshake(env: CaEnv) 
     ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(servicer, impostor)  # type: ignore[no-untyped-call]
     iport = impostor.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key_pem, chain_pem)]))
     await impostor.start()
-    channel = UnaryChannel(
-        f"127.0.0.1:{iport}", ca_client_context(NodeCredentials.from_dir(env.node_a)), CA_SERVER_NAME
-    )
+    channel = _channel(env, iport)
     try:
         with pytest.raises(GrpcError) as ei:
             await channel.call(CREATE_CERTIFICATE, _request("x"), timeout=5)
@@ -228,9 +230,7 @@ async def test_responses_without_a_usable_status_map_per_the_spec(
 async def test_a_graceful_server_shutdown_lets_the_call_in_flight_finish(env: CaEnv) -> None:
     servicer = ScriptedCa()
     server, port = await _start(env, servicer)
-    channel = UnaryChannel(
-        f"127.0.0.1:{port}", ca_client_context(NodeCredentials.from_dir(env.node_a)), CA_SERVER_NAME
-    )
+    channel = _channel(env, port)
     try:
         assert _answer(await channel.call(CREATE_CERTIFICATE, _request("warm"), timeout=10)) == ["mraw"]
         servicer.delay = 1.0
@@ -252,11 +252,7 @@ async def test_calls_sharing_a_stalled_dial_fail_cleanly_when_the_channel_is_dro
     hole = socket.socket()
     hole.bind(("127.0.0.1", 0))
     hole.listen(16)
-    channel = UnaryChannel(
-        f"127.0.0.1:{hole.getsockname()[1]}",
-        ca_client_context(NodeCredentials.from_dir(env.node_a)),
-        CA_SERVER_NAME,
-    )
+    channel = _channel(env, hole.getsockname()[1])
     try:
         first = asyncio.ensure_future(channel.call(CREATE_CERTIFICATE, _request("a"), timeout=0.3))
         await asyncio.sleep(0.1)
