@@ -36,6 +36,7 @@ from typing import Any, Final
 import yaml
 
 from identity.spiffe import SpiffeId, SpiffeIdError, TrustDomain
+from policy.parse import join_path, type_name
 
 log = logging.getLogger("ztagent.config")
 
@@ -268,25 +269,11 @@ class _Ctx:
         self.issues.append(ConfigIssue(self.file, self.document, self.kind, path, message))
 
 
-def _join(path: str, key: str | int) -> str:
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    return f"{path}.{key}" if path else key
-
-
-def _tname(v: Any) -> str:
-    if v is None:
-        return "null"
-    return {dict: "mapping", list: "list", str: "string", bool: "boolean", int: "integer"}.get(
-        type(v), type(v).__name__
-    )
-
-
 def _mapping(
     ctx: _Ctx, path: str, v: Any, *, required: set[str], optional: set[str]
 ) -> dict[str, Any] | None:
     if not isinstance(v, dict):
-        ctx.err(path, f"expected a mapping, got {_tname(v)}")
+        ctx.err(path, f"expected a mapping, got {type_name(v)}")
         return None
     ok = True
     for k in v:
@@ -295,11 +282,11 @@ def _mapping(
             ok = False
         elif k not in required and k not in optional:
             allowed = ", ".join(sorted(required | optional))
-            ctx.err(_join(path, k), f"unknown field (allowed: {allowed})")
+            ctx.err(join_path(path, k), f"unknown field (allowed: {allowed})")
             ok = False
     for k in sorted(required):
         if k not in v:
-            ctx.err(_join(path, k), "required field is missing")
+            ctx.err(join_path(path, k), "required field is missing")
             ok = False
     return v if ok else None
 
@@ -307,7 +294,7 @@ def _mapping(
 def _str(ctx: _Ctx, path: str, v: Any, pattern: re.Pattern[str] | None = None, what: str = "") -> str | None:
     if not isinstance(v, str) or v == "":
         ctx.err(
-            path, f"expected a non-empty string, got {_tname(v)}" if not isinstance(v, str) else "is empty"
+            path, f"expected a non-empty string, got {type_name(v)}" if not isinstance(v, str) else "is empty"
         )
         return None
     if pattern is not None and not pattern.fullmatch(v):
@@ -334,7 +321,7 @@ def _namespace(ctx: _Ctx, path: str, v: Any) -> str | None:
 
 def _ip(ctx: _Ctx, path: str, v: Any) -> IPAddress | None:
     if not isinstance(v, str):
-        ctx.err(path, f"expected an IP address string, got {_tname(v)}")
+        ctx.err(path, f"expected an IP address string, got {type_name(v)}")
         return None
     try:
         return ipaddress.ip_address(v)
@@ -345,7 +332,7 @@ def _ip(ctx: _Ctx, path: str, v: Any) -> IPAddress | None:
 
 def _cidr(ctx: _Ctx, path: str, v: Any) -> IPNetwork | None:
     if not isinstance(v, str):
-        ctx.err(path, f"expected a CIDR string, got {_tname(v)}")
+        ctx.err(path, f"expected a CIDR string, got {type_name(v)}")
         return None
     try:
         return ipaddress.ip_network(v, strict=True)
@@ -359,12 +346,12 @@ def _labels(ctx: _Ctx, path: str, v: Any) -> Mapping[str, str] | None:
     if v is None:
         return MappingProxyType({})
     if not isinstance(v, dict):
-        ctx.err(path, f"expected a mapping of label to value, got {_tname(v)}")
+        ctx.err(path, f"expected a mapping of label to value, got {type_name(v)}")
         return None
     out: dict[str, str] = {}
     ok = True
     for k, val in v.items():
-        p = _join(path, str(k))
+        p = join_path(path, str(k))
         if not isinstance(k, str):
             ctx.err(path, f"label key {k!r} is not a string")
             ok = False
@@ -380,7 +367,7 @@ def _labels(ctx: _Ctx, path: str, v: Any) -> Mapping[str, str] | None:
             continue
         if not isinstance(val, str):
             # YAML turns `version: 1` or `on: yes` into numbers/booleans; Kubernetes requires strings.
-            ctx.err(p, f"label value must be a string, got {_tname(val)} (quote it)")
+            ctx.err(p, f"label value must be a string, got {type_name(val)} (quote it)")
             ok = False
             continue
         if len(val) > 63 or not _LABEL_VALUE.fullmatch(val):
@@ -395,14 +382,14 @@ def _list(ctx: _Ctx, path: str, v: Any, *, allow_missing: bool = True) -> list[A
     if v is None and allow_missing:
         return []
     if not isinstance(v, list):
-        ctx.err(path, f"expected a list, got {_tname(v)}")
+        ctx.err(path, f"expected a list, got {type_name(v)}")
         return []
     return v
 
 
 def _port(ctx: _Ctx, path: str, v: Any) -> int | None:
     if isinstance(v, bool) or not isinstance(v, int):
-        ctx.err(path, f"expected a port number, got {_tname(v)}")
+        ctx.err(path, f"expected a port number, got {type_name(v)}")
         return None
     if not 1 <= v <= 65535:
         ctx.err(path, f"port {v} is out of range 1-65535")
@@ -419,14 +406,14 @@ def _parse_nodes(ctx: _Ctx, raw: Any) -> list[Node]:
         m = _mapping(ctx, p, item, required={"name", "address"}, optional={"podCIDR"})
         if m is None:
             continue
-        name = _name(ctx, _join(p, "name"), m["name"])
-        addr = _ip(ctx, _join(p, "address"), m["address"])
-        cidr = _cidr(ctx, _join(p, "podCIDR"), m["podCIDR"]) if m.get("podCIDR") is not None else None
+        name = _name(ctx, join_path(p, "name"), m["name"])
+        addr = _ip(ctx, join_path(p, "address"), m["address"])
+        cidr = _cidr(ctx, join_path(p, "podCIDR"), m["podCIDR"]) if m.get("podCIDR") is not None else None
         if name is not None and name in names:
-            ctx.err(_join(p, "name"), f"duplicate node name {name!r} (also {names[name]})")
+            ctx.err(join_path(p, "name"), f"duplicate node name {name!r} (also {names[name]})")
             continue
         if addr is not None and addr in addrs:
-            ctx.err(_join(p, "address"), f"duplicate node address {addr} (also {addrs[addr]})")
+            ctx.err(join_path(p, "address"), f"duplicate node address {addr} (also {addrs[addr]})")
             continue
         if name is None or addr is None or (m.get("podCIDR") is not None and cidr is None):
             continue
@@ -458,33 +445,33 @@ def _parse_workloads(
         if m is None:
             continue
         n_issues = len(ctx.issues)
-        name = _name(ctx, _join(p, "name"), m["name"])
-        ns = _namespace(ctx, _join(p, "namespace"), m["namespace"])
+        name = _name(ctx, join_path(p, "name"), m["name"])
+        ns = _namespace(ctx, join_path(p, "namespace"), m["namespace"])
         # Kubernetes' default service account, as a pod without serviceAccountName gets.
-        sa = _name(ctx, _join(p, "serviceAccount"), m.get("serviceAccount", "default"))
-        node_name = _str(ctx, _join(p, "node"), m["node"])
+        sa = _name(ctx, join_path(p, "serviceAccount"), m.get("serviceAccount", "default"))
+        node_name = _str(ctx, join_path(p, "node"), m["node"])
         node = nodes.get(node_name) if node_name else None
         if node_name is not None and node is None:
             known = ", ".join(sorted(nodes)) or "none defined"
-            ctx.err(_join(p, "node"), f"unknown node {node_name!r} (nodes: {known})")
-        labels = _labels(ctx, _join(p, "labels"), m.get("labels"))
+            ctx.err(join_path(p, "node"), f"unknown node {node_name!r} (nodes: {known})")
+        labels = _labels(ctx, join_path(p, "labels"), m.get("labels"))
         enrolled = m.get("enrolled", True)
         if not isinstance(enrolled, bool):
-            ctx.err(_join(p, "enrolled"), f"expected true or false, got {_tname(enrolled)}")
+            ctx.err(join_path(p, "enrolled"), f"expected true or false, got {type_name(enrolled)}")
         ips: list[IPAddress] = []
-        raw_ips = _list(ctx, _join(p, "ips"), m["ips"], allow_missing=False)
+        raw_ips = _list(ctx, join_path(p, "ips"), m["ips"], allow_missing=False)
         if isinstance(m["ips"], list) and not raw_ips:
-            ctx.err(_join(p, "ips"), "a workload needs at least one IP")
+            ctx.err(join_path(p, "ips"), "a workload needs at least one IP")
         for j, rip in enumerate(raw_ips):
-            ip = _ip(ctx, _join(_join(p, "ips"), j), rip)
+            ip = _ip(ctx, join_path(join_path(p, "ips"), j), rip)
             if ip is None:
                 continue
             if ip in ip_owner:
-                ctx.err(_join(_join(p, "ips"), j), f"IP {ip} is already used by {ip_owner[ip]}")
+                ctx.err(join_path(join_path(p, "ips"), j), f"IP {ip} is already used by {ip_owner[ip]}")
                 continue
             if node is not None and node.pod_cidr is not None and ip not in node.pod_cidr:
                 ctx.err(
-                    _join(_join(p, "ips"), j),
+                    join_path(join_path(p, "ips"), j),
                     f"IP {ip} is outside podCIDR {node.pod_cidr} of node {node.name!r}",
                 )
                 continue
@@ -495,7 +482,7 @@ def _parse_workloads(
         assert name and ns and sa and node and labels is not None and isinstance(enrolled, bool)
         key = f"{ns}/{name}"
         if key in keys:
-            ctx.err(_join(p, "name"), f"duplicate workload {key} (also {keys[key]})")
+            ctx.err(join_path(p, "name"), f"duplicate workload {key} (also {keys[key]})")
             continue
         keys[key] = p
         try:
@@ -527,15 +514,15 @@ def _parse_services(ctx: _Ctx, raw: Any, ip_owner: dict[IPAddress, str]) -> list
         if m is None:
             continue
         n_issues = len(ctx.issues)
-        name = _name(ctx, _join(p, "name"), m["name"])
-        ns = _namespace(ctx, _join(p, "namespace"), m["namespace"])
-        selector = _labels(ctx, _join(p, "selector"), m.get("selector"))
+        name = _name(ctx, join_path(p, "name"), m["name"])
+        ns = _namespace(ctx, join_path(p, "namespace"), m["namespace"])
+        selector = _labels(ctx, join_path(p, "selector"), m.get("selector"))
         vips: list[IPAddress] = []
-        raw_vips = _list(ctx, _join(p, "vips"), m["vips"], allow_missing=False)
+        raw_vips = _list(ctx, join_path(p, "vips"), m["vips"], allow_missing=False)
         if isinstance(m["vips"], list) and not raw_vips:
-            ctx.err(_join(p, "vips"), "a service needs at least one VIP")
+            ctx.err(join_path(p, "vips"), "a service needs at least one VIP")
         for j, rv in enumerate(raw_vips):
-            vp = _join(_join(p, "vips"), j)
+            vp = join_path(join_path(p, "vips"), j)
             vip = _ip(ctx, vp, rv)
             if vip is None:
                 continue
@@ -547,31 +534,31 @@ def _parse_services(ctx: _Ctx, raw: Any, ip_owner: dict[IPAddress, str]) -> list
         ports: list[ServicePort] = []
         seen_ports: set[int] = set()
         seen_names: set[str] = set()
-        raw_ports = _list(ctx, _join(p, "ports"), m["ports"], allow_missing=False)
+        raw_ports = _list(ctx, join_path(p, "ports"), m["ports"], allow_missing=False)
         if isinstance(m["ports"], list) and not raw_ports:
-            ctx.err(_join(p, "ports"), "a service needs at least one port")
+            ctx.err(join_path(p, "ports"), "a service needs at least one port")
         for j, rp in enumerate(raw_ports):
-            pp = _join(_join(p, "ports"), j)
+            pp = join_path(join_path(p, "ports"), j)
             pm = _mapping(ctx, pp, rp, required={"port"}, optional={"targetPort", "name", "protocol"})
             if pm is None:
                 continue
-            port = _port(ctx, _join(pp, "port"), pm["port"])
-            target = _port(ctx, _join(pp, "targetPort"), pm.get("targetPort", pm["port"]))
+            port = _port(ctx, join_path(pp, "port"), pm["port"])
+            target = _port(ctx, join_path(pp, "targetPort"), pm.get("targetPort", pm["port"]))
             pname = pm.get("name")
             if pname is not None:
-                pname = _str(ctx, _join(pp, "name"), pname, _DNS1123_LABEL, "port name")
+                pname = _str(ctx, join_path(pp, "name"), pname, _DNS1123_LABEL, "port name")
                 if pname is not None and pname in seen_names:
-                    ctx.err(_join(pp, "name"), f"duplicate port name {pname!r}")
+                    ctx.err(join_path(pp, "name"), f"duplicate port name {pname!r}")
                     continue
             protocol = pm.get("protocol", "TCP")
             if protocol != "TCP":
                 # The agent proxies TCP only (like ztunnel); accepting UDP would promise capture we don't do.
-                ctx.err(_join(pp, "protocol"), f"only TCP is supported, got {protocol!r}")
+                ctx.err(join_path(pp, "protocol"), f"only TCP is supported, got {protocol!r}")
                 continue
             if port is None or target is None:
                 continue
             if port in seen_ports:
-                ctx.err(_join(pp, "port"), f"duplicate port {port}")
+                ctx.err(join_path(pp, "port"), f"duplicate port {port}")
                 continue
             seen_ports.add(port)
             if pname:
@@ -581,7 +568,7 @@ def _parse_services(ctx: _Ctx, raw: Any, ip_owner: dict[IPAddress, str]) -> list
             continue
         key = f"{ns}/{name}"
         if key in keys:
-            ctx.err(_join(p, "name"), f"duplicate service {key} (also {keys[key]})")
+            ctx.err(join_path(p, "name"), f"duplicate service {key} (also {keys[key]})")
             continue
         keys[key] = p
         out.append(Service(name=name, namespace=ns, vips=tuple(vips), ports=tuple(ports), selector=selector))
@@ -591,28 +578,30 @@ def _parse_services(ctx: _Ctx, raw: Any, ip_owner: dict[IPAddress, str]) -> list
 def _policy_doc(ctx: _Ctx, path: str, raw: Any, document: int) -> PolicyDocument | None:
     """Check the envelope of an Istio policy document; its spec is the policy/ package's job."""
     if not isinstance(raw, dict):
-        ctx.err(path, f"expected a policy document (mapping), got {_tname(raw)}")
+        ctx.err(path, f"expected a policy document (mapping), got {type_name(raw)}")
         return None
     kind = raw.get("kind")
     api = raw.get("apiVersion")
     ok = True
     if kind not in POLICY_KINDS:
-        ctx.err(_join(path, "kind"), f"unsupported kind {kind!r} (expected one of {', '.join(POLICY_KINDS)})")
+        ctx.err(
+            join_path(path, "kind"), f"unsupported kind {kind!r} (expected one of {', '.join(POLICY_KINDS)})"
+        )
         ok = False
     if api not in POLICY_API_VERSIONS:
         ctx.err(
-            _join(path, "apiVersion"),
+            join_path(path, "apiVersion"),
             f"unsupported apiVersion {api!r} (expected {' or '.join(POLICY_API_VERSIONS)})",
         )
         ok = False
     meta = raw.get("metadata")
     name = ns = None
     if not isinstance(meta, dict):
-        ctx.err(_join(path, "metadata"), "required mapping with name and namespace is missing")
+        ctx.err(join_path(path, "metadata"), "required mapping with name and namespace is missing")
         ok = False
     else:
-        name = _name(ctx, _join(path, "metadata.name"), meta.get("name"))
-        ns = _namespace(ctx, _join(path, "metadata.namespace"), meta.get("namespace"))
+        name = _name(ctx, join_path(path, "metadata.name"), meta.get("name"))
+        ns = _namespace(ctx, join_path(path, "metadata.namespace"), meta.get("namespace"))
     if not ok or name is None or ns is None:
         return None
     assert isinstance(kind, str) and isinstance(api, str)
@@ -671,7 +660,7 @@ def parse_config(
         kind = doc.get("kind") if isinstance(doc, dict) else None
         ctx = _Ctx(file, idx, kind if isinstance(kind, str) else None, issues)
         if not isinstance(doc, dict):
-            ctx.err("", f"expected a mapping, got {_tname(doc)}")
+            ctx.err("", f"expected a mapping, got {type_name(doc)}")
         elif kind == MESH_KIND:
             mesh_docs.append((idx, doc))
         elif kind is None:
@@ -710,7 +699,7 @@ def parse_config(
         ctx.err("apiVersion", f"unsupported apiVersion {m['apiVersion']!r} (expected {API_VERSION})")
     td: TrustDomain | None = None
     if not isinstance(m["trustDomain"], str):
-        ctx.err("trustDomain", f"expected a string, got {_tname(m['trustDomain'])}")
+        ctx.err("trustDomain", f"expected a string, got {type_name(m['trustDomain'])}")
     else:
         try:
             td = TrustDomain(m["trustDomain"])
@@ -732,7 +721,7 @@ def parse_config(
             other = seen[pd.key]
             pctx = _Ctx(file, pd.document, pd.kind, issues)
             pctx.err(
-                _join(pd.path, "metadata.name"),
+                join_path(pd.path, "metadata.name"),
                 f"duplicate {pd.kind} {pd.namespace}/{pd.name} (also document {other.document}"
                 + (f" {other.path}" if other.path else "")
                 + ")",

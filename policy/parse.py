@@ -163,13 +163,15 @@ class _Ctx:
         self.warnings.append(FieldError(path, message))
 
 
-def _join(path: str, key: str | int) -> str:
+def join_path(path: str, key: str | int) -> str:
+    """A field path as errors name it: ``spec.rules[0].from`` (also used by agent.config)."""
     if isinstance(key, int):
         return f"{path}[{key}]"
     return f"{path}.{key}" if path else key
 
 
-def _tname(v: Any) -> str:
+def type_name(v: Any) -> str:
+    """The YAML type of a value, for errors ("expected a list, got mapping")."""
     if v is None:
         return "null"
     if isinstance(v, bool):
@@ -192,27 +194,27 @@ def _q(s: str) -> str:
 
 def _mapping(ctx: _Ctx, path: str, v: Any, allowed: Iterable[str]) -> Mapping[str, Any] | None:
     if not isinstance(v, Mapping):
-        ctx.err(path, f"expected a mapping, got {_tname(v)}")
+        ctx.err(path, f"expected a mapping, got {type_name(v)}")
         return None
     allowed_set = set(allowed)
     for k in v:
         if not isinstance(k, str):
             ctx.err(path, f"key {k!r} is not a string")
         elif k not in allowed_set:
-            ctx.err(_join(path, k), f"unknown field (allowed: {', '.join(sorted(allowed_set))})")
+            ctx.err(join_path(path, k), f"unknown field (allowed: {', '.join(sorted(allowed_set))})")
     return v
 
 
 def _list(ctx: _Ctx, path: str, v: Any) -> Sequence[Any] | None:
     if isinstance(v, (list, tuple)):
         return v
-    ctx.err(path, f"expected a list, got {_tname(v)}")
+    ctx.err(path, f"expected a list, got {type_name(v)}")
     return None
 
 
 def _string(ctx: _Ctx, path: str, v: Any) -> str | None:
     if not isinstance(v, str):
-        ctx.err(path, f"expected a string, got {_tname(v)}")
+        ctx.err(path, f"expected a string, got {type_name(v)}")
         return None
     return v
 
@@ -226,9 +228,9 @@ def _strings(ctx: _Ctx, path: str, v: Any) -> list[tuple[str, str]]:
         return []
     out = []
     for i, item in enumerate(items):
-        p = _join(path, i)
+        p = join_path(path, i)
         if not isinstance(item, str):
-            ctx.err(p, f"expected a string, got {_tname(item)}")
+            ctx.err(p, f"expected a string, got {type_name(item)}")
         elif item == "":
             ctx.err(p, "empty value not allowed")
         else:
@@ -271,7 +273,7 @@ def parse_ip_block(s: str) -> IPNetwork | None:
 def _port(ctx: _Ctx, path: str, v: Any) -> int | None:
     # Istio declares ports as strings; a YAML integer is unambiguous, so it is accepted too.
     if isinstance(v, bool):
-        ctx.err(path, f"invalid port: expected a number, got {_tname(v)}")
+        ctx.err(path, f"invalid port: expected a number, got {type_name(v)}")
         return None
     if isinstance(v, int):
         n = v
@@ -282,7 +284,7 @@ def _port(ctx: _Ctx, path: str, v: Any) -> int | None:
             path,
             f"invalid port {_q(str(v))}: not a number"
             if isinstance(v, str)
-            else f"invalid port: expected a number, got {_tname(v)}",
+            else f"invalid port: expected a number, got {type_name(v)}",
         )
         return None
     if not 0 <= n <= 65535:
@@ -300,9 +302,9 @@ def _ports(ctx: _Ctx, path: str, v: Any) -> tuple[int, ...]:
     out = []
     for i, item in enumerate(items):
         if isinstance(item, str) and item == "":
-            ctx.err(_join(path, i), "empty value not allowed")
+            ctx.err(join_path(path, i), "empty value not allowed")
             continue
-        n = _port(ctx, _join(path, i), item)
+        n = _port(ctx, join_path(path, i), item)
         if n is not None:
             out.append(n)
     return tuple(out)
@@ -360,7 +362,7 @@ def _timestamp(ctx: _Ctx, path: str, v: Any) -> datetime | None:
             ctx.err(path, f"invalid RFC 3339 timestamp {_q(v)}")
             return None
     else:
-        ctx.err(path, f"expected an RFC 3339 timestamp, got {_tname(v)}")
+        ctx.err(path, f"expected an RFC 3339 timestamp, got {type_name(v)}")
         return None
     # PyYAML gives naive datetimes for "...Z": they are UTC.
     return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
@@ -374,13 +376,13 @@ def _meta(ctx: _Ctx, doc: Mapping[str, Any]) -> Meta:
     if raw is None:
         ctx.err("metadata", "required field is missing")
     elif not isinstance(raw, Mapping):
-        ctx.err("metadata", f"expected a mapping, got {_tname(raw)}")
+        ctx.err("metadata", f"expected a mapping, got {type_name(raw)}")
     else:
         n = raw.get("name")
         if n is None:
             ctx.err("metadata.name", "required field is missing")
         elif not isinstance(n, str) or not n:
-            ctx.err("metadata.name", f"expected a non-empty string, got {_tname(n)}")
+            ctx.err("metadata.name", f"expected a non-empty string, got {type_name(n)}")
         else:
             name = n
         ns = raw.get("namespace")
@@ -390,19 +392,19 @@ def _meta(ctx: _Ctx, doc: Mapping[str, Any]) -> Meta:
                 "required field is missing (the policy is applied mesh-wide until fixed, failing closed)",
             )
         elif not isinstance(ns, str) or not ns:
-            ctx.err("metadata.namespace", f"expected a non-empty string, got {_tname(ns)}")
+            ctx.err("metadata.namespace", f"expected a non-empty string, got {type_name(ns)}")
         else:
             namespace = ns
         ann = raw.get("annotations")
         if ann is not None:
             if not isinstance(ann, Mapping):
-                ctx.err("metadata.annotations", f"expected a mapping, got {_tname(ann)}")
+                ctx.err("metadata.annotations", f"expected a mapping, got {type_name(ann)}")
             else:
                 for k, v in ann.items():
                     if not isinstance(k, str) or not isinstance(v, str):
                         ctx.err(
-                            _join("metadata.annotations", str(k)),
-                            f"annotation values must be strings, got {_tname(v)}",
+                            join_path("metadata.annotations", str(k)),
+                            f"annotation values must be strings, got {type_name(v)}",
                         )
                     else:
                         annotations[k] = v
@@ -425,16 +427,16 @@ def _selector(ctx: _Ctx, path: str, v: Any) -> Selector | None:
     labels = m.get("matchLabels")
     if labels is None:
         return Selector()
-    lp = _join(path, "matchLabels")
+    lp = join_path(path, "matchLabels")
     if not isinstance(labels, Mapping):
-        ctx.err(lp, f"expected a mapping, got {_tname(labels)}")
+        ctx.err(lp, f"expected a mapping, got {type_name(labels)}")
         return Selector()
     out: dict[str, str] = {}
     bad = False
     for k, val in labels.items():
-        p = _join(lp, str(k))
+        p = join_path(lp, str(k))
         if not isinstance(k, str) or not isinstance(val, str):
-            ctx.err(p, f"label keys and values must be strings, got {_tname(val)}")
+            ctx.err(p, f"label keys and values must be strings, got {type_name(val)}")
             bad = True
         elif "*" in k or "*" in val:
             ctx.err(p, f"wildcard is not supported in selector: {_q(f'{k}={val}')}")
@@ -459,7 +461,7 @@ def _target_refs(ctx: _Ctx, spec: Mapping[str, Any]) -> tuple[TargetRef, ...]:
     if spec.get("targetRefs") is not None:
         items = _list(ctx, "spec.targetRefs", spec["targetRefs"])
         for i, r in enumerate(items or ()):
-            refs.append((_join("spec.targetRefs", i), r))
+            refs.append((join_path("spec.targetRefs", i), r))
     out = []
     for path, r in refs:
         m = _mapping(ctx, path, r, ("group", "kind", "name", "namespace"))
@@ -468,10 +470,10 @@ def _target_refs(ctx: _Ctx, spec: Mapping[str, Any]) -> tuple[TargetRef, ...]:
         kind = m.get("kind")
         name = m.get("name")
         if not isinstance(kind, str) or not kind:
-            ctx.err(_join(path, "kind"), "required non-empty string")
+            ctx.err(join_path(path, "kind"), "required non-empty string")
             continue
         if not isinstance(name, str) or not name:
-            ctx.err(_join(path, "name"), "required non-empty string")
+            ctx.err(join_path(path, "name"), "required non-empty string")
             continue
         group = m.get("group", "")
         ns = m.get("namespace")
@@ -544,28 +546,32 @@ def _source(ctx: _Ctx, path: str, v: Any, policy_ns: str, action: Action) -> Sou
         ):
             if m.get(k) is not None:
                 ctx.err(
-                    _join(path, k),
+                    join_path(path, k),
                     f"From.{k[0].upper()}{k[1:]} is currently not supported with CUSTOM action",
                 )
     return Source(
-        principals=_string_matches(ctx, _join(path, "principals"), m.get("principals")),
-        not_principals=_string_matches(ctx, _join(path, "notPrincipals"), m.get("notPrincipals")),
-        request_principals=_string_matches(ctx, _join(path, "requestPrincipals"), m.get("requestPrincipals")),
-        not_request_principals=_string_matches(
-            ctx, _join(path, "notRequestPrincipals"), m.get("notRequestPrincipals")
+        principals=_string_matches(ctx, join_path(path, "principals"), m.get("principals")),
+        not_principals=_string_matches(ctx, join_path(path, "notPrincipals"), m.get("notPrincipals")),
+        request_principals=_string_matches(
+            ctx, join_path(path, "requestPrincipals"), m.get("requestPrincipals")
         ),
-        namespaces=_string_matches(ctx, _join(path, "namespaces"), m.get("namespaces")),
-        not_namespaces=_string_matches(ctx, _join(path, "notNamespaces"), m.get("notNamespaces")),
+        not_request_principals=_string_matches(
+            ctx, join_path(path, "notRequestPrincipals"), m.get("notRequestPrincipals")
+        ),
+        namespaces=_string_matches(ctx, join_path(path, "namespaces"), m.get("namespaces")),
+        not_namespaces=_string_matches(ctx, join_path(path, "notNamespaces"), m.get("notNamespaces")),
         service_accounts=_service_accounts(
-            ctx, _join(path, "serviceAccounts"), m.get("serviceAccounts"), policy_ns
+            ctx, join_path(path, "serviceAccounts"), m.get("serviceAccounts"), policy_ns
         ),
         not_service_accounts=_service_accounts(
-            ctx, _join(path, "notServiceAccounts"), m.get("notServiceAccounts"), policy_ns
+            ctx, join_path(path, "notServiceAccounts"), m.get("notServiceAccounts"), policy_ns
         ),
-        ip_blocks=_ip_blocks(ctx, _join(path, "ipBlocks"), m.get("ipBlocks")),
-        not_ip_blocks=_ip_blocks(ctx, _join(path, "notIpBlocks"), m.get("notIpBlocks")),
-        remote_ip_blocks=_ip_blocks(ctx, _join(path, "remoteIpBlocks"), m.get("remoteIpBlocks")),
-        not_remote_ip_blocks=_ip_blocks(ctx, _join(path, "notRemoteIpBlocks"), m.get("notRemoteIpBlocks")),
+        ip_blocks=_ip_blocks(ctx, join_path(path, "ipBlocks"), m.get("ipBlocks")),
+        not_ip_blocks=_ip_blocks(ctx, join_path(path, "notIpBlocks"), m.get("notIpBlocks")),
+        remote_ip_blocks=_ip_blocks(ctx, join_path(path, "remoteIpBlocks"), m.get("remoteIpBlocks")),
+        not_remote_ip_blocks=_ip_blocks(
+            ctx, join_path(path, "notRemoteIpBlocks"), m.get("notRemoteIpBlocks")
+        ),
     )
 
 
@@ -577,18 +583,18 @@ def _operation(ctx: _Ctx, path: str, v: Any) -> Operation | None:
         ctx.err(path, "`to.operation` must not be empty")
         return None
     for k in ("paths", "notPaths"):
-        for p, s in _strings(_Ctx(), _join(path, k), m.get(k)):
+        for p, s in _strings(_Ctx(), join_path(path, k), m.get(k)):
             if ("{" in s or "}" in s) and not _valid_path_template(s):
                 ctx.err(p, f"invalid or unsupported path template {_q(s)}")
     return Operation(
-        hosts=_string_matches(ctx, _join(path, "hosts"), m.get("hosts")),
-        not_hosts=_string_matches(ctx, _join(path, "notHosts"), m.get("notHosts")),
-        ports=_ports(ctx, _join(path, "ports"), m.get("ports")),
-        not_ports=_ports(ctx, _join(path, "notPorts"), m.get("notPorts")),
-        methods=_string_matches(ctx, _join(path, "methods"), m.get("methods")),
-        not_methods=_string_matches(ctx, _join(path, "notMethods"), m.get("notMethods")),
-        paths=_string_matches(ctx, _join(path, "paths"), m.get("paths")),
-        not_paths=_string_matches(ctx, _join(path, "notPaths"), m.get("notPaths")),
+        hosts=_string_matches(ctx, join_path(path, "hosts"), m.get("hosts")),
+        not_hosts=_string_matches(ctx, join_path(path, "notHosts"), m.get("notHosts")),
+        ports=_ports(ctx, join_path(path, "ports"), m.get("ports")),
+        not_ports=_ports(ctx, join_path(path, "notPorts"), m.get("notPorts")),
+        methods=_string_matches(ctx, join_path(path, "methods"), m.get("methods")),
+        not_methods=_string_matches(ctx, join_path(path, "notMethods"), m.get("notMethods")),
+        paths=_string_matches(ctx, join_path(path, "paths"), m.get("paths")),
+        not_paths=_string_matches(ctx, join_path(path, "notPaths"), m.get("notPaths")),
     )
 
 
@@ -616,17 +622,17 @@ def _condition(ctx: _Ctx, path: str, v: Any, action: Action) -> Condition | None
         return None
     key = m.get("key")
     if key is None or key == "":
-        ctx.err(_join(path, "key"), "`key` must not be empty")
+        ctx.err(join_path(path, "key"), "`key` must not be empty")
         return None
     if not isinstance(key, str):
-        ctx.err(_join(path, "key"), f"expected a string, got {_tname(key)}")
+        ctx.err(join_path(path, "key"), f"expected a string, got {type_name(key)}")
         return None
-    values = _strings(ctx, _join(path, "values"), m.get("values"))
-    not_values = _strings(ctx, _join(path, "notValues"), m.get("notValues"))
+    values = _strings(ctx, join_path(path, "values"), m.get("values"))
+    not_values = _strings(ctx, join_path(path, "notValues"), m.get("notValues"))
     if m.get("values") is None and m.get("notValues") is None:
         ctx.err(path, f"at least one of `values` or `notValues` must be set for key {key}")
     kind = _EXACT_KEYS.get(key)
-    kp = _join(path, "key")
+    kp = join_path(path, "key")
     if kind is None:
         if key in _REPLACED_KEYS:
             ctx.err(kp, f"attribute {key} {_REPLACED_KEYS[key]}")
@@ -653,7 +659,7 @@ def _condition(ctx: _Ctx, path: str, v: Any, action: Action) -> Condition | None
             elif kind == "port":
                 _port(ctx, p, s)
             elif kind == "serviceaccount":
-                _service_accounts(ctx, _join(path, label), [s], "x")
+                _service_accounts(ctx, join_path(path, label), [s], "x")
     return Condition(key=key, values=tuple(s for _, s in values), not_values=tuple(s for _, s in not_values))
 
 
@@ -669,55 +675,55 @@ def _rule(ctx: _Ctx, path: str, v: Any, policy_ns: str, action: Action) -> Rule 
     conditions: tuple[Condition, ...] | None = None
     ok = True
     if m.get("from") is not None:
-        fp = _join(path, "from")
+        fp = join_path(path, "from")
         items = _list(ctx, fp, m["from"])
         if items is not None and len(items) == 0:
             ctx.err(fp, "`from` must not be empty")
         got = []
         for i, item in enumerate(items or ()):
-            ip = _join(fp, i)
+            ip = join_path(fp, i)
             fm = _mapping(ctx, ip, item, ("source",))
             if fm is None:
                 ok = False
                 continue
             if fm.get("source") is None:
-                ctx.err(_join(ip, "source"), "`from.source` must not be null")
+                ctx.err(join_path(ip, "source"), "`from.source` must not be null")
                 ok = False
                 continue
-            s = _source(ctx, _join(ip, "source"), fm["source"], policy_ns, action)
+            s = _source(ctx, join_path(ip, "source"), fm["source"], policy_ns, action)
             if s is None:
                 ok = False
             else:
                 got.append(s)
         sources = tuple(got)
     if m.get("to") is not None:
-        tp = _join(path, "to")
+        tp = join_path(path, "to")
         items = _list(ctx, tp, m["to"])
         if items is not None and len(items) == 0:
             ctx.err(tp, "`to` must not be empty")
         got_ops = []
         for i, item in enumerate(items or ()):
-            ip = _join(tp, i)
+            ip = join_path(tp, i)
             tm = _mapping(ctx, ip, item, ("operation",))
             if tm is None:
                 ok = False
                 continue
             if tm.get("operation") is None:
-                ctx.err(_join(ip, "operation"), "`to.operation` must not be null")
+                ctx.err(join_path(ip, "operation"), "`to.operation` must not be null")
                 ok = False
                 continue
-            o = _operation(ctx, _join(ip, "operation"), tm["operation"])
+            o = _operation(ctx, join_path(ip, "operation"), tm["operation"])
             if o is None:
                 ok = False
             else:
                 got_ops.append(o)
         operations = tuple(got_ops)
     if m.get("when") is not None:
-        wp = _join(path, "when")
+        wp = join_path(path, "when")
         items = _list(ctx, wp, m["when"])
         got_conds = []
         for i, item in enumerate(items or ()):
-            c = _condition(ctx, _join(wp, i), item, action)
+            c = _condition(ctx, join_path(wp, i), item, action)
             if c is None:
                 ok = False
             else:
@@ -775,7 +781,7 @@ def _authorization_policy(ctx: _Ctx, doc: Mapping[str, Any], api_version: str) -
         items = _list(ctx, "spec.rules", spec["rules"])
         parsed = []
         for i, item in enumerate(items or ()):
-            r = _rule(ctx, _join("spec.rules", i), item, meta.namespace, action)
+            r = _rule(ctx, join_path("spec.rules", i), item, meta.namespace, action)
             if r is not None:
                 parsed.append(r)
         # `rules: []` is what proto3 calls unset: it never matches (an allow-nothing ALLOW).
@@ -814,13 +820,13 @@ def _authorization_policy(ctx: _Ctx, doc: Mapping[str, Any], api_version: str) -
         found = ", ".join(http)
         if action is Action.ALLOW:
             ctx.warn(
-                _join("spec.rules", i),
+                join_path("spec.rules", i),
                 f"the node agent does not evaluate HTTP attributes (found: {found}); "
                 "at L4 this ALLOW rule is omitted (allows nothing). Use a waypoint to enforce HTTP rules.",
             )
         elif action in (Action.DENY, Action.CUSTOM, Action.AUDIT):
             ctx.warn(
-                _join("spec.rules", i),
+                join_path("spec.rules", i),
                 f"the node agent does not evaluate HTTP attributes (found: {found}); "
                 f"at L4 this {action.value} rule is enforced without them, which is more restrictive.",
             )
@@ -859,7 +865,7 @@ def _mtls_mode(ctx: _Ctx, path: str, v: Any) -> MtlsMode:
             pass
     allowed = ", ".join(x.value for x in MtlsMode)
     ctx.err(
-        _join(path, "mode"),
+        join_path(path, "mode"),
         f"invalid mode {_q(str(mode))} (expected one of {allowed}); enforced as STRICT until fixed",
     )
     return MtlsMode.STRICT
@@ -879,14 +885,14 @@ def _peer_authentication(ctx: _Ctx, doc: Mapping[str, Any], api_version: str) ->
     if raw_ports is not None:
         pp = "spec.portLevelMtls"
         if not isinstance(raw_ports, Mapping):
-            ctx.err(pp, f"expected a mapping of port to mtls, got {_tname(raw_ports)}")
+            ctx.err(pp, f"expected a mapping of port to mtls, got {type_name(raw_ports)}")
         else:
             if len(raw_ports) == 0:
                 ctx.err(pp, "port level mTLS, if defined, must have at least one element")
             if selector is None or not selector.match_labels:
                 ctx.err(pp, "mesh/namespace peer authentication cannot have port level mTLS")
             for k, v in raw_ports.items():
-                kp = _join(pp, str(k))
+                kp = join_path(pp, str(k))
                 n = _port(ctx, kp, k)
                 if n is None:
                     continue
@@ -929,41 +935,43 @@ def _jwt_rule(ctx: _Ctx, path: str, v: Any) -> JwtRule | None:
         return None
     issuer = m.get("issuer", "")
     if not isinstance(issuer, str):
-        ctx.err(_join(path, "issuer"), f"expected a string, got {_tname(issuer)}")
+        ctx.err(join_path(path, "issuer"), f"expected a string, got {type_name(issuer)}")
         issuer = ""
     jwks_uri = m.get("jwksUri")
     if jwks_uri is not None:
-        jwks_uri = _string(ctx, _join(path, "jwksUri"), jwks_uri)
+        jwks_uri = _string(ctx, join_path(path, "jwksUri"), jwks_uri)
         if jwks_uri is not None and not (jwks_uri.startswith("http://") or jwks_uri.startswith("https://")):
-            ctx.err(_join(path, "jwksUri"), f"URI scheme of {_q(jwks_uri)} is not supported (http or https)")
+            ctx.err(
+                join_path(path, "jwksUri"), f"URI scheme of {_q(jwks_uri)} is not supported (http or https)"
+            )
     if not issuer and not jwks_uri:
         ctx.err(path, "issuer or jwksUri must be non-empty string")
     jwks = m.get("jwks")
     if jwks is not None:
-        jwks = _string(ctx, _join(path, "jwks"), jwks)
+        jwks = _string(ctx, join_path(path, "jwks"), jwks)
     headers = []
     for i, h in enumerate(
-        _list(ctx, _join(path, "fromHeaders"), m["fromHeaders"]) or ()
+        _list(ctx, join_path(path, "fromHeaders"), m["fromHeaders"]) or ()
         if m.get("fromHeaders") is not None
         else ()
     ):
-        hp = _join(_join(path, "fromHeaders"), i)
+        hp = join_path(join_path(path, "fromHeaders"), i)
         hm = _mapping(ctx, hp, h, ("name", "prefix"))
         if hm is None:
             continue
         name = hm.get("name")
         if not isinstance(name, str) or not name:
-            ctx.err(_join(hp, "name"), "location header name must be non-empty string")
+            ctx.err(join_path(hp, "name"), "location header name must be non-empty string")
             continue
         prefix = hm.get("prefix", "")
         headers.append(JwtHeader(name, prefix if isinstance(prefix, str) else ""))
     claims = []
     for i, c in enumerate(
-        _list(ctx, _join(path, "outputClaimToHeaders"), m["outputClaimToHeaders"]) or ()
+        _list(ctx, join_path(path, "outputClaimToHeaders"), m["outputClaimToHeaders"]) or ()
         if m.get("outputClaimToHeaders") is not None
         else ()
     ):
-        cp = _join(_join(path, "outputClaimToHeaders"), i)
+        cp = join_path(join_path(path, "outputClaimToHeaders"), i)
         cm = _mapping(ctx, cp, c, ("header", "claim"))
         if cm is None:
             continue
@@ -977,24 +985,24 @@ def _jwt_rule(ctx: _Ctx, path: str, v: Any) -> JwtRule | None:
         t = m["timeout"]
         dm = _DURATION.fullmatch(t) if isinstance(t, str) else None
         if dm is None:
-            ctx.err(_join(path, "timeout"), f'invalid duration {t!r} (e.g. "5s")')
+            ctx.err(join_path(path, "timeout"), f'invalid duration {t!r} (e.g. "5s")')
         else:
             timeout = float(dm.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[dm.group(3)]
     fwd = m.get("forwardOriginalToken", False)
     if not isinstance(fwd, bool):
-        ctx.err(_join(path, "forwardOriginalToken"), f"expected a boolean, got {_tname(fwd)}")
+        ctx.err(join_path(path, "forwardOriginalToken"), f"expected a boolean, got {type_name(fwd)}")
         fwd = False
     out_hdr = m.get("outputPayloadToHeader")
     if out_hdr is not None:
-        out_hdr = _string(ctx, _join(path, "outputPayloadToHeader"), out_hdr)
+        out_hdr = _string(ctx, join_path(path, "outputPayloadToHeader"), out_hdr)
     return JwtRule(
         issuer=issuer,
-        audiences=tuple(s for _, s in _strings(ctx, _join(path, "audiences"), m.get("audiences"))),
+        audiences=tuple(s for _, s in _strings(ctx, join_path(path, "audiences"), m.get("audiences"))),
         jwks_uri=jwks_uri,
         jwks=jwks,
         from_headers=tuple(headers),
-        from_params=tuple(s for _, s in _strings(ctx, _join(path, "fromParams"), m.get("fromParams"))),
-        from_cookies=tuple(s for _, s in _strings(ctx, _join(path, "fromCookies"), m.get("fromCookies"))),
+        from_params=tuple(s for _, s in _strings(ctx, join_path(path, "fromParams"), m.get("fromParams"))),
+        from_cookies=tuple(s for _, s in _strings(ctx, join_path(path, "fromCookies"), m.get("fromCookies"))),
         output_payload_to_header=out_hdr,
         forward_original_token=fwd,
         output_claim_to_headers=tuple(claims),
@@ -1014,7 +1022,7 @@ def _request_authentication(ctx: _Ctx, doc: Mapping[str, Any], api_version: str)
     rules = []
     if spec.get("jwtRules") is not None:
         for i, r in enumerate(_list(ctx, "spec.jwtRules", spec["jwtRules"]) or ()):
-            jr = _jwt_rule(ctx, _join("spec.jwtRules", i), r)
+            jr = _jwt_rule(ctx, join_path("spec.jwtRules", i), r)
             if jr is not None:
                 rules.append(jr)
     return RequestAuthentication(
@@ -1038,7 +1046,9 @@ def parse_policy(doc: Mapping[str, Any]) -> Policy:
     Raises :class:`PolicyParseError` only when ``doc`` is not a recognisable policy document.
     """
     if not isinstance(doc, Mapping):
-        raise PolicyParseError([FieldError("", f"expected a policy document (mapping), got {_tname(doc)}")])
+        raise PolicyParseError(
+            [FieldError("", f"expected a policy document (mapping), got {type_name(doc)}")]
+        )
     kind = doc.get("kind")
     api = doc.get("apiVersion")
     problems = []
