@@ -110,7 +110,7 @@ def is_self_signed(cert: x509.Certificate) -> bool:
     return True
 
 
-def _ca_trust_domain(cert: x509.Certificate) -> TrustDomain | None:
+def signing_trust_domain(cert: x509.Certificate) -> TrustDomain | None:
     """The trust domain named by a signing certificate's SPIFFE URI SAN, if it has one."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -308,7 +308,7 @@ class CertificateAuthority:
             _check_signing_cert(parent, f"CA chain certificate {parent.subject.rfc4514_string()!r}")
             path.append(parent)
         root = path[-1]
-        named = _ca_trust_domain(cert) or _ca_trust_domain(root)
+        named = signing_trust_domain(cert) or signing_trust_domain(root)
         given = None
         if trust_domain is not None:
             given = trust_domain if isinstance(trust_domain, TrustDomain) else TrustDomain(trust_domain)

@@ -28,7 +28,8 @@ from typing import Any
 from cryptography import x509
 
 from identity.bundle import BundleError, TrustBundle, TrustBundleSet, load_pem_roots
-from identity.spiffe import SpiffeId, SpiffeIdError, TrustDomain
+from identity.ca import signing_trust_domain
+from identity.spiffe import SpiffeIdError, TrustDomain
 from identity.svid import SvidError, load_pem_chain, verify_svid
 
 EXIT_OK, EXIT_INVALID, EXIT_INPUT = 0, 1, 2
@@ -104,15 +105,9 @@ def _split_bundle_arg(arg: str) -> tuple[TrustDomain | None, str]:
 
 def _root_trust_domain(cert: x509.Certificate) -> TrustDomain | None:
     try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (x509.ExtensionNotFound, ValueError):
+        return signing_trust_domain(cert)
+    except ValueError:  # a malformed SAN extension: the root names no trust domain
         return None
-    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
-        try:
-            return SpiffeId.parse(uri).trust_domain
-        except SpiffeIdError:
-            continue
-    return None
 
 
 def load_bundles(args: list[str]) -> TrustBundleSet:
