@@ -117,19 +117,6 @@ class _ServerObserver:
             self.agent.metrics.handshake_failures.labels("inbound", kind).inc()
 
 
-class _ClientObserver:
-    """The outbound handler accounts for its tunnels itself (it knows the service)."""
-
-    def tunnel_opened(self, info: TunnelInfo) -> None:
-        pass
-
-    def tunnel_closed(self, info: TunnelInfo) -> None:
-        pass
-
-    def rejected(self, kind: str, detail: str) -> None:
-        pass
-
-
 class NodeAgent:
     def __init__(self, options: AgentOptions, *, capture_backend: Any = None) -> None:
         self.options = options
@@ -242,7 +229,9 @@ class NodeAgent:
             observer=_ServerObserver(self),
             config=ServerConfig(drain_timeout=o.drain_timeout),
         )
-        self._hbone_client = HboneClient(bundles=self.cert_manager.bundles, observer=_ClientObserver())
+        # No client observer: the outbound handler accounts for its tunnels itself (it knows the
+        # service), so the client's default NullObserver is right.
+        self._hbone_client = HboneClient(bundles=self.cert_manager.bundles)
         out_sock = in_sock = hbone_sock = None
         if o.capture == "bpf":
             out_sock = make_listener(o.listen_host, o.outbound_port, transparent=True)
