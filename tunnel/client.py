@@ -23,7 +23,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import cast
 
 from identity.bundle import TrustBundleSet
 from identity.spiffe import SpiffeId
@@ -36,12 +35,12 @@ from .relay import (
     KEEPALIVE_TIMEOUT,
     STREAM_IDLE_TIMEOUT,
     H2Session,
+    HeldConnection,
     NullObserver,
     TunnelInfo,
     TunnelObserver,
     TunnelStream,
     _safe,
-    abort_with_rst,
     set_nodelay,
 )
 from .tls import ContextCache, PeerVerificationError, check_expected_identity, same_credential, verify_peer
@@ -533,24 +532,17 @@ class HboneClient:
         self.stats["connections_opened"] += 1
 
 
-class _OutboundSide(asyncio.Protocol):
-    """An accepted outbound connection: paused until its tunnel is up, then the stream's TCP side."""
+class _OutboundSide(HeldConnection):
+    """An accepted outbound connection, held until its tunnel is up, then the stream's TCP side."""
 
     def __init__(self, client: HboneClient, resolve: Resolver) -> None:
-        self.stream: TunnelStream | None = None
+        super().__init__()
         self.client = client
         self.resolve = resolve
-        self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task[None] | None = None
-        # uvloop starts reading right after connection_made even if it paused there; what arrives
-        # before the tunnel is up is kept here (reading is paused again at once, so <= 1 chunk).
-        self._early: list[bytes] = []
-        self._early_eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports do not subclass asyncio.Transport; they implement its interface.
-        self.transport = transport = cast(asyncio.Transport, transport)
-        transport.pause_reading()
+        super().connection_made(transport)
         if not type(self.client.loop).__module__.startswith("uvloop"):  # uvloop sets it itself
             sock = transport.get_extra_info("socket")
             if sock is not None:
@@ -564,62 +556,26 @@ class _OutboundSide(asyncio.Protocol):
             target = None
         if target is None:
             self.client._fail(TunnelError("no-target", "no tunnel target for an accepted connection"))
-            abort_with_rst(transport)
+            self.reset()
             return
         if target.source_address is None:
             target = dataclasses.replace(target, source_address=peer_addr)
         self.task = self.client.loop.create_task(self._run(target))
 
     async def _run(self, target: OutboundTarget) -> None:
-        transport = self.transport
-        assert transport is not None
         try:
-            stream = await self.client.establish(target, lambda: abort_with_rst(transport))
+            stream = await self.client.establish(target, self.reset)
         except (TunnelError, asyncio.CancelledError):
             return
-        if transport.is_closing():
+        try:
+            self.hand_over(stream.tcp_protocol())
+        except ConnectionError:
             stream.abort(ErrorCode.CANCEL, "local connection closed while the tunnel opened")
-            return
-        self.stream = stream
-        stream._tcp_reading = False  # the transport is paused since connection_made
-        stream._tcp_attached(transport)
-        for data in self._early:
-            stream._tcp_data(data)
-        self._early.clear()
-        if self._early_eof:
-            stream._tcp_eof()
-        else:
-            stream._resume_tcp()
-
-    def data_received(self, data: bytes) -> None:
-        if self.stream is not None:
-            self.stream._tcp_data(data)
-        else:
-            self._early.append(data)
-            if self.transport is not None:
-                self.transport.pause_reading()
-
-    def eof_received(self) -> bool:
-        if self.stream is not None:
-            self.stream._tcp_eof()
-        else:
-            self._early_eof = True
-        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.stream is not None:
-            self.stream._tcp_lost(exc)
-        elif self.task is not None:
+        super().connection_lost(exc)
+        if self.task is not None:
             self.task.cancel()
-
-    def pause_writing(self) -> None:
-        if self.stream is not None:
-            self.stream._tcp_write_paused = True
-
-    def resume_writing(self) -> None:
-        if self.stream is not None:
-            self.stream._tcp_write_paused = False
-            self.stream._return_credit()
 
 
 def abort_with_rst_sock(sock: socket.socket) -> None:

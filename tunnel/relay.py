@@ -34,7 +34,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from . import hbone
 from .hbone import Authority, ErrorCode
@@ -159,6 +159,78 @@ class _TcpSide(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.stream._tcp_write_paused = False
         self.stream._return_credit()
+
+
+class HeldConnection(asyncio.Protocol):
+    """An accepted TCP connection held paused until its carrier exists, then handed over whole.
+
+    A proxy accepting a connection must decide where it goes (and open a tunnel) before it can
+    relay; meanwhile reading is paused and what still arrives (uvloop reads once more after
+    ``pause_reading()`` in ``connection_made``: a request that raced the decision, or a FIN) is
+    kept, then replayed in order to the carrier's protocol by :meth:`hand_over`. Used by the
+    client's listener protocol and by the agent's 15001/15006 listeners. Subclasses extend
+    ``connection_made`` to start deciding."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._early: list[bytes] = []
+        self._early_eof = False
+        self.lost = False  # closed before the hand-over (a reset is only seen once reading resumes)
+        self.handed_over = False  # from then on the transport belongs to its carrier
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.pause_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self._early.append(data)
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self._early_eof = True
+        return True  # keep our side open: the peer half-closed, the answer may still come
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+    @property
+    def usable(self) -> bool:
+        return (
+            not self.lost
+            and not self.handed_over
+            and self.transport is not None
+            and not self.transport.is_closing()
+        )
+
+    def reset(self) -> None:
+        """Refuse the connection with a TCP RST (ztunnel resets rather than FINs)."""
+        if not self.handed_over:
+            abort_with_rst(self.transport)
+            self.lost = True
+
+    def hand_over(self, protocol: asyncio.Protocol) -> None:
+        """Make ``protocol`` the connection's protocol: ``connection_made``, then the bytes and
+        FIN that arrived while held, then reading resumes unless the protocol paused it.
+        Raises ConnectionError if the connection is gone, RuntimeError if handed over already."""
+        if self.handed_over:
+            raise RuntimeError("the connection was already handed over")
+        transport = self.transport
+        if transport is None or not self.usable:
+            raise ConnectionError("the connection closed before it was handed over")
+        self.handed_over = True
+        transport.set_protocol(protocol)
+        early, self._early = self._early, []
+        if not self._early_eof:
+            # Resume first: reads are only delivered from the next loop iteration, after the
+            # replay below, and a pause_reading() during the replay still wins.
+            transport.resume_reading()
+        protocol.connection_made(transport)
+        for data in early:
+            protocol.data_received(data)
+        if self._early_eof and not protocol.eof_received():
+            transport.close()
 
 
 class TunnelStream:
