@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from policy.model import (
     Action,
@@ -58,6 +58,7 @@ from policy.model import (
 API_VERSIONS: Final = ("security.istio.io/v1", "security.istio.io/v1beta1")
 KINDS: Final = ("AuthorizationPolicy", "PeerAuthentication", "RequestAuthentication")
 
+_T = TypeVar("_T")
 _TOP_KEYS: Final = frozenset({"apiVersion", "kind", "metadata", "spec", "status"})
 
 # Condition keys istiod accepts (pkg/config/security ValidateAttribute), and how their values
@@ -663,6 +664,35 @@ def _condition(ctx: _Ctx, path: str, v: Any, action: Action) -> Condition | None
     return Condition(key=key, values=tuple(s for _, s in values), not_values=tuple(s for _, s in not_values))
 
 
+def _wrapped_list(
+    ctx: _Ctx, path: str, value: Any, key: str, inner: str, parse: Callable[[str, Any], _T | None]
+) -> tuple[tuple[_T, ...], bool]:
+    """``from: [{source: ...}]`` and ``to: [{operation: ...}]``: a non-empty list of mappings
+    with one non-null ``inner`` key each. Returns what parsed and whether everything did."""
+    lp = join_path(path, key)
+    items = _list(ctx, lp, value)
+    if items is not None and len(items) == 0:
+        ctx.err(lp, f"`{key}` must not be empty")
+    got: list[_T] = []
+    ok = True
+    for i, item in enumerate(items or ()):
+        ip = join_path(lp, i)
+        wm = _mapping(ctx, ip, item, (inner,))
+        if wm is None:
+            ok = False
+            continue
+        if wm.get(inner) is None:
+            ctx.err(join_path(ip, inner), f"`{key}.{inner}` must not be null")
+            ok = False
+            continue
+        parsed = parse(join_path(ip, inner), wm[inner])
+        if parsed is None:
+            ok = False
+        else:
+            got.append(parsed)
+    return tuple(got), ok
+
+
 def _rule(ctx: _Ctx, path: str, v: Any, policy_ns: str, action: Action) -> Rule | None:
     if v is None:
         ctx.err(path, "`rule` must not be null")
@@ -675,49 +705,15 @@ def _rule(ctx: _Ctx, path: str, v: Any, policy_ns: str, action: Action) -> Rule 
     conditions: tuple[Condition, ...] | None = None
     ok = True
     if m.get("from") is not None:
-        fp = join_path(path, "from")
-        items = _list(ctx, fp, m["from"])
-        if items is not None and len(items) == 0:
-            ctx.err(fp, "`from` must not be empty")
-        got = []
-        for i, item in enumerate(items or ()):
-            ip = join_path(fp, i)
-            fm = _mapping(ctx, ip, item, ("source",))
-            if fm is None:
-                ok = False
-                continue
-            if fm.get("source") is None:
-                ctx.err(join_path(ip, "source"), "`from.source` must not be null")
-                ok = False
-                continue
-            s = _source(ctx, join_path(ip, "source"), fm["source"], policy_ns, action)
-            if s is None:
-                ok = False
-            else:
-                got.append(s)
-        sources = tuple(got)
+        sources, fine = _wrapped_list(
+            ctx, path, m["from"], "from", "source", lambda p, v: _source(ctx, p, v, policy_ns, action)
+        )
+        ok = ok and fine
     if m.get("to") is not None:
-        tp = join_path(path, "to")
-        items = _list(ctx, tp, m["to"])
-        if items is not None and len(items) == 0:
-            ctx.err(tp, "`to` must not be empty")
-        got_ops = []
-        for i, item in enumerate(items or ()):
-            ip = join_path(tp, i)
-            tm = _mapping(ctx, ip, item, ("operation",))
-            if tm is None:
-                ok = False
-                continue
-            if tm.get("operation") is None:
-                ctx.err(join_path(ip, "operation"), "`to.operation` must not be null")
-                ok = False
-                continue
-            o = _operation(ctx, join_path(ip, "operation"), tm["operation"])
-            if o is None:
-                ok = False
-            else:
-                got_ops.append(o)
-        operations = tuple(got_ops)
+        operations, fine = _wrapped_list(
+            ctx, path, m["to"], "to", "operation", lambda p, v: _operation(ctx, p, v)
+        )
+        ok = ok and fine
     if m.get("when") is not None:
         wp = join_path(path, "when")
         items = _list(ctx, wp, m["when"])
