@@ -225,6 +225,7 @@ class EnvoyProcess:
     admin: str
     listener_port: int
     listener_ports: dict[str, int] = dataclasses.field(default_factory=dict)  # by listener name
+    netns: str | None = None
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -243,15 +244,31 @@ class EnvoyProcess:
                     return int(line.split()[1]) * 1024
         return 0
 
+    def admin_get(self, path: str) -> bytes:
+        """GET ``path`` from the admin endpoint (from inside Envoy's network namespace)."""
+
+        def get() -> bytes:
+            with urllib.request.urlopen(f"http://{self.admin}{path}", timeout=5) as r:
+                return bytes(r.read())
+
+        if self.netns is None:
+            return get()
+        from agent.lab.runner import in_netns
+
+        return in_netns(self.netns, get)
+
     def stats(self) -> dict[str, int]:
-        with urllib.request.urlopen(f"http://{self.admin}/stats?format=json", timeout=5) as r:
-            doc = json.load(r)
+        doc = json.loads(self.admin_get("/stats?format=json"))
         return {s["name"]: s["value"] for s in doc["stats"] if isinstance(s.get("value"), int)}
 
 
-def start_envoy(config: dict[str, Any], *, concurrency: int = 1, timeout: float = 20.0) -> EnvoyProcess:
+def start_envoy(
+    config: dict[str, Any], *, concurrency: int = 1, timeout: float = 20.0, netns: str | None = None
+) -> EnvoyProcess:
     """Start Envoy with ``config`` (admin on 127.0.0.1:0), wait until all its listeners are bound,
-    return it (``listener_port``: the first listener's port; ``listener_ports``: all, by name)."""
+    return it (``listener_port``: the first listener's port; ``listener_ports``: all, by name).
+    ``netns``: run it in that network namespace (a name under /run/netns; root), e.g. a lab node;
+    its admin endpoint is then only reachable from there (:meth:`EnvoyProcess.admin_get`)."""
     workdir = tempfile.mkdtemp(prefix="ztagent-envoy-")
     config = dict(config)
     config["admin"] = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}}
@@ -261,8 +278,10 @@ def start_envoy(config: dict[str, Any], *, concurrency: int = 1, timeout: float 
     admin_path = os.path.join(workdir, "admin.txt")
     base_id = 100000 + (os.getpid() % 10000) * 10 + next(_ids) % 10
     log = open(os.path.join(workdir, "envoy.log"), "wb")  # noqa: SIM115 - lives as long as envoy
+    enter = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []  # execs: the pid is Envoy's
     proc = subprocess.Popen(
         [
+            *enter,
             str(ENVOY),
             "-c",
             cfg_path,
@@ -278,7 +297,7 @@ def start_envoy(config: dict[str, Any], *, concurrency: int = 1, timeout: float 
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    env = EnvoyProcess(proc, workdir, "", 0)
+    env = EnvoyProcess(proc, workdir, "", 0, netns=netns)
     wanted = [ls["name"] for ls in config.get("static_resources", {}).get("listeners", [])]
     try:
         deadline = time.monotonic() + timeout
@@ -286,9 +305,9 @@ def start_envoy(config: dict[str, Any], *, concurrency: int = 1, timeout: float 
             if proc.poll() is not None:
                 raise RuntimeError("envoy exited: " + Path(workdir, "envoy.log").read_text()[-3000:])
             if os.path.exists(admin_path) and (admin := Path(admin_path).read_text().strip()):
+                env.admin = admin
                 try:
-                    with urllib.request.urlopen(f"http://{admin}/listeners?format=json", timeout=2) as r:
-                        doc = json.load(r)
+                    doc = json.loads(env.admin_get("/listeners?format=json"))
                 except OSError:
                     doc = {}
                 ports = {
