@@ -35,28 +35,36 @@ from bench import suite
 
 LAB = f"ztbench{os.getpid() % 10000}"
 ENVOY_LAB = f"ztbenv{os.getpid() % 10000}"
-CONFIG = """apiVersion: ztagent.io/v1alpha1
-kind: MeshConfig
-trustDomain: cluster.local
-nodes:
-  - {name: node-a, address: 10.251.0.1, podCIDR: 10.245.1.0/24}
-  - {name: node-b, address: 10.251.0.2, podCIDR: 10.245.2.0/24}
-workloads:
-  - {name: client, namespace: bench, serviceAccount: client, node: node-a, ips: [10.245.1.2], enrolled: true}
-  - {name: plain-client, namespace: bench, node: node-a, ips: [10.245.1.3], enrolled: false}
-  - {name: server, namespace: bench, serviceAccount: server, node: node-b, ips: [10.245.2.2], enrolled: true}
-  - {name: plain-server, namespace: bench, node: node-b, ips: [10.245.2.3], enrolled: false}
-"""
-ENVOY_CONFIG = """apiVersion: ztagent.io/v1alpha1
-kind: MeshConfig
-trustDomain: cluster.local
-nodes:
-  - {name: node-a, address: 10.252.0.1, podCIDR: 10.246.1.0/24}
-  - {name: node-b, address: 10.252.0.2, podCIDR: 10.246.2.0/24}
-workloads:
-  - {name: client, namespace: bench, serviceAccount: client, node: node-a, ips: [10.246.1.2], enrolled: true}
-  - {name: server, namespace: bench, serviceAccount: server, node: node-b, ips: [10.246.2.2], enrolled: true}
-"""
+
+
+def lab_config(nodes: str, pods: str, *, plain_pods: bool) -> str:
+    """The benchmark's lab: node-a (``<nodes>.1``, pods ``<pods>.1.0/24``) with the enrolled
+    client, node-b (``<nodes>.2``, ``<pods>.2.0/24``) with the enrolled server; ``plain_pods``
+    adds an unenrolled client and server (``.3``) for the direct path."""
+    lines = [
+        "apiVersion: ztagent.io/v1alpha1",
+        "kind: MeshConfig",
+        "trustDomain: cluster.local",
+        "nodes:",
+        f"  - {{name: node-a, address: {nodes}.1, podCIDR: {pods}.1.0/24}}",
+        f"  - {{name: node-b, address: {nodes}.2, podCIDR: {pods}.2.0/24}}",
+        "workloads:",
+    ]
+    for node, side, host in (("node-a", "client", 1), ("node-b", "server", 2)):
+        lines.append(
+            f"  - {{name: {side}, namespace: bench, serviceAccount: {side}, node: {node}, "
+            f"ips: [{pods}.{host}.2], enrolled: true}}"
+        )
+        if plain_pods:
+            lines.append(
+                f"  - {{name: plain-{side}, namespace: bench, node: {node}, "
+                f"ips: [{pods}.{host}.3], enrolled: false}}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+CONFIG = lab_config("10.251.0", "10.245", plain_pods=True)
+ENVOY_CONFIG = lab_config("10.252.0", "10.246", plain_pods=False)
 # path -> (lab, client pod, server ip)
 PATHS = {
     "direct": (LAB, "bench/plain-client", "10.245.2.3"),
