@@ -5,10 +5,10 @@
 
 Runs the benchmark's ztagent path (two real ``ztagent run`` agents, ``bench.agent_rss.node_pair``)
 under three loads: new connections (wrk, ``Connection: close``, 8 connections), 1 KB keep-alive
-requests (wrk, 16 connections) and bulk (iperf3, one stream). For each load and each agent it
-reports the CPU per unit of work from /proc (user + system time, which includes the kernel's
-socket work) and a py-spy sample (``py-spy record``, Python stacks, 200 Hz) split by where the
-sampled stack was running:
+requests (wrk, 16 connections) and bulk (iperf3, one stream), then the suite's Envoy HBONE pair
+under the same load. For each load it reports each proxy's CPU per unit of work from /proc (user
++ system time, which includes the kernel's socket work) and, for the agents, a py-spy sample
+(``py-spy record``, Python stacks, 200 Hz) split by where the sampled stack was running:
 
 - **loop (native)**: inside uvloop's own loop (epoll, accept, connect, reads, TLS record
   processing in its SSL protocol) with no Python frame of ours on top;
@@ -109,6 +109,55 @@ def _profile(
     return result
 
 
+def _envoy_pair(stack: ExitStack, ip: str, targets: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+    """The suite's Envoy HBONE pair in front of the same backends: (pids by role, ports by kind)."""
+    from bench import hbone_bench
+    from bench.envoy import hbone_client_config, hbone_server_config, start_envoy
+
+    _c, _s, client_cred, server_cred, bundles = hbone_bench.make_creds()
+    kinds = list(targets)
+    server = start_envoy(
+        hbone_server_config(
+            backend=(ip, targets[kinds[0]]),
+            cred=server_cred,
+            bundles=bundles,
+            routes={f"{ip}:{targets[k]}": (ip, targets[k]) for k in kinds},
+        )
+    )
+    stack.callback(server.stop)
+    client = start_envoy(
+        hbone_client_config(
+            target=[f"{ip}:{targets[k]}" for k in kinds],
+            server=("127.0.0.1", server.listener_port),
+            cred=client_cred,
+            bundles=bundles,
+            expect_san=str(server_cred.spiffe_id),
+        )
+    )
+    stack.callback(client.stop)
+    ports = {k: client.listener_ports[f"outbound-{i}"] for i, k in enumerate(kinds)}
+    return {"client": client.proc.pid, "server": server.proc.pid}, ports
+
+
+def _loads(ports: dict[str, int], secs: float) -> dict[str, tuple[Callable[[], float], str]]:
+    """The three loads, each returning the units of work it did (connections, requests, GB)."""
+
+    def newconns() -> float:
+        return suite.wrk(ports["http"], 8, secs, close=True).rps * secs
+
+    def keepalive() -> float:
+        return suite.wrk(ports["http"], 16, secs).rps * secs
+
+    def bulk() -> float:
+        return suite.iperf3_bulk(ports["iperf"], secs) * secs / 8  # GB
+
+    return {
+        "new connections": (newconns, "conn"),
+        "keep-alive 1 KB, 16 conns": (keepalive, "req"),
+        "bulk, 1 stream": (bulk, "GB"),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=8.0)
@@ -128,24 +177,20 @@ def main() -> int:
                 "iperf": stack.enter_context(suite.iperf3_server(ip)),
             }
             pair = stack.enter_context(agent_rss.node_pair(1, targets=targets))
-            pids, ports = pair["pids"], pair["listeners"]
+            envoy_pids, envoy_ports = _envoy_pair(stack, ip, targets)
             time.sleep(1.5)
-            suite.wrk(ports["http"], 8, 2, close=True)  # warm: certificates, pools, caches
-
-            def newconns() -> float:
-                return suite.wrk(ports["http"], 8, secs, close=True).rps * secs
-
-            def keepalive() -> float:
-                return suite.wrk(ports["http"], 16, secs).rps * secs
-
-            def bulk() -> float:
-                return suite.iperf3_bulk(ports["iperf"], secs) * secs / 8  # GB
-
-            loads = {"new connections": (newconns, "conn"), "keep-alive 1 KB, 16 conns": (keepalive, "req"),
-                     "bulk, 1 stream": (bulk, "GB")}  # fmt: skip
-            for name, (load, unit) in loads.items():
-                results[name] = _profile(pids, secs, load, raw_dir, name.split()[0].replace(",", ""))
-                results[name]["unit"] = unit
+            for ports in (pair["listeners"], envoy_ports):
+                suite.wrk(ports["http"], 8, 2, close=True)  # warm: certificates, pools, caches
+            envoy_loads = _loads(envoy_ports, secs)
+            for name, (load, unit) in _loads(pair["listeners"], secs).items():
+                res = _profile(pair["pids"], secs, load, raw_dir, name.split()[0].replace(",", ""))
+                before = {role: cpu_seconds(pid) for role, pid in envoy_pids.items()}
+                units = envoy_loads[name][0]()
+                res["envoy"] = {
+                    role: (cpu_seconds(pid) - before[role]) / units for role, pid in envoy_pids.items()
+                }
+                res["unit"] = unit
+                results[name] = res
                 print(f"profile: {name} done", file=sys.stderr)
     finally:
         if not args.raw_dir:
@@ -154,25 +199,27 @@ def main() -> int:
     return 0
 
 
+def _per(cpu_per_unit: float, unit: str) -> str:
+    return f"{cpu_per_unit:.2f} s/GB" if unit == "GB" else f"{cpu_per_unit * 1e6:.0f} µs/{unit}"
+
+
 def render(results: dict[str, dict[str, Any]]) -> str:
-    head = "| load | agent | CPU per unit | " + " | ".join(CATEGORIES) + " |"
+    head = "| load | agent | CPU per unit | Envoy's, same load | " + " | ".join(CATEGORIES) + " |"
     lines = [
-        "CPU of the two agents (node-a: client side, node-b: server side) under the benchmark's loads;",
-        "per unit from /proc (user+system); the split is py-spy's share of samples.",
+        "CPU of the two agents (node-a: client side, node-b: server side) under the benchmark's loads,",
+        "beside the Envoy pair's (client, server) under the same loads in the same run; per unit of work",
+        "from /proc (user + system); the split is py-spy's share of the agent's samples.",
         "",
         head,
-        "|" + "---|" * (3 + len(CATEGORIES)),
+        "|" + "---|" * (4 + len(CATEGORIES)),
     ]
     for name, res in results.items():
         unit, units = res["unit"], res["units"]
-        for node in ("node-a", "node-b"):
+        for node, role in (("node-a", "client"), ("node-b", "server")):
             r = res[node]
-            if unit == "GB":
-                per = f"{r['cpu_s'] / units:.2f} s/GB"
-            else:
-                per = f"{r['cpu_s'] / units * 1e6:.0f} µs/{unit}"
             cells = " | ".join(f"{100 * r['split'][c]:.0f}%" for c in CATEGORIES)
-            lines.append(f"| {name} | {node} | {per} | {cells} |")
+            ours, envoy = _per(r["cpu_s"] / units, unit), _per(res["envoy"][role], unit)
+            lines.append(f"| {name} | {node} | {ours} | {envoy} | {cells} |")
     return "\n".join(lines)
 
 
