@@ -13,6 +13,7 @@ rewriting the config file the agents and the CA watch, and waits until both agen
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import http.server
 import json
@@ -194,6 +195,9 @@ class Lab:
         except ConnectionResetError:
             return "reset"
         except OSError as e:
+            if e.errno in (errno.ENOTCONN, errno.EPIPE):
+                # A reset that arrived before our send or shutdown: the kernel reports it there.
+                return "reset"
             return os.strerror(e.errno or 0)
         finally:
             s.close()
