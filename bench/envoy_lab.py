@@ -25,6 +25,7 @@ benchmark harness for one client pod and one server pod, not a general Envoy-bas
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import socket
 from collections.abc import Iterator
@@ -37,7 +38,7 @@ from bench.envoy import EnvoyProcess, hbone_client_config, hbone_server_config, 
 
 OUTBOUND_PORT = 15001
 HBONE_PORT = 15008
-_SYS_PIDFD_GETFD = 438  # the same number on every architecture (generic syscall table)
+_SYS_PIDFD_GETFD = 438  # x86-64 and arm64 (the generic syscall table); alpha and mips differ
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -63,9 +64,16 @@ def listening_sockets(pid: int, ports: dict[str, int]) -> dict[str, socket.socke
         try:
             if not os.readlink(os.path.join(fd_dir, entry)).startswith("socket:"):
                 continue
-            sock = socket.socket(fileno=pidfd_getfd(pid, int(entry)))
+            fd = pidfd_getfd(pid, int(entry))
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.EBADF):
+                continue  # closed since we listed it
+            raise
+        try:
+            sock = socket.socket(fileno=fd)
         except OSError:
-            continue  # closed meanwhile, or not a socket family Python knows
+            os.close(fd)  # a socket family Python does not know: not a TCP listener
+            continue
         name = None
         if sock.type == socket.SOCK_STREAM and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             name = by_port.get(sock.getsockname()[1])
@@ -151,8 +159,8 @@ def envoy_node_proxies(
             rec = state.pods[pod.ref]
             ns = rec["node_netns"]
             cap = Capture(pin_dir=pin_dirs[pod.ref], netns=ns)
+            stack.callback(cap.uninstall)  # also undoes a half-finished install
             cap.install()
-            stack.callback(cap.uninstall)
             envoy = start_envoy(config, netns=ns)
             stack.callback(envoy.stop)
             socks = listening_sockets(envoy.proc.pid, {listener: port})

