@@ -11,9 +11,11 @@ server pod runs iperf3 -s and nginx answering 1 KB):
 - the **Envoy** lab, ``ztagent lab up --no-agents`` plus ``bench.envoy_lab``: the same capture
   (installed by this process) feeds one Envoy per node, Envoy -> HBONE (mTLS, CONNECT) -> Envoy.
 
-Alternates direct, Envoy, mesh, ``--runs`` times: bulk (iperf3, 1 stream) and 1 KB HTTP
-latency/req/s at 1 connection (wrk). Afterwards it checks that the proxied traffic really
-crossed the proxies (node-b's agent and node-b's Envoy counted it).
+Alternates direct, Envoy, mesh, ``--runs`` times, each scenario of the loopback suite run from
+inside the client pod: bulk (iperf3, 1 stream), 1 KB HTTP latency and req/s at 1 and 16
+keep-alive connections (wrk), and new connections/s with one request each (wrk, 8 connections,
+``Connection: close``). Afterwards it checks that the proxied traffic really crossed the proxies
+(node-b's agent and node-b's Envoy counted it).
 """
 
 from __future__ import annotations
@@ -72,6 +74,16 @@ PATHS = {
     "mesh": (LAB, "bench/client", "10.245.2.2"),
 }
 SERVER_PORTS = [8080, 5201]  # nginx, iperf3
+METRICS = (
+    "bulk_gbps",
+    "http1_p50_ms",
+    "http1_p99_ms",
+    "http1_rps",
+    "http16_p50_ms",
+    "http16_p99_ms",
+    "http16_rps",
+    "newconns_per_s",
+)
 
 
 def _zt() -> str:
@@ -118,12 +130,19 @@ def bulk(lab: str, pod: str, ip: str, seconds: int) -> float:
     return float(doc["end"]["sum_received"]["bits_per_second"]) / 1e9
 
 
-def http1(lab: str, pod: str, ip: str, seconds: int) -> suite.WrkResult:
-    argv = ["wrk", "-t1", "-c1", f"-d{seconds}s", "--latency", f"http://{ip}:8080/"]
-    out = lab_exec(lab, pod, argv, timeout=seconds + 30)
+def http(lab: str, pod: str, ip: str, seconds: int, conns: int = 1, close: bool = False) -> suite.WrkResult:
+    """1 KB answers from the server pod's nginx, loaded from ``pod`` by wrk: ``conns`` keep-alive
+    connections, or with ``close`` a new connection per request."""
+    argv = ["wrk", f"-t{min(conns, 2)}", f"-c{conns}", f"-d{seconds}s", "--latency", "--timeout", "5s"]
+    if close:
+        argv += ["-H", "Connection: close"]
+    out = lab_exec(lab, pod, [*argv, f"http://{ip}:8080/"], timeout=seconds + 30)
     if out.returncode != 0:
         raise RuntimeError(f"wrk in {pod}: {out.stderr[-500:]}")
-    return suite.parse_wrk(out.stdout)
+    res = suite.parse_wrk(out.stdout)
+    if res.errors:
+        raise RuntimeError(f"wrk in {pod} -> {ip} ({conns} conns, close={close}): {res.errors} errors")
+    return res
 
 
 def _lab_up(name: str, config: Path, *extra: str) -> None:
@@ -139,7 +158,8 @@ def _lab_up(name: str, config: Path, *extra: str) -> None:
 def _check_proxied(runs: int, envoy_server: Any) -> None:
     """The proxied figures are only meaningful if the traffic crossed the proxies: node-b's agent
     must have counted inbound HBONE connections from the client's identity, node-b's Envoy the
-    CONNECTs it terminated (each run opens three: iperf3's control and data connections, wrk's)."""
+    CONNECTs it terminated (each run opens more than three: iperf3's control and data connections,
+    wrk's keep-alive connections and a connection per request of the new-connections load)."""
     metrics = subprocess.run(
         [_zt(), "lab", "exec", "--name", LAB, "--node", "node-b", "--",
          "curl", "-s", "http://127.0.0.1:15020/metrics"],
@@ -172,9 +192,7 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="ztagent-labbench-")
     Path(work, "lab.yaml").write_text(CONFIG)
     Path(work, "envoy-lab.yaml").write_text(ENVOY_CONFIG)
-    samples: dict[str, dict[str, list[float]]] = {
-        k: {p: [] for p in PATHS} for k in ("bulk_gbps", "http1_p50_ms", "http1_p99_ms", "http1_rps")
-    }
+    samples: dict[str, dict[str, list[float]]] = {k: {p: [] for p in PATHS} for k in METRICS}
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, work, ignore_errors=True)
         for name in (LAB, ENVOY_LAB):
@@ -201,10 +219,13 @@ def main() -> int:
         for r in range(args.runs):
             for name, (lab, pod, ip) in PATHS.items():
                 samples["bulk_gbps"][name].append(bulk(lab, pod, ip, args.seconds))
-                res = http1(lab, pod, ip, args.seconds)
-                samples["http1_p50_ms"][name].append(res.p50_ms)
-                samples["http1_p99_ms"][name].append(res.p99_ms)
-                samples["http1_rps"][name].append(res.rps)
+                for conns in (1, 16):
+                    res = http(lab, pod, ip, args.seconds, conns)
+                    samples[f"http{conns}_p50_ms"][name].append(res.p50_ms)
+                    samples[f"http{conns}_p99_ms"][name].append(res.p99_ms)
+                    samples[f"http{conns}_rps"][name].append(res.rps)
+                res = http(lab, pod, ip, args.seconds, 8, close=True)
+                samples["newconns_per_s"][name].append(res.rps)
                 print(f"run {r + 1}/{args.runs} {name} done", file=sys.stderr)
         _check_proxied(args.runs, envoys["server"])
     lines = [
