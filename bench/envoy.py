@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -324,3 +325,38 @@ def start_envoy(
     except BaseException:
         env.stop()
         raise
+
+
+def start_hbone_pair(
+    stack: ExitStack,
+    backends: dict[str, tuple[str, int]],
+    *,
+    client_cred: WorkloadCredential,
+    server_cred: WorkloadCredential,
+    bundles: TrustBundleSet,
+) -> tuple[EnvoyProcess, EnvoyProcess, dict[str, int]]:
+    """The benchmark's Envoy HBONE pair in front of ``backends`` (kind -> (host, port)): a server
+    Envoy routing each CONNECT by its authority, and a client Envoy with one plaintext listener
+    per backend, all over one HBONE cluster. ``stack`` stops both. Returns the client, the server
+    and the client's listener port by kind."""
+    kinds = list(backends)
+    server = start_envoy(
+        hbone_server_config(
+            backend=backends[kinds[0]],
+            cred=server_cred,
+            bundles=bundles,
+            routes={f"{host}:{port}": (host, port) for host, port in backends.values()},
+        )
+    )
+    stack.callback(server.stop)
+    client = start_envoy(
+        hbone_client_config(
+            target=[f"{host}:{port}" for host, port in backends.values()],
+            server=("127.0.0.1", server.listener_port),
+            cred=client_cred,
+            bundles=bundles,
+            expect_san=str(server_cred.spiffe_id),
+        )
+    )
+    stack.callback(client.stop)
+    return client, server, {k: client.listener_ports[f"outbound-{i}"] for i, k in enumerate(kinds)}

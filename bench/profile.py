@@ -172,30 +172,16 @@ def profile(
 def _envoy_pair(stack: ExitStack, ip: str, targets: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
     """The suite's Envoy HBONE pair in front of the same backends: (pids by role, ports by kind)."""
     from bench import hbone_bench
-    from bench.envoy import hbone_client_config, hbone_server_config, start_envoy
+    from bench.envoy import start_hbone_pair
 
     _c, _s, client_cred, server_cred, bundles = hbone_bench.make_creds()
-    kinds = list(targets)
-    server = start_envoy(
-        hbone_server_config(
-            backend=(ip, targets[kinds[0]]),
-            cred=server_cred,
-            bundles=bundles,
-            routes={f"{ip}:{targets[k]}": (ip, targets[k]) for k in kinds},
-        )
+    client, server, ports = start_hbone_pair(
+        stack,
+        {k: (ip, port) for k, port in targets.items()},
+        client_cred=client_cred,
+        server_cred=server_cred,
+        bundles=bundles,
     )
-    stack.callback(server.stop)
-    client = start_envoy(
-        hbone_client_config(
-            target=[f"{ip}:{targets[k]}" for k in kinds],
-            server=("127.0.0.1", server.listener_port),
-            cred=client_cred,
-            bundles=bundles,
-            expect_san=str(server_cred.spiffe_id),
-        )
-    )
-    stack.callback(client.stop)
-    ports = {k: client.listener_ports[f"outbound-{i}"] for i, k in enumerate(kinds)}
     return {"client": client.proc.pid, "server": server.proc.pid}, ports
 
 

@@ -362,7 +362,7 @@ def _samples() -> dict[str, dict[str, list[float]]]:
 
 
 def run(opts: Options, partial: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    from bench.envoy import ENVOY, hbone_client_config, hbone_server_config, start_envoy
+    from bench.envoy import ENVOY, start_hbone_pair
 
     hb._raise_nofile()
     if not ENVOY.exists():
@@ -409,30 +409,14 @@ def run(opts: Options, partial: Callable[[dict[str, Any]], None] | None = None) 
         extra["agent_logs"] = agents["tmp"]
 
         # (b) Envoy: one server Envoy, one client Envoy with a listener per backend
-        env_srv = start_envoy(
-            hbone_server_config(
-                backend=("127.0.0.1", backends["iperf"]),
-                cred=scred,
-                bundles=bundles,
-                routes={f"127.0.0.1:{backends[k]}": ("127.0.0.1", backends[k]) for k in kinds},
-            )
+        env_cli, env_srv, env_ports = start_hbone_pair(
+            stack,
+            {k: ("127.0.0.1", port) for k, port in backends.items()},
+            client_cred=ccred,
+            server_cred=scred,
+            bundles=bundles,
         )
-        stack.callback(env_srv.stop)
-        env_cli = start_envoy(
-            hbone_client_config(
-                target=[f"127.0.0.1:{backends[k]}" for k in kinds],
-                server=("127.0.0.1", env_srv.listener_port),
-                cred=ccred,
-                bundles=bundles,
-                expect_san=str(scred.spiffe_id),
-            )
-        )
-        stack.callback(env_cli.stop)
-        envoy = Path_(
-            "envoy",
-            {k: env_cli.listener_ports[f"outbound-{i}"] for i, k in enumerate(kinds)},
-            [env_cli.proc.pid, env_srv.proc.pid],
-        )
+        envoy = Path_("envoy", env_ports, [env_cli.proc.pid, env_srv.proc.pid])
         direct = Path_("direct", dict(backends))
         paths = [direct, envoy, agent, pair]
         proxies = [envoy, agent, pair]
