@@ -75,7 +75,8 @@ def listening_sockets(pid: int, ports: dict[str, int]) -> dict[str, socket.socke
             os.close(fd)  # a socket family Python does not know: not a TCP listener
             continue
         name = None
-        if sock.type == socket.SOCK_STREAM and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        tcp = sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
+        if tcp and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             name = by_port.get(sock.getsockname()[1])
         if name is None or name in found:
             sock.close()
