@@ -28,6 +28,7 @@ from agent.proxy_plain import PlainRelay
 from identity.spiffe import SpiffeId
 from policy import Connection, Decision
 from tunnel.hbone import Authority, parse_ip
+from tunnel.relay import connect_numeric
 from tunnel.server import AuthzDecision, AuthzRequest
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ class UpstreamConnector:
         try:
             if source_ip is not None and (source_ip.version == 6) == (family == socket.AF_INET6):
                 self._bind_source(sock, source_ip)
-            await asyncio.wait_for(loop.sock_connect(sock, (ip, port)), UPSTREAM_CONNECT_TIMEOUT)
+            await asyncio.wait_for(connect_numeric(loop, sock, (ip, port)), UPSTREAM_CONNECT_TIMEOUT)
         except BaseException:
             sock.close()
             raise
