@@ -41,6 +41,7 @@ from .relay import (
     TunnelObserver,
     TunnelStream,
     _safe,
+    connect_numeric,
     set_nodelay,
 )
 from .tls import ContextCache, PeerVerificationError, check_expected_identity, same_credential, verify_peer
@@ -474,7 +475,7 @@ class HboneClient:
         sock.setblocking(False)
         set_nodelay(sock)
         try:
-            await asyncio.wait_for(self.loop.sock_connect(sock, (str(agent.ip), agent.port)), timeout)
+            await asyncio.wait_for(connect_numeric(self.loop, sock, (str(agent.ip), agent.port)), timeout)
         except TimeoutError:
             sock.close()
             raise TunnelError(

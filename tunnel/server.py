@@ -38,6 +38,7 @@ from .relay import (
     TunnelObserver,
     TunnelStream,
     _safe,
+    connect_numeric,
     set_nodelay,
 )
 from .tls import ContextCache, PeerVerificationError, TlsSetupError, verify_peer
@@ -90,7 +91,7 @@ async def tcp_connect(authority: Authority, source: Authority | None = None) -> 
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
-        await loop.sock_connect(sock, (str(authority.ip), authority.port))
+        await connect_numeric(loop, sock, (str(authority.ip), authority.port))
     except BaseException:
         sock.close()
         raise
