@@ -16,9 +16,10 @@ bulk (iperf3, one stream). For each load:
 
 - **loop (native)**: uvloop's own loop with no Python frame of ours on top (epoll, accept,
   connect, reads, the TLS record processing of its SSL protocol);
-- **TLS + socket calls (native)**: the lines of ours that write to a transport, and calls into
-  ``ssl`` (py-spy charges a C call's time to the calling Python line: OpenSSL encryption and
-  decryption, the send syscalls and the kernel's loopback TCP work behind them);
+- **TLS + socket calls (native)**: the lines of ours that are one native call (transport writes,
+  socket connects, uvloop's connection set-up), and calls into ``ssl``. py-spy charges a C
+  call's time to the calling Python line: this is OpenSSL encryption and decryption, the
+  syscalls and the kernel's loopback TCP work behind them;
 - **h2 / HPACK**: the HTTP/2 library;
 - **HBONE core + relay** / **agent**: everything else, by the innermost frame of ours on the
   stack (``tunnel/``; ``agent/``, ``policy/``, ``identity/``), including the library code they
@@ -59,19 +60,21 @@ CATEGORIES = (
     "other Python",
 )
 _OURS = {"tunnel": "HBONE core + relay", "agent": "agent", "policy": "agent", "identity": "agent"}
-_TRANSPORT_WRITE = re.compile(r"\b(transport|tcp)\.(write|writelines)\(")
+# Lines of ours that are one native call: transport writes, socket connects (the loopback
+# handshake runs inside the syscall) and uvloop's connection set-up.
+_NATIVE_CALL = re.compile(r"\b(transport|tcp)\.(write|writelines)\(|\bsock\.connect\(|\.create_connection\(")
 
 
 @cache
 def native_call_lines() -> frozenset[str]:
-    """``path:line`` of every line of ours that writes to a transport (found in the source, so the
+    """``path:line`` of every line of ours that is one native call (found in the source, so the
     split stays right when the code moves)."""
     found = set()
     for package in ("tunnel", "agent"):
         for path in sorted((ROOT / package).rglob("*.py")):
             rel = path.relative_to(ROOT).as_posix()
             for n, line in enumerate(path.read_text().splitlines(), 1):
-                if _TRANSPORT_WRITE.search(line):
+                if _NATIVE_CALL.search(line):
                     found.add(f"{rel}:{n}")
     return frozenset(found)
 
