@@ -90,12 +90,6 @@ def _zt() -> str:
     return os.path.join(os.path.dirname(sys.executable), "ztagent")
 
 
-def lab_exec(lab: str, pod: str, argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [_zt(), "lab", "exec", "--name", lab, pod, "--", *argv], capture_output=True, text=True, **kw
-    )
-
-
 def start_servers(lab: str, pod: str, ip: str, work: str) -> list[subprocess.Popen[bytes]]:
     nginx_dir = Path(work, lab, pod.replace("/", "_"))
     nginx_dir.mkdir(parents=True)
@@ -109,37 +103,25 @@ def start_servers(lab: str, pod: str, ip: str, work: str) -> list[subprocess.Pop
         f"  server {{ listen {ip}:8080;\n"
         f'    location / {{ default_type text/plain; return 200 "{"x" * 1024}"; }} }} }}\n'
     )
-    base = [_zt(), "lab", "exec", "--name", lab, pod, "--"]
+    base = _in_pod(lab, pod)
     return [
         subprocess.Popen([*base, "iperf3", "-s", "-B", ip, "-p", "5201"], stdout=subprocess.DEVNULL),
         subprocess.Popen([*base, "nginx", "-p", str(nginx_dir), "-c", f"{nginx_dir}/nginx.conf"]),
     ]
 
 
+def _in_pod(lab: str, pod: str) -> list[str]:
+    return [_zt(), "lab", "exec", "--name", lab, pod, "--"]
+
+
 def bulk(lab: str, pod: str, ip: str, seconds: int) -> float:
-    for _ in range(10):
-        out = lab_exec(
-            lab, pod, ["iperf3", "-c", ip, "-p", "5201", "-t", str(seconds), "-J"], timeout=seconds + 30
-        )
-        doc = json.loads(out.stdout or "{}")
-        if "busy" not in str(doc.get("error", "")):
-            break
-        time.sleep(0.5)
-    if out.returncode != 0 or "error" in doc:
-        raise RuntimeError(f"iperf3 in {pod} -> {ip}: {doc.get('error') or out.stderr[-500:]}")
-    return float(doc["end"]["sum_received"]["bits_per_second"]) / 1e9
+    return suite.iperf3_bulk(5201, seconds, host=ip, prefix=_in_pod(lab, pod))
 
 
 def http(lab: str, pod: str, ip: str, seconds: int, conns: int = 1, close: bool = False) -> suite.WrkResult:
     """1 KB answers from the server pod's nginx, loaded from ``pod`` by wrk: ``conns`` keep-alive
     connections, or with ``close`` a new connection per request."""
-    argv = ["wrk", f"-t{min(conns, 2)}", f"-c{conns}", f"-d{seconds}s", "--latency", "--timeout", "5s"]
-    if close:
-        argv += ["-H", "Connection: close"]
-    out = lab_exec(lab, pod, [*argv, f"http://{ip}:8080/"], timeout=seconds + 30)
-    if out.returncode != 0:
-        raise RuntimeError(f"wrk in {pod}: {out.stderr[-500:]}")
-    res = suite.parse_wrk(out.stdout)
+    res = suite.wrk(8080, conns, seconds, close=close, host=ip, prefix=_in_pod(lab, pod))
     if res.errors:
         raise RuntimeError(f"wrk in {pod} -> {ip} ({conns} conns, close={close}): {res.errors} errors")
     return res

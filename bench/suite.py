@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,11 +238,12 @@ def child_main(role: str) -> None:
 
 
 # --- load tools -----------------------------------------------------------------------------------
-def iperf3_bulk(port: int, seconds: float) -> float:
-    """Single-stream throughput received by the server, Gbit/s."""
+def iperf3_bulk(port: int, seconds: float, *, host: str = "127.0.0.1", prefix: Sequence[str] = ()) -> float:
+    """Single-stream throughput received by the server, Gbit/s. ``prefix`` runs the client
+    through another command (the lab's ``ztagent lab exec ... --``: from inside a pod)."""
     for _attempt in range(10):
         out = subprocess.run(
-            ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", f"{seconds:g}", "-J"],
+            [*prefix, "iperf3", "-c", host, "-p", str(port), "-t", f"{seconds:g}", "-J"],
             capture_output=True,
             timeout=seconds + 30,
             check=False,
@@ -275,7 +276,17 @@ class WrkResult:
     errors: int
 
 
-def wrk(port: int, conns: int, seconds: float, *, close: bool = False) -> WrkResult:
+def wrk(
+    port: int,
+    conns: int,
+    seconds: float,
+    *,
+    close: bool = False,
+    host: str = "127.0.0.1",
+    prefix: Sequence[str] = (),
+) -> WrkResult:
+    """1 KB requests over ``conns`` keep-alive connections (``close``: a new connection for each
+    request); ``prefix`` as for :func:`iperf3_bulk`."""
     threads = min(conns, 2)
     argv = [
         "wrk",
@@ -289,7 +300,7 @@ def wrk(port: int, conns: int, seconds: float, *, close: bool = False) -> WrkRes
     if close:
         argv += ["-H", "Connection: close"]
     out = subprocess.run(
-        [*argv, f"http://127.0.0.1:{port}/"],
+        [*prefix, *argv, f"http://{host}:{port}/"],
         capture_output=True,
         text=True,
         timeout=seconds + 30,
