@@ -175,7 +175,7 @@ class AgentMetrics:
         )
         self.ready = Gauge("ztagent_ready", "1 when certificates and capture are in place", registry=r)
         # Certificate expiry and rotation failures (ztagent_cert_expiry_timestamp_seconds,
-        # ztagent_cert_rotation_failures_total) are registered here by agent.ca's
+        # ztagent_cert_rotation_failures_total) are registered here by credentials'
         # CertificateManager, which owns those facts.
 
     def connection_series(self, labels: ConnectionLabels) -> tuple[Any, Any, Any, Any]:

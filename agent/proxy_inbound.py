@@ -20,12 +20,12 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any
 
-from agent.config import IPAddress, Workload
 from agent.metrics import ConnectionStats
 from agent.node.capture import IP_TRANSPARENT, IPV6_TRANSPARENT, SOL_IP, SOL_IPV6
 from agent.node.tracking import Tracked, connection_labels, decision_fields
 from agent.proxy_plain import PlainRelay
 from identity.spiffe import SpiffeId
+from mesh.config import IPAddress, Workload
 from policy import Connection, Decision
 from tunnel.hbone import Authority, parse_ip
 from tunnel.relay import connect_numeric

@@ -3,7 +3,7 @@
 1. The source workload is the local enrolled workload owning the peer IP (capture guarantees
    the IP arrived on that pod's interface). Anything else is refused: the agent proxies only
    for pods it holds identities for.
-2. The original destination picks the route (:meth:`agent.store.WorkloadStore.route`):
+2. The original destination picks the route (:meth:`mesh.store.WorkloadStore.route`):
    a service VIP -> a healthy endpoint; an enrolled workload on another node -> HBONE to
    ``<pod ip>:15008`` presenting the source's SVID and expecting the destination's SPIFFE ID;
    an enrolled workload on this node -> authorized and delivered locally (the node's own traffic
@@ -17,12 +17,12 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from agent.config import IPAddress, Workload
 from agent.metrics import ConnectionStats
 from agent.node.tracking import Tracked, connection_labels, decision_fields
 from agent.proxy_inbound import check_and_record, deliver_local, run_relay
 from agent.proxy_plain import PlainRelay
-from agent.store import DestinationKind, Route
+from mesh.config import IPAddress, Workload
+from mesh.store import DestinationKind, Route
 from tunnel.client import OutboundTarget, TunnelError
 from tunnel.hbone import Authority
 

@@ -25,11 +25,11 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry
 
-from agent.ca import store as ca_store
-from agent.ca.client import CaClient, NodeCredentials
-from agent.ca.identities import CA_SERVER_NAME, node_identity
-from agent.ca.manager import CertificateManager
-from agent.ca.proto import ca_pb2, ca_pb2_grpc
+from caserver import store as ca_store
+from credentials.client import CaClient, NodeCredentials
+from credentials.identities import CA_SERVER_NAME, node_identity
+from credentials.manager import CertificateManager
+from credentials.proto import ca_pb2, ca_pb2_grpc
 from identity.keys import build_csr, generate_key, key_to_pem
 from identity.spiffe import SpiffeId
 

@@ -254,7 +254,7 @@ class EnvoyProcess:
 
         if self.netns is None:
             return get()
-        from agent.lab.runner import in_netns
+        from lab.runner import in_netns
 
         return in_netns(self.netns, get)
 

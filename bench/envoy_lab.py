@@ -33,8 +33,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from agent.lab.topology import LabState
 from bench.envoy import EnvoyProcess, hbone_client_config, hbone_server_config, start_envoy
+from lab.topology import LabState
 
 OUTBOUND_PORT = 15001
 HBONE_PORT = 15008
@@ -119,8 +119,8 @@ def envoy_node_proxies(
     ``{"client": ..., "server": ...}``.
     Everything is removed again on exit, also on failure; the pin directories are recorded in
     the lab's state first, so tearing the lab down removes them too."""
-    from agent.lab.runner import pin_root
     from bpf.capture import Capture, EnrolledPod
+    from lab.runner import pin_root
 
     lab = state.lab
     node_of = {p.ref: state.pods[p.ref]["node"] for p in (client, server)}

@@ -160,9 +160,9 @@ def _check_proxied(runs: int, envoy_server: Any) -> None:
 
 
 def main() -> int:
-    from agent.lab.topology import LAB_ROOT, LabState
     from bench import envoy_lab
     from bench import hbone_bench as hb
+    from lab.topology import LAB_ROOT, LabState
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)

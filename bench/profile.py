@@ -102,7 +102,7 @@ def categorize(stack: str) -> str:
         return "TLS + socket calls (native)"
     if path.startswith(("h2/", "hpack/", "hyperframe/")):
         return "h2 / HPACK"
-    # The innermost frame of ours above the event loop (the loop itself is called from agent/cli).
+    # The innermost frame of ours above the event loop (the loop itself is called from cli/main).
     loop_at = max((i for i, f in enumerate(frames) if _is_loop(f)), default=-1)
     for frame in reversed(frames[loop_at + 1 :]):
         top = _location(frame).split("/", 1)[0]

@@ -165,7 +165,7 @@ class _Ctx:
 
 
 def join_path(path: str, key: str | int) -> str:
-    """A field path as errors name it: ``spec.rules[0].from`` (also used by agent.config)."""
+    """A field path as errors name it: ``spec.rules[0].from`` (also used by mesh.config)."""
     if isinstance(key, int):
         return f"{path}[{key}]"
     return f"{path}.{key}" if path else key

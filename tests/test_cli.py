@@ -1,4 +1,4 @@
-from agent.cli import build_parser, main
+from cli.main import build_parser, main
 
 
 def test_every_role_registers_a_subcommand() -> None:

@@ -28,11 +28,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import version as pkg_version
 from typing import Any
 
-from agent.accesslog import AccessLog
-from agent.admin import RunningSite, build_admin_app, build_metrics_app, build_readiness_app, serve
-from agent.ca.client import CaClient, NodeCredentials
-from agent.ca.manager import CertificateManager, NoCredentialError
-from agent.config import ConfigError, FileConfigSource, IPAddress, MeshConfig, thaw
+from agent.admin import build_admin_app
 from agent.downstream import Downstream, downstream_factory
 from agent.metrics import AgentMetrics, ConnectionStats
 from agent.node.capture import CaptureLayer, StaticCapture, make_listener, parse_address
@@ -48,10 +44,15 @@ from agent.proxy_inbound import (
     verified_source_workload,
 )
 from agent.proxy_outbound import handle_outbound
-from agent.store import WorkloadStore, describe_workloads
+from credentials.client import CaClient, NodeCredentials
+from credentials.manager import CertificateManager, NoCredentialError
 from identity.spiffe import SpiffeId
 from identity.svid import WorkloadCredential
+from mesh.config import ConfigError, FileConfigSource, IPAddress, MeshConfig, thaw
+from mesh.store import WorkloadStore, describe_workloads
 from policy import Connection, PolicyIndex, PolicySet
+from serving.accesslog import AccessLog
+from serving.http import RunningSite, build_metrics_app, build_readiness_app, serve
 from tunnel.client import HboneClient
 from tunnel.hbone import parse_ip
 from tunnel.relay import TunnelInfo

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.config import Workload
+from mesh.config import Workload
 
 log = logging.getLogger("ztagent.capture")
 

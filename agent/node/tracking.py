@@ -18,10 +18,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.accesslog import AccessLog
-from agent.config import Service, Workload
 from agent.metrics import UNKNOWN, AgentMetrics, ConnectionLabels, ConnectionStats
+from mesh.config import Service, Workload
 from policy import Connection, Decision
+from serving.accesslog import AccessLog
 
 _ids = itertools.count(1)
 

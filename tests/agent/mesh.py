@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.ca import store as ca_store
-from agent.ca.server import CaServer
-from agent.cli import main as cli_main
-from agent.config import FileConfigSource, load_config
 from agent.node import AgentOptions, NodeAgent
 from agent.node.capture import StaticCapture
+from caserver import store as ca_store
+from caserver.server import CaServer
+from cli.main import main as cli_main
+from mesh.config import FileConfigSource, load_config
 
 TD = "cluster.local"
 

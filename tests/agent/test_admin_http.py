@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from agent.admin import HttpApp, Response, RunningSite, json_response, serve
+from serving.http import HttpApp, Response, RunningSite, json_response, serve
 
 
 def _boom() -> Response:
@@ -192,7 +192,7 @@ async def test_a_client_that_pipelines_without_reading_cannot_make_us_buffer_wit
 async def test_trickling_bytes_does_not_hold_a_connection_and_the_oldest_is_evicted(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import agent.admin as admin
+    import serving.http as admin
 
     monkeypatch.setattr(admin, "REQUEST_TIMEOUT", 0.5)
     monkeypatch.setattr(admin, "MAX_CONNECTIONS", 3)

@@ -18,7 +18,7 @@ from tests.agent.prom import prometheus_scraping
 
 pytestmark = pytest.mark.timeout(180)
 
-ZTAGENT = [sys.executable, "-m", "agent.cli"]
+ZTAGENT = [sys.executable, "-m", "cli.main"]
 
 ALLOW_SLEEP_ONLY = """\
 apiVersion: security.istio.io/v1

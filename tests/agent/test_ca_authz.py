@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from agent.ca.authz import Placement, authorize
-from agent.ca.identities import NodeNameError, node_identity, node_of
-from agent.config import parse_config
+from caserver.authz import Placement, authorize
+from credentials.identities import NodeNameError, node_identity, node_of
 from identity.spiffe import SpiffeId, TrustDomain
+from mesh.config import parse_config
 from tests.agent.test_ca_helpers import config_text
 
 TD = TrustDomain("cluster.local")

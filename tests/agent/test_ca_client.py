@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from agent.ca import store as ca_store
-from agent.ca.client import CaClient, CaClientError, NodeCredentials
-from agent.ca.proto import ca_pb2, ca_pb2_grpc
+from caserver import store as ca_store
+from credentials.client import CaClient, CaClientError, NodeCredentials
+from credentials.proto import ca_pb2, ca_pb2_grpc
 from identity.keys import generate_key
 from identity.spiffe import SpiffeId
 from tests.agent.test_ca_helpers import TD, CaEnv, make_env, now, short_tmpdir

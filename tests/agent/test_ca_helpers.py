@@ -21,10 +21,10 @@ from typing import Any
 
 import grpc
 
-from agent.ca import store as ca_store
-from agent.ca.identities import CA_SERVER_NAME
-from agent.ca.proto import ca_pb2_grpc
-from agent.cli import main as cli_main
+from caserver import store as ca_store
+from cli.main import main as cli_main
+from credentials.identities import CA_SERVER_NAME
+from credentials.proto import ca_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
 ZTAGENT = str(Path(sys.executable).parent / "ztagent")

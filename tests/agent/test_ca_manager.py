@@ -16,15 +16,15 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from agent.ca import store as ca_store
-from agent.ca.client import CaClient, NodeCredentials
-from agent.ca.manager import CertificateManager, NoCredentialError, StartError
-from agent.ca.server import CaServer
-from agent.config import parse_config
 from agent.metrics import AgentMetrics
+from caserver import store as ca_store
+from caserver.server import CaServer
+from credentials.client import CaClient, NodeCredentials
+from credentials.manager import CertificateManager, NoCredentialError, StartError
 from identity.rotation import Backoff
 from identity.spiffe import SpiffeId
 from identity.svid import WorkloadCredential, verify_svid
+from mesh.config import parse_config
 from tests.agent.test_ca_helpers import TD, CaEnv, config_text, make_env, short_tmpdir
 
 SLEEP = SpiffeId.parse(f"spiffe://{TD}/ns/ns1/sa/sleep")
@@ -246,7 +246,7 @@ async def test_registers_on_the_agents_metrics_registry(h: Harness) -> None:
 
 
 def test_node_credentials_must_be_valid(tmp_path: Path, env: CaEnv) -> None:
-    from agent.ca.client import CaClientError
+    from credentials.client import CaClientError
 
     with pytest.raises(CaClientError, match="does not exist"):
         NodeCredentials.from_dir(tmp_path)

@@ -31,18 +31,18 @@ from google.protobuf import struct_pb2
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.ca import store as ca_store
-from agent.ca.client import CaClient, CaClientError, NodeCredentials
-from agent.ca.identities import CA_SERVER_NAME
-from agent.ca.manager import CertificateManager
-from agent.ca.proto import ca_pb2
-from agent.ca.server import CaServer
-from agent.config import parse_config
+from caserver import store as ca_store
+from caserver.server import CaServer
+from credentials.client import CaClient, CaClientError, NodeCredentials
+from credentials.identities import CA_SERVER_NAME
+from credentials.manager import CertificateManager
+from credentials.proto import ca_pb2
 from identity.bundle import TrustBundle, TrustBundleSet
 from identity.ca import CertificateAuthority
 from identity.keys import build_csr, generate_key
 from identity.spiffe import SpiffeId
 from identity.svid import verify_svid
+from mesh.config import parse_config
 from tests.agent.test_ca_helpers import (
     TD,
     ZTAGENT,

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from agent.ca import store as ca_store
-from agent.commands.ca import parse_duration
+from caserver import store as ca_store
+from cli.commands.ca import parse_duration
 from identity.bundle import TrustBundle, TrustBundleSet
 from identity.ca import CertificateAuthority
 from identity.keys import generate_key, key_to_pem

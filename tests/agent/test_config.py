@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.admin import build_admin_app, serve
-from agent.commands import status as status_cmd
-from agent.config import ConfigError, FileConfigSource, MeshConfig, load_config, parse_config
-from agent.store import WorkloadStore
+from agent.admin import build_admin_app
+from cli.commands import status as status_cmd
+from mesh.config import ConfigError, FileConfigSource, MeshConfig, load_config, parse_config
+from mesh.store import WorkloadStore
 from policy import Connection, Verdict
+from serving.http import serve
 
 GOOD = textwrap.dedent(
     """\

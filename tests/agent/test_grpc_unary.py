@@ -16,9 +16,9 @@ from typing import Any
 import grpc
 import pytest
 
-from agent.ca import store as ca_store
-from agent.ca.client import CREATE_CERTIFICATE, NodeCredentials, ca_client_context
-from agent.ca.grpc_unary import (
+from caserver import store as ca_store
+from credentials.client import CREATE_CERTIFICATE, NodeCredentials, ca_client_context
+from credentials.grpc_unary import (
     MAX_MESSAGE,
     GrpcError,
     Status,
@@ -28,8 +28,8 @@ from agent.ca.grpc_unary import (
     encode_message,
     grpc_timeout,
 )
-from agent.ca.identities import CA_SERVER_NAME
-from agent.ca.proto import ca_pb2, ca_pb2_grpc
+from credentials.identities import CA_SERVER_NAME
+from credentials.proto import ca_pb2, ca_pb2_grpc
 from tests.agent.test_ca_helpers import CaEnv, make_env, now, short_tmpdir
 
 

@@ -7,8 +7,8 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.admin import build_metrics_app, serve
 from agent.metrics import ISTIO_TCP_LABELS, AgentMetrics, ConnectionLabels, ConnectionStats
+from serving.http import build_metrics_app, serve
 from tests.agent.prom import prometheus_scraping
 
 

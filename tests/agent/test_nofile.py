@@ -9,7 +9,7 @@ import sys
 CHILD = """
 import resource
 resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-from agent.commands.run import raise_nofile_limit
+from cli.commands.run import raise_nofile_limit
 got = raise_nofile_limit()
 print(got, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 """

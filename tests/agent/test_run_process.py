@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import main as cli_main
+from cli.main import main as cli_main
 
 pytestmark = pytest.mark.timeout(120)
-ZTAGENT = [sys.executable, "-m", "agent.cli"]
+ZTAGENT = [sys.executable, "-m", "cli.main"]
 
 
 def _config(base: str) -> str:

@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 
-from agent.config import parse_config
-from agent.store import DestinationKind, LoadBalancing, WorkloadStore
+from mesh.config import parse_config
+from mesh.store import DestinationKind, LoadBalancing, WorkloadStore
 
 CFG = textwrap.dedent(
     """\

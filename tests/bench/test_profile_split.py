@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from bench.profile import CATEGORIES, ROOT, categorize, native_call_lines, split
 
-LOOP = "main (agent/cli.py:50);run (uvloop/__init__.py:92);Runner.run (asyncio/runners.py:118)"
+LOOP = "main (cli/main.py:50);run (uvloop/__init__.py:92);Runner.run (asyncio/runners.py:118)"
 
 
 def _relay_line(text: str) -> int:
@@ -31,7 +31,7 @@ def test_each_stack_lands_in_its_category() -> None:
     assert categorize(f"{LOOP};Encoder.encode (hpack/hpack.py:289)") == "h2 / HPACK"
     assert categorize(f"{LOOP};Flags.__repr__ (hyperframe/flags.py:29)") == "h2 / HPACK"
     # Library code is charged to the innermost frame of ours that called it.
-    access_log = "AccessLog.write (agent/accesslog.py:42);JSONEncoder.iterencode (json/encoder.py:258)"
+    access_log = "AccessLog.write (serving/accesslog.py:42);JSONEncoder.iterencode (json/encoder.py:258)"
     assert categorize(f"{LOOP};Tracker.close (agent/node/tracking.py:152);{access_log}") == "agent"
     assert categorize(f"{LOOP};_open_stream (tunnel/client.py:374);timeout (asyncio/timeouts.py:145)") == (
         "HBONE core + relay"

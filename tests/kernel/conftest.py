@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.lab import topology as topo
 from bpf.capture import DEFAULT_TABLE, Capture
 from bpf.pinned import remove_pins
+from lab import topology as topo
 from tests.kernel.nsutil import socket_in, wait_until
 
 REPO = Path(__file__).resolve().parents[2]

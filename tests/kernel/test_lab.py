@@ -19,15 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from agent.lab import topology as topo
-from agent.lab.runner import http_get_in, in_netns
+from lab import topology as topo
+from lab.runner import http_get_in, in_netns
 from tests.kernel.nsutil import requires_bcc, requires_kernel, wait_until
 
 pytestmark = [pytest.mark.kernel]
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = str(REPO / "examples/lab.yaml")
-ZTAGENT = [sys.executable, "-m", "agent.cli"]
+ZTAGENT = [sys.executable, "-m", "cli.main"]
 _n = iter(range(1000))
 
 

@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.lab import topology as topo
-from agent.lab.runner import UpOptions, http_get_in, pin_root, up, ztagent_argv
+from lab import topology as topo
+from lab.runner import UpOptions, http_get_in, pin_root, up, ztagent_argv
 from tests.kernel.nsutil import requires_bcc, socket_in, wait_until
 
 pytestmark = [pytest.mark.kernel, requires_bcc, pytest.mark.timeout(600)]

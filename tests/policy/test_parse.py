@@ -405,7 +405,7 @@ def test_parse_policies_collects_documents_and_locates_errors() -> None:
 
 
 def test_frozen_inputs_are_accepted() -> None:
-    """agent/config hands over read-only mappings and tuples."""
+    """mesh/config hands over read-only mappings and tuples."""
     from types import MappingProxyType
 
     doc = MappingProxyType(

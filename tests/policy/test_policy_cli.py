@@ -47,7 +47,7 @@ SLEEP = "spiffe://cluster.local/ns/ns1/sa/sleep"
 
 def ztagent(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args],
+        [sys.executable, "-m", "cli.main", *args],
         cwd=REPO,
         capture_output=True,
         text=True,

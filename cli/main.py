@@ -1,6 +1,6 @@
 """The `ztagent` command line: one program, one subcommand per role.
 
-Each role lives in its own module under `agent.commands`; a module there exposes
+Each role lives in its own module under `cli.commands`; a module there exposes
 `register(subparsers)` which adds its subcommand and sets `func` (called with the parsed
 namespace, returning the process exit code). Modules are discovered, so adding a role touches
 no shared file.
@@ -14,12 +14,12 @@ import pkgutil
 import sys
 from collections.abc import Sequence
 
-import agent.commands
+import cli.commands
 
 
 def _command_names() -> list[str]:
     return sorted(
-        info.name for info in pkgutil.iter_modules(agent.commands.__path__) if not info.name.startswith("_")
+        info.name for info in pkgutil.iter_modules(cli.commands.__path__) if not info.name.startswith("_")
     )
 
 
@@ -35,7 +35,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     for name in _command_names():
         if only is not None and name != only:
             continue
-        module = importlib.import_module(f"agent.commands.{name}")
+        module = importlib.import_module(f"cli.commands.{name}")
         module.register(sub)
     return parser
 

@@ -54,5 +54,5 @@ def setup_logging(level: str = "info", stream: TextIO | None = None) -> None:
     handler._ztagent = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # The access log has its own sink (agent.accesslog); keep it out of the general log.
+    # The access log has its own sink (serving.accesslog); keep it out of the general log.
     logging.getLogger("ztagent.access").propagate = False

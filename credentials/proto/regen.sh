@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates the protobuf/gRPC modules from ca.proto (run from anywhere; needs grpcio-tools,
 # which is in the project's test extras). The sed makes the generated service module import its
-# message module package-relatively, because agent/ca/proto is a package, not a top-level path.
+# message module package-relatively, because credentials/proto is a package, not a top-level path.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../../.." && pwd)"

@@ -8,7 +8,7 @@ word, the deciding policies and the reason. Exit 0 allow, 1 deny, 2 bad input.
 1 findings, 2 bad input.
 
 Files (``-f``, repeatable) are YAML streams: either the local config (a ``kind: MeshConfig``
-document plus policies, read with agent.config, which gives workload labels, IPs, trust domain
+document plus policies, read with mesh.config, which gives workload labels, IPs, trust domain
 and root namespace) or plain Istio policy documents. At most one MeshConfig in all files.
 """
 
@@ -24,8 +24,8 @@ from typing import Any
 
 import yaml
 
-from agent.config import ConfigError, MeshConfig, Workload, parse_config
 from identity.spiffe import SpiffeId, SpiffeIdError
+from mesh.config import ConfigError, MeshConfig, Workload, parse_config
 from policy import (
     Connection,
     DocumentIssue,
@@ -167,7 +167,7 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _m
 
 def _lenient_policy_parser(docs: Sequence[Any]) -> tuple[Any, Sequence[Any]]:
     # Keep policy errors out of ConfigError so lint can report them as findings.
-    from agent.config import thaw
+    from mesh.config import thaw
 
     return parse_policies([thaw(d.raw) for d in docs]), ()
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from agent.lab.topology import (
+from lab.topology import (
     LAB_ROOT,
     LabError,
     LabSpec,
@@ -56,7 +56,7 @@ class UpOptions:
 
 def ztagent_argv() -> list[str]:
     exe = os.path.join(os.path.dirname(sys.executable), "ztagent")
-    return [exe] if os.access(exe, os.X_OK) else [sys.executable, "-m", "agent.cli"]
+    return [exe] if os.access(exe, os.X_OK) else [sys.executable, "-m", "cli.main"]
 
 
 def in_netns(ns: str, fn: Callable[[], T], timeout: float = 30.0) -> T:
@@ -142,7 +142,7 @@ def pin_root(lab: str) -> str:
 
 def up(opts: UpOptions) -> LabState:
     """Build the lab and start its processes; on failure everything made so far is removed."""
-    from agent.config import load_config
+    from mesh.config import load_config
 
     cfg = load_config(opts.config)  # ConfigError names file, document and field
     spec = LabSpec.from_config(opts.name, cfg)
@@ -193,8 +193,8 @@ def _start_processes(state: LabState, cfg: Any, opts: UpOptions) -> None:
 def restart_agent(state: LabState, node: str, ready_timeout: float = 90.0) -> int:
     """Stop (if running) and start again the agent of `node` with its recorded command; wait until
     ready. The new agent reuses the capture pinned by the old one. Returns the new pid."""
-    from agent.lab.topology import stop_process
     from bpf.capture import PIN_ROOT_ENV
+    from lab.topology import stop_process
 
     node_ns_of(state, node)
     old = [p for p in state.processes if p.role == f"agent-{node}"]

@@ -36,14 +36,14 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from agent.ca import store as ca_store
-from agent.ca.identities import NodeNameError, node_identity
-from agent.ca.server import CaServer, ConfigMismatch
-from agent.config import ConfigError, FileConfigSource
-from agent.logging import setup_logging
+from caserver import store as ca_store
+from caserver.server import CaServer, ConfigMismatch
+from credentials.identities import NodeNameError, node_identity
 from identity.ca import DEFAULT_MAX_TTL, DEFAULT_WORKLOAD_TTL, CaError
 from identity.keys import build_csr, generate_key, key_to_pem
 from identity.spiffe import SpiffeId, SpiffeIdError
+from mesh.config import ConfigError, FileConfigSource
+from serving.logging import setup_logging
 
 _DURATION = re.compile(r"(\d+)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

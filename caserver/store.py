@@ -26,7 +26,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -36,7 +35,19 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from agent.ca.identities import CA_SERVER_NAME, ca_server_identity
+from credentials.files import (
+    CHAIN_FILE,
+    KEY_FILE,
+    ROOTS_FILE,
+    CredentialFileError,
+    CredentialFiles,
+    check_key_mode,
+    read_credentials,
+    read_file,
+    write_all,
+    write_credentials,
+)
+from credentials.identities import CA_SERVER_NAME, ca_server_identity
 from identity.bundle import TrustBundle
 from identity.ca import BACKDATE, DEFAULT_MAX_TTL, CaError, CertificateAuthority
 from identity.keys import generate_key, key_to_pem
@@ -48,73 +59,18 @@ CA_CHAIN: Final = "cert-chain.pem"
 ROOT_CERT: Final = "root-cert.pem"
 CA_META: Final = "ca.json"
 
-KEY_FILE: Final = "key.pem"
-CHAIN_FILE: Final = "cert-chain.pem"
-ROOTS_FILE: Final = "root-cert.pem"
 
 KIND_SELF_SIGNED: Final = "self-signed"
 KIND_PLUGIN: Final = "plug-in"
 
 SERVER_CERT_TTL: Final = dt.timedelta(hours=24)
 
-
-class CaStoreError(Exception):
-    """A CA or credential directory cannot be created or used; the message says why and where."""
+# A CA directory's errors are the credential files' errors: one class, so `ca` commands catch one.
+CaStoreError = CredentialFileError
 
 
 def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        # The mode argument is filtered by the umask; set it explicitly so keys are 0600 exactly.
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb", closefd=False) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def _write_all(directory: Path, files: dict[str, tuple[bytes, int]]) -> None:
-    """Write every file to a temporary name first, then rename them all: nothing half-written."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmps: list[tuple[Path, Path]] = []
-    try:
-        for name, (data, mode) in files.items():
-            final = directory / name
-            tmp = directory / f".{name}.new-{os.getpid()}"
-            _write_atomic(tmp, data, mode)
-            tmps.append((tmp, final))
-    except OSError as exc:
-        for tmp, _ in tmps:
-            tmp.unlink(missing_ok=True)
-        raise CaStoreError(f"cannot write {directory}: {exc}") from None
-    for tmp, final in tmps:
-        os.replace(tmp, final)
-
-
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise CaStoreError(f"{what} {path} does not exist") from None
-    except OSError as exc:
-        raise CaStoreError(f"cannot read {what} {path}: {exc}") from None
-
-
-def _check_key_mode(path: Path) -> None:
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise CaStoreError(
-            f"private key {path} has mode {mode:04o}; it must not be readable by group or others "
-            f"(chmod 600 {path})"
-        )
 
 
 @dataclass(frozen=True)
@@ -154,7 +110,7 @@ def _save(directory: Path, ca: CertificateAuthority, kind: str, now: dt.datetime
         "kind": kind,
         "createdAt": now.astimezone(dt.UTC).isoformat().replace("+00:00", "Z"),
     }
-    _write_all(
+    write_all(
         directory,
         {
             CA_KEY: (ca.key_pem(), 0o600),
@@ -223,55 +179,20 @@ def load(directory: str | os.PathLike[str], *, max_ttl: dt.timedelta = DEFAULT_M
     if not (d / CA_META).exists():
         raise CaStoreError(f"{d} is not a CA directory (no {CA_META}); create one with `ztagent ca init`")
     try:
-        meta = json.loads(_read(d / CA_META, "CA metadata"))
+        meta = json.loads(read_file(d / CA_META, "CA metadata"))
         td = meta["trustDomain"]
         kind = meta["kind"]
     except (ValueError, KeyError, TypeError) as exc:
         raise CaStoreError(f"{d / CA_META} is malformed: {exc}") from None
     key_path = d / CA_KEY
-    key_pem = _read(key_path, "CA key")
-    _check_key_mode(key_path)
-    chain_pem = _read(d / CA_CHAIN, "CA chain")
+    key_pem = read_file(key_path, "CA key")
+    check_key_mode(key_path)
+    chain_pem = read_file(d / CA_CHAIN, "CA chain")
     try:
         ca = CertificateAuthority.load(chain_pem, key_pem, trust_domain=td, max_ttl=max_ttl)
     except (CaError, SpiffeIdError) as exc:
         raise CaStoreError(f"CA in {d} cannot be loaded: {exc}") from None
     return CaStore(d, ca, kind)
-
-
-# --------------------------------------------------------------------------------------------
-# Credential directories
-
-
-@dataclass(frozen=True)
-class CredentialFiles:
-    """PEM material of one credential directory (raw bytes, as TLS libraries want them)."""
-
-    key_pem: bytes
-    chain_pem: bytes
-    roots_pem: bytes
-
-
-def write_credentials(directory: str | os.PathLike[str], files: CredentialFiles) -> dict[str, str]:
-    d = Path(directory)
-    _write_all(
-        d,
-        {
-            KEY_FILE: (files.key_pem, 0o600),
-            CHAIN_FILE: (files.chain_pem, 0o644),
-            ROOTS_FILE: (files.roots_pem, 0o644),
-        },
-    )
-    return {"key": str(d / KEY_FILE), "cert_chain": str(d / CHAIN_FILE), "root_cert": str(d / ROOTS_FILE)}
-
-
-def read_credentials(directory: str | os.PathLike[str]) -> CredentialFiles:
-    d = Path(directory)
-    key_path = d / KEY_FILE
-    key = _read(key_path, "private key")
-    _check_key_mode(key_path)
-    chain = _read(d / CHAIN_FILE, "certificate chain")
-    return CredentialFiles(key, chain, _read(d / ROOTS_FILE, "trust bundle"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,3 +246,21 @@ def issue_server_certificate(
     cert = builder.sign(ca_key, hashes.SHA256())
     chain = b"".join(_pem(c) for c in (cert, *ca.issuer_chain))
     return key_to_pem(key), chain, not_after
+
+
+# Credential directories are written by the `ca issue` / `ca bootstrap-node` commands through
+# this module too; they live in credentials.files because the node agent reads them.
+__all__ = [
+    "CHAIN_FILE",
+    "KEY_FILE",
+    "ROOTS_FILE",
+    "CaStore",
+    "CaStoreError",
+    "CredentialFiles",
+    "init_plugin",
+    "init_self_signed",
+    "issue_server_certificate",
+    "load",
+    "read_credentials",
+    "write_credentials",
+]

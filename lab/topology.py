@@ -96,7 +96,7 @@ class LabSpec:
 
     @classmethod
     def from_config(cls, name: str, cfg: Any) -> LabSpec:
-        """From an agent.config.MeshConfig: every workload with IPs becomes a pod namespace."""
+        """From a mesh.config.MeshConfig: every workload with IPs becomes a pod namespace."""
         nodes = tuple(NodeSpec(n.name, str(n.address), str(n.pod_cidr) if n.pod_cidr else None)
                       for n in cfg.nodes)
         pods = tuple(PodSpec(w.namespace, w.name, w.node, tuple(str(ip) for ip in w.ips if ip.version == 4))

@@ -16,9 +16,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from agent.ca.identities import node_identity, node_of
-from agent.config import MeshConfig
+from credentials.identities import node_identity, node_of
 from identity.spiffe import SpiffeId, TrustDomain
+from mesh.config import MeshConfig
 
 
 @dataclass(frozen=True)

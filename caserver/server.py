@@ -9,12 +9,12 @@ Per request, in order (each failure is one gRPC status with a message naming wha
 1. Transport: TLS 1.3 with a client certificate that chains to this CA's roots (gRPC checks the
    chain during the handshake; a client without one never gets a connection). Then the caller's
    certificate is checked again as an X509-SVID and must carry a node identity
-   (agent.ca.identities) -> else ``UNAUTHENTICATED``.
+   (credentials.identities) -> else ``UNAUTHENTICATED``.
 2. Request shape: ``validity_duration`` in [0, max TTL] (0 = default TTL); ``metadata``'s
    ``ImpersonatedIdentity`` (what ztunnel sends) must, if present, be a SPIFFE ID equal to the
    CSR's; the CSR must be PEM P-256 with exactly one SPIFFE URI SAN (identity.ca) ->
    ``INVALID_ARGUMENT``.
-3. Authorization (agent.ca.authz): the identity must run on the calling node according to the
+3. Authorization (caserver.authz): the identity must run on the calling node according to the
    current mesh config -> else ``PERMISSION_DENIED``.
 
 Differences from istiod, on purpose: istiod answers a refused impersonation with an opaque
@@ -45,15 +45,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from agent.ca.authz import Decision, Placement, authorize
-from agent.ca.identities import IMPERSONATED_IDENTITY, NODE_NAMESPACE, NODE_SERVICE_ACCOUNT, node_of
-from agent.ca.proto import ca_pb2, ca_pb2_grpc
-from agent.ca.store import SERVER_CERT_TTL, CaStore, issue_server_certificate
-from agent.config import ConfigError, FileConfigSource, MeshConfig
+from caserver.authz import Decision, Placement, authorize
+from caserver.store import SERVER_CERT_TTL, CaStore, issue_server_certificate
+from credentials.identities import IMPERSONATED_IDENTITY, NODE_NAMESPACE, NODE_SERVICE_ACCOUNT, node_of
+from credentials.proto import ca_pb2, ca_pb2_grpc
 from identity.bundle import TrustBundleSet
 from identity.ca import DEFAULT_WORKLOAD_TTL, CaError
 from identity.spiffe import SpiffeId, SpiffeIdError
 from identity.svid import SvidError, verify_svid
+from mesh.config import ConfigError, FileConfigSource, MeshConfig
 
 log = logging.getLogger("ztagent.ca.server")
 

@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Any
 
-from agent.lab.topology import LAB_ROOT, LabError, LabState, list_labs, proc_alive, teardown
+from lab.topology import LAB_ROOT, LabError, LabState, list_labs, proc_alive, teardown
 
 DEFAULT_NAME = "ztlab"
 
@@ -69,8 +69,8 @@ def _pick(name: str | None) -> LabState:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from agent.config import ConfigError, load_config
-    from agent.lab.runner import UpOptions, describe, run_until_signal, up
+    from lab.runner import UpOptions, describe, run_until_signal, up
+    from mesh.config import ConfigError, load_config
 
     if os.geteuid() != 0:
         print("ztagent lab up: needs root (network namespaces, eBPF)", file=sys.stderr)
@@ -113,7 +113,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
-    from agent.lab.runner import node_ns_of
+    from lab.runner import node_ns_of
 
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
@@ -124,7 +124,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if cmd[0] == "ztagent":
         # This installation's ztagent, the one the agents run: the venv is often not on PATH (and
         # another ztagent there could be a different version).
-        from agent.lab.runner import ztagent_argv
+        from lab.runner import ztagent_argv
 
         cmd = [*ztagent_argv(), *cmd[1:]]
     try:
@@ -142,7 +142,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
-    from agent.lab.runner import restart_agent
+    from lab.runner import restart_agent
 
     try:
         pid = restart_agent(_pick(args.name), args.node)

@@ -46,6 +46,14 @@ POLICY_API_VERSIONS: Final = ("security.istio.io/v1", "security.istio.io/v1beta1
 POLICY_KINDS: Final = ("AuthorizationPolicy", "PeerAuthentication", "RequestAuthentication")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_ip(text: str) -> IPAddress:
+    """``ipaddress.ip_address`` remembered: the same few pod IPs are parsed on every connection
+    (peer, destination, policy input). Raises ValueError like ``ip_address`` (errors are not
+    cached)."""
+    return ipaddress.ip_address(text)
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Kubernetes object names we use as namespaces / workload names / service accounts: DNS-1123

@@ -16,9 +16,9 @@ import resource
 import signal
 import sys
 
-from agent.logging import setup_logging
 from agent.node import AgentOptions, NodeAgent, StartupError
 from agent.node.capture import StaticCapture, parse_address
+from serving.logging import setup_logging
 
 log = logging.getLogger("ztagent.run")
 

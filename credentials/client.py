@@ -2,7 +2,7 @@
 
 The agent authenticates with its node credential (``ztagent ca bootstrap-node`` output: key.pem,
 cert-chain.pem, root-cert.pem) over TLS, checks the CA server by its DNS name
-(:data:`agent.ca.identities.CA_SERVER_NAME`) against the node credential's trust bundle, and
+(:data:`credentials.identities.CA_SERVER_NAME`) against the node credential's trust bundle, and
 asks for a workload certificate the way ztunnel does: a fresh P-256 key per request, a CSR with
 the workload's SPIFFE ID, the same ID in the ``ImpersonatedIdentity`` metadata.
 
@@ -31,10 +31,10 @@ from cryptography import x509
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 
-from agent.ca.grpc_unary import GrpcError, Status, UnaryChannel
-from agent.ca.identities import CA_SERVER_NAME, IMPERSONATED_IDENTITY
-from agent.ca.proto import ca_pb2
-from agent.ca.store import CaStoreError, CredentialFiles, read_credentials, write_credentials
+from credentials.files import CredentialFileError, CredentialFiles, read_credentials, write_credentials
+from credentials.grpc_unary import GrpcError, Status, UnaryChannel
+from credentials.identities import CA_SERVER_NAME, IMPERSONATED_IDENTITY
+from credentials.proto import ca_pb2
 from identity.bundle import BundleError, TrustBundle, TrustBundleSet
 from identity.ca import is_self_signed
 from identity.keys import build_csr, generate_key
@@ -95,7 +95,7 @@ class NodeCredentials:
     ) -> NodeCredentials:
         try:
             files = read_credentials(directory)
-        except CaStoreError as exc:
+        except CredentialFileError as exc:
             raise CaClientError("bad-credentials", str(exc)) from None
         return dataclasses.replace(cls.from_files(files, now=now), directory=Path(directory))
 
@@ -181,7 +181,7 @@ class CaClient:
         if persist and self.node.directory is not None:
             try:
                 write_credentials(self.node.directory, self.node.files)
-            except CaStoreError as exc:
+            except CredentialFileError as exc:
                 log.error(
                     f"renewed node credential not saved: {exc}",
                     extra={"event": "node_credential_save_failed", "identity": str(cred.spiffe_id)},

@@ -1,6 +1,6 @@
 """The agent's view of the mesh, indexed for the data path.
 
-A :class:`WorkloadStore` is built from one :class:`~agent.config.MeshConfig` and never mutated
+A :class:`WorkloadStore` is built from one :class:`~mesh.config.MeshConfig` and never mutated
 afterwards except for endpoint health, so a config reload swaps the whole store atomically
 (connections in flight keep the store they started with; the policy re-check after a reload
 uses the new one).
@@ -20,9 +20,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.config import IPAddress, MeshConfig, Node, Service, ServicePort, Workload
+from mesh.config import IPAddress, MeshConfig, Node, Service, ServicePort, Workload, parse_ip
 from policy import PolicyIndex, PolicySet
-from tunnel.hbone import parse_ip
 
 
 class LoadBalancing(enum.Enum):

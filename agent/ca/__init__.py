@@ -1,1 +1,0 @@
-"""Certificate authority server, client and the agent-side certificate manager."""

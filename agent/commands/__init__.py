@@ -1,1 +1,0 @@
-"""Subcommands of `ztagent`, one module per role (see agent.cli)."""

@@ -1,0 +1,2 @@
+"""The CA role (`ztagent ca serve`): Istio's CreateCertificate over mTLS, node authorization,
+the CA directory."""

@@ -1,0 +1,1 @@
+"""The `ztagent` command line: one subcommand per role, each a module in cli.commands."""

@@ -1,0 +1,1 @@
+"""Subcommands of `ztagent`, one module per role (see cli.main)."""

@@ -1,0 +1,1 @@
+"""The mesh model: nodes, workloads, services, policies, as one snapshot."""
