@@ -1010,8 +1010,18 @@ VECTORS: list[tuple[str, list[dict[str, Any]], Connection, Verdict, tuple[str, .
         CODE_NO_POLICY,
     ),
     (
-        "invalid-deny-without-rules",
-        [authz("ns2", "bad", "{action: DENY}")],
+        # Issue 17: a DENY without rules is valid and never matches (it used to be refused as
+        # invalid and so denied everything it selected).
+        "deny-without-rules-is-a-no-op",
+        [authz("ns2", "noop", "{action: DENY}")],
+        conn(),
+        A,
+        (),
+        CODE_NO_POLICY,
+    ),
+    (
+        "invalid-deny-denies-everything-selected",
+        [authz("ns2", "bad", "{action: DENY, rules: [{from: [{source: {ipBlocks: [nope]}}]}]}")],
         conn(),
         D,
         ("ns2/bad",),
