@@ -59,7 +59,7 @@ from policy.model import (
     Rule,
     StringMatch,
 )
-from policy.parse import PolicySet
+from policy.parse import DocumentIssue, PolicySet
 from policy.peerauth import PeerAuthIndex
 
 ERROR, WARNING, INFO = "error", "warning", "info"
@@ -267,6 +267,36 @@ def _document_ref(kind: str | None, key: str | None, document: int) -> str:
     return f"document {document}" + (f" ({kind})" if kind else "")
 
 
+def document_findings(issues: Iterable[DocumentIssue], file: str | None = None) -> list[Finding]:
+    """The findings for documents that failed to parse: ``invalid``, or ``not-a-policy`` (once per
+    document) for a document of another API. ``file`` names where they are, when known."""
+    out: list[Finding] = []
+    foreign_seen: set[int] = set()
+    for e in issues:
+        where = f"{file}, document {e.document}" if file else f"document {e.document}"
+        if e.foreign:
+            if e.document not in foreign_seen:
+                foreign_seen.add(e.document)
+                out.append(
+                    finding(
+                        "not-a-policy",
+                        _document_ref(e.kind, None, e.document),
+                        "",
+                        f"not an Istio security policy (kind {e.kind}; {where}); skipped",
+                    )
+                )
+            continue
+        out.append(
+            finding(
+                "invalid",
+                _document_ref(e.kind, e.key, e.document),
+                e.path,
+                f"{e.message} ({where}; enforced fail-closed until fixed)",
+            )
+        )
+    return out
+
+
 def lint(
     policies: PolicySet,
     *,
@@ -277,30 +307,7 @@ def lint(
 ) -> list[Finding]:
     """Findings for a parsed policy set. ``workloads`` (optional) makes namespace checks precise;
     ``suppressions`` drop findings (see :class:`Suppression`)."""
-    out: list[Finding] = []
-    foreign_seen: set[int] = set()
-    for e in policies.errors:
-        if e.foreign:
-            if e.document not in foreign_seen:
-                foreign_seen.add(e.document)
-                out.append(
-                    finding(
-                        "not-a-policy",
-                        _document_ref(e.kind, None, e.document),
-                        "",
-                        f"document {e.document} is not an Istio security policy (kind {e.kind}); skipped",
-                    )
-                )
-            continue
-        out.append(
-            finding(
-                "invalid",
-                _document_ref(e.kind, e.key, e.document),
-                e.path,
-                f"{e.message} (document {e.document}; enforced fail-closed until fixed)",
-            )
-        )
-
+    out = document_findings(policies.errors)
     authz = [p for p in policies.authorization if not p.poisoned]
     for p in authz:
         out.extend(_policy_findings(p, root_namespace))
