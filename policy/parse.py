@@ -347,6 +347,8 @@ def _service_accounts(ctx: _Ctx, path: str, v: Any, policy_ns: str) -> tuple[Ser
         if not sep:
             # istiod's ambient conversion reads a bare name as a service account of the policy's
             # own namespace.
+            if not policy_ns:
+                continue  # no namespace: already an error of metadata.namespace (one is enough)
             ns, sa = policy_ns, s
         if not ns or not sa:
             ctx.err(p, f"expected format 'serviceAccount' or 'namespace/serviceAccount', found {_q(s)}")
