@@ -59,7 +59,7 @@ from policy.model import (
     Rule,
     StringMatch,
 )
-from policy.parse import DocumentIssue, PolicySet
+from policy.parse import NO_NAMESPACE_MESSAGE, DocumentIssue, PolicySet
 from policy.peerauth import PeerAuthIndex
 
 ERROR, WARNING, INFO = "error", "warning", "info"
@@ -263,6 +263,8 @@ def _enforced_at_node(p: AuthorizationPolicy) -> bool:
 
 def _document_ref(kind: str | None, key: str | None, document: int) -> str:
     if kind and key:
+        if key.startswith("/"):  # no namespace: "AuthorizationPolicy name (no namespace)"
+            return f"{kind} {key[1:]} (no namespace)"
         return f"{kind} {key}"
     return f"document {document}" + (f" ({kind})" if kind else "")
 
@@ -286,12 +288,11 @@ def document_findings(issues: Iterable[DocumentIssue], file: str | None = None) 
                     )
                 )
             continue
+        # The namespace message already says how the policy is enforced meanwhile.
+        effect = "" if e.message == NO_NAMESPACE_MESSAGE else "; enforced fail-closed until fixed"
         out.append(
             finding(
-                "invalid",
-                _document_ref(e.kind, e.key, e.document),
-                e.path,
-                f"{e.message} ({where}; enforced fail-closed until fixed)",
+                "invalid", _document_ref(e.kind, e.key, e.document), e.path, f"{e.message} ({where}{effect})"
             )
         )
     return out

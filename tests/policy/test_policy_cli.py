@@ -575,7 +575,7 @@ def test_namespace_flag_defaults_documents_without_one(tmp_path: Path) -> None:
     lint_no_ns = ztagent("policy", "lint", "-f", pol)
     assert lint_no_ns.returncode == 1
     assert (
-        "ERROR invalid AuthorizationPolicy /allow-sleep metadata.namespace: no namespace: set "
+        "ERROR invalid AuthorizationPolicy allow-sleep (no namespace) metadata.namespace: no namespace: set "
         "metadata.namespace or pass -n / a default namespace" in lint_no_ns.stdout
     )
     check = (
