@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup lab lab-down test lint bench clean
+.PHONY: setup lab lab-down test lint bench soak clean
 
 setup:
 	bash scripts/setup.sh
@@ -23,6 +23,9 @@ lint:
 
 bench: setup
 	$(PY) -m bench
+
+soak: setup
+	$(PY) -m bench.soak
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

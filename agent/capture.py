@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mesh.config import Workload
+from tunnel.relay import reset_if_abandoned, set_keepalive
 
 if TYPE_CHECKING:  # bpf.capture pulls in pyroute2: import it only where capture is used
     from bpf.capture import CaptureBackend, EnrolledPod
@@ -75,8 +76,14 @@ def parse_address(text: str, what: str = "address") -> Address:
     return host, int(port)
 
 
-def make_listener(host: str, port: int, *, transparent: bool, backlog: int = 1024) -> socket.socket:
-    """A listening TCP socket; ``transparent`` sets IP_TRANSPARENT (answers for foreign addresses)."""
+def make_listener(
+    host: str, port: int, *, transparent: bool, backlog: int = 1024, app_facing: bool = False
+) -> socket.socket:
+    """A listening TCP socket; ``transparent`` sets IP_TRANSPARENT (answers for foreign addresses).
+
+    Every listener gets TCP keepalive; ``app_facing`` ones (15001, 15006) also SO_LINGER 0, so an
+    app's connection is reset, not closed cleanly, if the agent dies. Accepted sockets inherit
+    both from the listener."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -86,6 +93,9 @@ def make_listener(host: str, port: int, *, transparent: bool, backlog: int = 102
                 sock.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
             else:
                 sock.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
+        set_keepalive(sock)
+        if app_facing:
+            reset_if_abandoned(sock)
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)

@@ -14,7 +14,7 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
-from tunnel.relay import abort_with_rst
+from tunnel.relay import abort_with_rst, close_gracefully
 
 if TYPE_CHECKING:
     from agent.downstream import Downstream
@@ -87,7 +87,7 @@ class _Side(asyncio.Protocol):
             self.relay._finish(f"{self.name} aborted: {exc}")
             return
         if peer is not None and peer.transport is not None and not peer.transport.is_closing():
-            peer.transport.close()  # flushes what is buffered first
+            close_gracefully(peer.transport)  # flushes what is buffered first
         if peer is None or peer.lost:
             self.relay._finish("closed")
 
@@ -137,7 +137,7 @@ class PlainRelay:
     def _close_both(self) -> None:
         for side in (self.down, self.up):
             if side.transport is not None and not side.transport.is_closing():
-                side.transport.close()
+                close_gracefully(side.transport)
 
     def _finish(self, reason: str) -> None:
         if not self.done.done():

@@ -14,7 +14,7 @@ import socket
 
 from agent.capture import IP_TRANSPARENT, IPV6_TRANSPARENT, SOL_IP, SOL_IPV6
 from mesh.config import IPAddress
-from tunnel.relay import connect_numeric
+from tunnel.relay import connect_numeric, reset_if_abandoned, set_keepalive
 
 log = logging.getLogger("ztagent.upstream")
 
@@ -33,6 +33,8 @@ class UpstreamConnector:
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
+        reset_if_abandoned(sock)  # the pod sees a reset, not a clean close, if the agent dies
+        set_keepalive(sock)
         try:
             if source_ip is not None and (source_ip.version == 6) == (family == socket.AF_INET6):
                 self._bind_source(sock, source_ip)

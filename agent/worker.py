@@ -152,8 +152,8 @@ class DataPlaneWorker:
         """Open the listeners; returns the (outbound, inbound, HBONE) sockets for the capture."""
         out_sock = in_sock = hbone_sock = None
         if self.capture.steers_traffic:
-            out_sock = make_listener(listen_host, outbound_port, transparent=True)
-            in_sock = make_listener(listen_host, inbound_port, transparent=True)
+            out_sock = make_listener(listen_host, outbound_port, transparent=True, app_facing=True)
+            in_sock = make_listener(listen_host, inbound_port, transparent=True, app_facing=True)
             hbone_sock = make_listener(listen_host, self.hbone_port, transparent=True)
             self.listeners.append(Listener(out_sock, "outbound"))
             self.listeners.append(Listener(in_sock, "inbound"))
@@ -162,7 +162,7 @@ class DataPlaneWorker:
         else:
             await self.sync_hbone_listeners()
         for sc in static_captures:
-            sock = make_listener(sc.listen[0], sc.listen[1], transparent=False)
+            sock = make_listener(sc.listen[0], sc.listen[1], transparent=False, app_facing=True)
             self.listeners.append(Listener(sock, sc.role, original=sc.original))
         loop = asyncio.get_running_loop()
         for lst in self.listeners:
@@ -189,16 +189,31 @@ class DataPlaneWorker:
                 lst.server.close()
             lst.sock.close()
 
-    async def stop(self) -> None:
-        """Drain HBONE (GOAWAY, streams finish until the deadline), then abort the rest."""
+    async def stop(self) -> int:
+        """Drain: stop accepting, GOAWAY every HBONE connection, let open connections finish
+        until the deadline, then reset the rest. Returns (and logs) how many were cut."""
         self.stop_accepting()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.drain_timeout
+        before = len(self.connections.open)
         await self.hbone_server.drain(self.drain_timeout)
-        self.connections.abort_all("agent stopping")
+        # Plain relays (plaintext, same-node, passthrough) and outbound tunnels share the
+        # HBONE streams' deadline.
+        while self.connections.open and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        cut = len(self.connections.open)
+        self.connections.abort_all("agent stopping: drain deadline passed")
+        log.info(
+            f"drained: {before - cut} of {before} open connections finished, {cut} cut at the "
+            f"{self.drain_timeout:g}s deadline",
+            extra={"event": "drained", "open_at_stop": before, "cut": cut},
+        )
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
         await self.hbone_client.close()
+        return cut
 
     def _handler(self, lst: Listener) -> Callable[[Downstream], Coroutine[Any, Any, None]]:
         async def handle(down: Downstream) -> None:
