@@ -12,12 +12,14 @@ whose sandbox is gone when it starts (cni/README.md).
 Results and error JSON go to stdout, where runtimes (libcni) read them; stderr gets one human line
 on failure or anything unusual, for the runtime's log.
 
-Start-up matters (one exec per pod): this module imports only ``json``, ``os``, ``socket``,
-``struct`` and ``sys`` besides our two pure modules; the installed zipapp runs under ``python3 -IS``.
+Start-up matters (one exec per pod): this module imports only ``contextlib``, ``json``, ``os``,
+``socket``, ``sys`` and ``time`` besides our two pure modules; the installed zipapp runs under
+``python3 -IS``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -47,7 +49,9 @@ def ask_agent(path: str, timeout_s: float, event: PodEvent) -> EnrollResult:
         except OSError as e:
             raise AgentUnreachable(f"connecting to {path}: {e.strerror or e}") from None
         try:
-            sock.sendall(protocol.encode_request(event))
+            # An agent refusing us (peer credentials) answers before reading: read that answer.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(protocol.encode_request(event))
             header = _recv_exactly(sock, protocol.HEADER.size, deadline)
             payload = _recv_exactly(sock, protocol.frame_length(header), deadline)
         except TimeoutError:

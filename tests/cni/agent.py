@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from cni.protocol import EnrollResult, PodEvent
 from cni.server import CniServer
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -73,7 +76,7 @@ class AgentThread:
         self.call(self.server.start())
         return self
 
-    def call(self, coro):  # type: ignore[no-untyped-def]
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
 
     def open_gate(self) -> None:

@@ -57,7 +57,9 @@ class Outcome:
         return json.loads(self.stdout) if self.stdout.strip() else None
 
 
-def invoke(exe: Path, env: dict[str, str], stdin: bytes | dict[str, Any] | None, timeout: float = 30) -> Outcome:
+def invoke(
+    exe: Path, env: dict[str, str], stdin: bytes | dict[str, Any] | None, timeout: float = 30
+) -> Outcome:
     """Exec the plugin the way a runtime does: CNI_* environment, config on stdin, nothing else."""
     data = json.dumps(stdin).encode() if isinstance(stdin, dict) else (stdin or b"")
     base = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}

@@ -84,7 +84,8 @@ class Case:
 CASES = [
     # VERSION
     Case("version-empty-stdin", env("VERSION"), None, 0, stdout="version"),
-    Case("version-echoes-input", env("VERSION"), {"cniVersion": "0.4.0"}, 0, stdout="version", version="0.4.0"),
+    Case("version-echoes-input", env("VERSION"), {"cniVersion": "0.4.0"}, 0, stdout="version",
+         version="0.4.0"),
     Case("version-bad-json", env("VERSION"), b"{nope", 1, code=6),
     # ADD
     Case("add-enrolled", env("ADD"), conf(), 0, stdout="prev", agent_ops=["ADD"]),
@@ -118,7 +119,8 @@ CASES = [
          details=["prevResult.ips[0].interface"]),
     Case("add-missing-env", env("ADD", CNI_CONTAINERID=None, CNI_NETNS=None), conf(), 1, code=4,
          details=["CNI_CONTAINERID", "CNI_NETNS"]),
-    Case("add-bad-container-id", env("ADD", CNI_CONTAINERID="_x"), conf(), 1, code=4, details=["CNI_CONTAINERID"]),
+    Case("add-bad-container-id", env("ADD", CNI_CONTAINERID="_x"), conf(), 1, code=4,
+         details=["CNI_CONTAINERID"]),
     Case("add-ifname-too-long", env("ADD", CNI_IFNAME="eth0123456789012"), conf(), 1, code=4,
          details=["CNI_IFNAME"]),
     Case("add-ifname-slash", env("ADD", CNI_IFNAME="et/h0"), conf(), 1, code=4, details=["CNI_IFNAME"]),
@@ -127,7 +129,8 @@ CASES = [
     Case("unknown-command", env("STATUS"), conf(), 1, code=4, details=["CNI_COMMAND", "STATUS"]),
     Case("add-agent-refuses", env("ADD", "refused"), conf(), 1, code=100, details=["quota exceeded"],
          agent_ops=["ADD"]),
-    Case("add-agent-busy", env("ADD", "busy"), conf(), 1, code=11, details=["reconciling"], agent_ops=["ADD"]),
+    Case("add-agent-busy", env("ADD", "busy"), conf(), 1, code=11, details=["reconciling"],
+         agent_ops=["ADD"]),
     Case("add-agent-down", env("ADD"), conf(), 1, code=11, details=["not reachable", "fail closed"],
          socket="down"),
     # CHECK
@@ -156,7 +159,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentThread]:
 
     d = tempfile.mkdtemp(prefix="cni-conf-", dir="/tmp")
     handler = RecordingHandler(script={
-        "outside": EnrollResult.not_enrolled("namespace demo is not labelled istio.io/dataplane-mode=ambient"),
+        "outside": EnrollResult.not_enrolled("namespace demo is not labelled for the mesh"),
         "refused": EnrollResult.error("quota exceeded"),
         "busy": EnrollResult.error("agent is reconciling, not ready", retry=True),
         "stuck": EnrollResult.error("netns still busy"),
@@ -183,13 +186,14 @@ def test_conformance(case: Case, plugin_exe: Path, agent: AgentThread) -> None:
         if case.stdout == "empty":
             assert out.stdout == ""
         elif case.stdout == "version":
-            assert out.json == {"cniVersion": case.version, "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0"]}
+            assert out.json == {"cniVersion": case.version,
+                                "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0"]}
         elif case.stdout == "prev":
             assert isinstance(stdin, dict)
             assert out.json == dict(stdin["prevResult"], cniVersion=case.version)
     else:
         err = out.json
-        assert set(err) <= {"cniVersion", "code", "msg", "details"} and {"cniVersion", "code", "msg"} <= set(err)
+        assert {"cniVersion", "code", "msg"} <= set(err) <= {"cniVersion", "code", "msg", "details"}
         assert err["code"] == case.code, err
         assert err["cniVersion"] == case.version
         assert isinstance(err["msg"], str) and err["msg"]
@@ -204,7 +208,9 @@ def test_conformance(case: Case, plugin_exe: Path, agent: AgentThread) -> None:
         assert [e.op for e in seen] == case.agent_ops
 
 
-def test_add_hands_the_agent_pod_identity_netns_interfaces_and_ips(plugin_exe: Path, agent: AgentThread) -> None:
+def test_add_hands_the_agent_pod_identity_netns_interfaces_and_ips(
+    plugin_exe: Path, agent: AgentThread
+) -> None:
     out = invoke(plugin_exe, env("ADD", "ident"), conf(socketPath=agent.path))
     assert out.rc == 0, out.stderr
     ev = next(e for e in agent.handler.events if e.pod.name == "ident")
@@ -296,7 +302,7 @@ def test_agent_closing_without_reply_is_try_again(plugin_exe: Path, sock_dir: Pa
 def test_add_result_is_prevResult_unchanged_even_with_unknown_result_fields(
     plugin_exe: Path, agent: AgentThread
 ) -> None:
-    prev = copy.deepcopy(PREV_1_0)
+    prev: dict[str, Any] = copy.deepcopy(PREV_1_0)
     prev["routes"].append({"dst": "10.96.0.0/12", "gw": "10.1.0.1", "mtu": 1450})  # a newer-spec field
     out = invoke(plugin_exe, env("ADD", "extra"), conf(prev=prev, socketPath=agent.path))
     assert out.rc == 0 and out.json == prev
