@@ -22,6 +22,7 @@ removed. Then the executable is removed.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import io
 import json
@@ -59,9 +60,11 @@ def build_plugin(interpreter: str = DEFAULT_PYTHON) -> bytes:
     """The plugin executable: a shebang line, then a zip that ``python3`` runs as an application.
 
     Built with zipfile rather than ``zipapp.create_archive`` because that copies each source file's
-    mtime into the archive: the same code would give different bytes on every image build, and
-    install could no longer tell "already installed" from "changed". Entries are stored, not
-    deflated, so that starting the plugin does not need zlib.
+    mtime into the archive, and install must tell "already installed" from "changed": the archive
+    comment is a digest of everything the plugin's behaviour depends on (interpreter, bytecode magic,
+    sources), compared by :func:`install_binary`. (Not the bytes themselves: ``marshal`` output
+    depends on reference counts, so two builds of the same code can differ.) Entries are stored,
+    not deflated, so that starting the plugin does not need zlib.
 
     Each module also goes in as an unchecked-hash ``.pyc``: zipimport cannot cache bytecode, and
     compiling the sources on every exec was a third of the plugin's start-up (``-X importtime``:
@@ -73,10 +76,12 @@ def build_plugin(interpreter: str = DEFAULT_PYTHON) -> bytes:
     src = Path(__file__).resolve().parent
     buf = io.BytesIO()
     buf.write(f"#!{interpreter} -IS\n".encode())
+    digest = hashlib.sha256(f"{interpreter}\0".encode() + importlib.util.MAGIC_NUMBER + _MAIN)
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
         entries = [("__main__.py", _MAIN)]
         for m in ZIP_MODULES:
             source = (src / m).read_bytes()
+            digest.update(f"\0{m}\0{len(source)}\0".encode() + source)
             code = compile(source, f"cni/{m}", "exec", dont_inherit=True)
             pyc = importlib.util.MAGIC_NUMBER + (0b01).to_bytes(4, "little")  # hash-based, unchecked
             pyc += importlib.util.source_hash(source) + marshal.dumps(code)
@@ -85,7 +90,17 @@ def build_plugin(interpreter: str = DEFAULT_PYTHON) -> bytes:
             info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
             info.external_attr = 0o644 << 16
             zf.writestr(info, data)
+        zf.comment = f"{PLUGIN_TYPE} sha256:{digest.hexdigest()}".encode()
     return buf.getvalue()
+
+
+def plugin_digest(path: Path) -> bytes | None:
+    """The build digest of an installed plugin, None if the file is not one of our zipapps."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.comment if zf.comment.startswith(PLUGIN_TYPE.encode()) else None
+    except (OSError, zipfile.BadZipFile):
+        return None
 
 
 def _atomic_write(path: Path, data: bytes, mode: int) -> None:
@@ -111,8 +126,10 @@ def install_binary(bin_dir: Path, interpreter: str = DEFAULT_PYTHON) -> bool:
         raise InstallError(f"CNI bin dir {bin_dir} does not exist")
     data = build_plugin(interpreter)
     dest = bin_dir / PLUGIN_TYPE
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        wanted = zf.comment
     try:
-        if dest.read_bytes() == data and (dest.stat().st_mode & 0o777) == 0o755:
+        if plugin_digest(dest) == wanted and (dest.stat().st_mode & 0o777) == 0o755:
             return False
     except FileNotFoundError:
         pass
