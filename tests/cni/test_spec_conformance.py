@@ -306,3 +306,22 @@ def test_add_result_is_prevResult_unchanged_even_with_unknown_result_fields(
     prev["routes"].append({"dst": "10.96.0.0/12", "gw": "10.1.0.1", "mtu": 1450})  # a newer-spec field
     out = invoke(plugin_exe, env("ADD", "extra"), conf(prev=prev, socketPath=agent.path))
     assert out.rc == 0 and out.json == prev
+
+
+def test_the_per_pod_exec_imports_nothing_heavy(plugin_exe: Path, agent: AgentThread) -> None:
+    """The plugin starts once per pod; these modules each cost milliseconds (dataclasses + inspect
+    ~9 ms, http.client ~20 ms here) and none is needed for one socket exchange."""
+    import subprocess
+
+    p = subprocess.run(
+        ["/usr/bin/python3", "-IS", "-X", "importtime", str(plugin_exe)],
+        input=json.dumps(conf(socketPath=agent.path)).encode(), env=env("ADD", "imports"),
+        capture_output=True, timeout=30,
+    )
+    assert p.returncode == 0, p.stderr
+    mods = {line.split("|")[-1].strip() for line in p.stderr.decode().splitlines()
+            if line.startswith("import time:")}
+    assert {"cni.plugin", "cni.spec", "cni.protocol", "socket", "json"} <= mods
+    heavy = {"asyncio", "logging", "dataclasses", "inspect", "http", "http.client", "email", "ssl",
+             "subprocess", "zlib", "cni.server", "cni.install", "argparse"}
+    assert not mods & heavy, mods & heavy
