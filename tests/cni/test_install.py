@@ -249,3 +249,35 @@ def test_the_plugin_build_is_identified_by_digest_and_has_bytecode_for_every_mod
     assert names == ["__main__.py"] + [f"cni/{m}{c}" for m in install.ZIP_MODULES for c in ("", "c")]
     with pytest.raises(InstallError, match="absolute path"):
         install.build_plugin("python3")
+
+
+def test_watch_repairs_a_rewritten_config_and_exits_on_sigterm_without_uninstalling(
+    dirs: tuple[Path, Path]
+) -> None:
+    import signal
+    import time
+
+    bin_dir, conf_dir = dirs
+    f = conf_dir / "10-containerd-net.conflist"
+    f.write_text(BRIDGE_CONFLIST)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    p = subprocess.Popen(
+        [sys.executable, "-m", "cni.install", "--bin-dir", str(bin_dir), "--conf-dir", str(conf_dir),
+         "--watch", "0.2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait_chained() -> None:
+        deadline = time.monotonic() + 20
+        while "ztagent-cni" not in f.read_text():
+            assert time.monotonic() < deadline and p.poll() is None, p.stderr.read() if p.stderr else ""
+            time.sleep(0.05)
+
+    try:
+        wait_chained()
+        f.write_text(BRIDGE_CONFLIST)  # the primary CNI rewrites its file
+        wait_chained()
+    finally:
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=20)
+    assert p.returncode == 0, err
+    assert "ztagent-cni" in f.read_text() and (bin_dir / "ztagent-cni").exists()
+    assert out.count("chained ztagent-cni into") == 2

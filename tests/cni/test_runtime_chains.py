@@ -149,7 +149,7 @@ def pod_ip(result: dict[str, Any]) -> str:
 def host_veth(result: dict[str, Any]) -> str:
     host = [i["name"] for i in result["interfaces"] if not i.get("sandbox") and i["name"] != "cni-br0"]
     assert len(host) == 1, result
-    return host[0]
+    return str(host[0])
 
 
 def assert_wired(node: Node, pod_ns: str, result: dict[str, Any], shape: str) -> None:
