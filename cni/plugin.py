@@ -93,7 +93,7 @@ def run(environ: Mapping[str, str], data: bytes, ask: Ask, log: Callable[[str], 
         log(f"{environ.get('CNI_COMMAND', '?')}: {e}")
         return 1, e.to_json(spec.version_of(data))
     if conf.ignored_keys:
-        log(f"DEL: ignoring unsupported configuration keys {', '.join(conf.ignored_keys)}")
+        log(f"DEL: ignoring {', '.join(conf.ignored_keys)}")
     prev = conf.prev_result
     event = PodEvent(
         op=env.command,  # type: ignore[arg-type]  # parse_env allows only ADD/DEL/CHECK here

@@ -194,7 +194,7 @@ class NetConf(NamedTuple):
     args: Mapping[str, Any]
     socket_path: str
     timeout_s: float
-    ignored_keys: tuple[str, ...] = ()  # unknown keys tolerated on DEL (see parse_config)
+    ignored_keys: tuple[str, ...] = ()  # unknown keys (and a bad prevResult) tolerated on DEL
 
 
 def _version_key(v: str) -> tuple[int, ...]:
@@ -286,7 +286,8 @@ def parse_config(data: bytes, command: str) -> NetConf:
     - Unknown keys: 2 (naming key and value, as the spec requires) on ADD and CHECK, because an
       unknown key is usually a misspelt option that would otherwise be silently replaced by its
       default. On DEL they are tolerated (``ignored_keys``): a DEL that fails keeps the runtime from
-      ever releasing the sandbox, and no option changes what un-enrolling means.
+      ever releasing the sandbox, and no option changes what un-enrolling means. For the same reason
+      an invalid ``prevResult`` is ignored on DEL (it is not needed to un-enroll).
     """
     obj = decode(data)
     version = obj.get("cniVersion")
@@ -316,7 +317,14 @@ def parse_config(data: bytes, command: str) -> NetConf:
                        f"{k}={json.dumps(obj[k])} (ztagent-cni accepts socketPath and timeoutSeconds)")
     prev: PrevResult | None = None
     if "prevResult" in obj and obj["prevResult"] is not None:
-        prev = _parse_prev_result(obj["prevResult"])
+        try:
+            prev = _parse_prev_result(obj["prevResult"])
+        except CniError as e:
+            if command != "DEL":
+                raise
+            # DEL needs only the attachment's identity; a cached result we cannot read must not
+            # keep the sandbox from ever being released.
+            unknown.append(f"prevResult ({e.details})")
     elif command in ("ADD", "CHECK"):
         raise _bad("prevResult", "missing: ztagent-cni is a chained plugin and must follow the interface "
                    "plugin (e.g. ptp or bridge) in the conflist's plugins list")

@@ -146,6 +146,8 @@ CASES = [
     Case("del-without-netns-or-prevResult", env("DEL", CNI_NETNS=None), conf(prev=None), 0, stdout="empty",
          agent_ops=["DEL"]),
     Case("del-unknown-field-tolerated", env("DEL"), conf(mystery=1), 0, stdout="empty", agent_ops=["DEL"]),
+    Case("del-invalid-prevResult-tolerated", env("DEL"),
+         conf(prev=dict(PREV_1_0, ips=[{"address": "garbage"}])), 0, stdout="empty", agent_ops=["DEL"]),
     Case("del-agent-down", env("DEL"), conf(), 0, stdout="empty", socket="down"),
     Case("del-agent-error", env("DEL", "stuck"), conf(), 1, code=100, details=["netns still busy"],
          agent_ops=["DEL"]),
