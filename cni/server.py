@@ -133,6 +133,9 @@ class CniServer:
             await self._one(reader, writer)
         except asyncio.CancelledError:
             pass
+        except ConnectionError as e:
+            # Typically a plugin that gave up (its timeoutSeconds) before the handler finished.
+            log.warning("CNI connection closed by the plugin before the reply: %s", e)
         except Exception:
             log.exception("CNI connection failed")
         finally:

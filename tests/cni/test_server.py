@@ -239,3 +239,20 @@ async def test_the_plugin_run_by_a_non_root_user_reports_the_agents_refusal(
     assert p.returncode == 1 and err["code"] == 100, err
     assert f"peer uid {NOBODY}" in err["details"]
     assert h.events == []
+
+
+async def test_a_plugin_that_gave_up_before_the_reply_is_a_warning_not_a_crash(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = str(sock_dir / "cni.sock")
+    h = Handler()
+    h.delay = 0.3
+    async with CniServer(h, path):
+        _, writer = await asyncio.open_unix_connection(path)
+        writer.write(protocol.encode_request(EVENT))
+        await writer.drain()
+        writer.close()  # gone before the handler answers
+        await asyncio.sleep(0.6)
+        assert await exchange(path, protocol.encode_request(EVENT)) == EnrollResult.enrolled()
+    assert len(h.events) == 2
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
