@@ -338,8 +338,10 @@ class JwtAuthenticator:
         now: float = 0.0,
         max_token_bytes: int = MAX_TOKEN_BYTES,
         clock_skew: int = CLOCK_SKEW_SECONDS,
+        invalid: Sequence[str] = (),
     ) -> None:
         self.rules = tuple(rules)
+        self.invalid = tuple(invalid)  # notes on RequestAuthentications that failed to parse
         self.max_token_bytes = max_token_bytes
         self.clock_skew = clock_skew
         st: dict[str, JwksStore] = dict(stores or {})
@@ -358,6 +360,28 @@ class JwtAuthenticator:
                 outs.append(r.rule.output_payload_to_header.lower())
             outs.extend(h.lower() for h, _ in r.rule.output_claim_to_headers)
         self._output_headers = tuple(dict.fromkeys(outs))
+
+    @classmethod
+    def for_policies(
+        cls,
+        policies: Iterable[tuple[RequestAuthentication, Sequence[JwtRuleSpec]]],
+        stores: Mapping[str, JwksStore] | None = None,
+        *,
+        now: float = 0.0,
+        max_token_bytes: int = MAX_TOKEN_BYTES,
+    ) -> JwtAuthenticator:
+        """The authenticator for the RequestAuthentications that apply to one target (select
+        them with ``policy.l7.applies_to_waypoint``; rules from :func:`parse_request_authentication`
+        or :func:`rules_from_policy`). A poisoned policy fails closed: every token is refused
+        (requests without one still pass without a principal, as with no policy)."""
+        rules: list[JwtRuleSpec] = []
+        invalid: list[str] = []
+        for ra, specs in policies:
+            if ra.poisoned:
+                invalid.append(f"{ra.key} is invalid ({ra.errors[0]})")
+            else:
+                rules.extend(specs)
+        return cls(rules, stores, now=now, max_token_bytes=max_token_bytes, invalid=invalid)
 
     def remote_sources(self) -> list[tuple[str, float | None]]:
         """(jwksUri, timeout) for the fetcher: every rule whose keys are not inline."""
@@ -414,11 +438,14 @@ class JwtAuthenticator:
         return list(found.values())
 
     def authenticate(self, headers: Iterable[tuple[str, str]], query: str | None, now: float) -> AuthResult:
-        hdrs = list(headers)
-        found = self._find(hdrs, query)
+        found = self._find(headers, query)
         base_remove = self._output_headers
         if not found:
             return AuthResult(200, "no token", remove_headers=base_remove)
+        if self.invalid:
+            return self._fail(
+                401, "RequestAuthentication " + "; ".join(self.invalid) + ": tokens are refused"
+            )
         principal: str | None = None
         claims: Mapping[str, Any] | None = None
         rule_used: str | None = None

@@ -61,6 +61,7 @@ from policy.model import (
     IPNetwork,
     Operation,
     Policy,
+    RequestAuthentication,
     Rule,
     ServiceAccountMatch,
     Source,
@@ -521,13 +522,27 @@ def _multi_pred(
     return hit
 
 
+def _pseudo_header(r: HttpRequest, name: str) -> str | None:
+    # Envoy keeps the request line as pseudo-headers, and its Host *is* :authority (HTTP/1.1's
+    # Host header is turned into it), so a matcher on either name sees the authority.
+    if name in (":authority", "host"):
+        return r.host
+    if name == ":method":
+        return r.method
+    if name == ":path":
+        return r.upstream_path  # the normalized path, query included, as forwarded
+    return r.headers.get(name)
+
+
 def _header_pred(name: str, raws: tuple[str, ...], negative: bool) -> Pred:
     # Istio's header matcher: "*" is Envoy's present_match (an empty value is present).
     present = "*" in raws
     ms = tuple(StringMatch.parse(v) for v in raws if v != "*")
+    lname = name.lower()
+    pseudo = lname.startswith(":") or lname == "host"
 
     def hit(r: HttpRequest) -> bool:
-        v = r.headers.get(name)
+        v = _pseudo_header(r, lname) if pseudo else r.headers.get(lname)
         if v is None:
             return False
         return present or any(m.matches(v) for m in ms)
@@ -852,7 +867,15 @@ class WaypointTarget:
     service_name: str | None = None
 
 
-def _ref_applies(p: AuthorizationPolicy, t: WaypointTarget, root_namespace: str) -> bool:
+def applies_to_waypoint(
+    p: AuthorizationPolicy | RequestAuthentication,
+    t: WaypointTarget,
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+) -> bool:
+    """Istio's waypoint attachment: ``targetRefs`` to this waypoint (kind Gateway), to the
+    service the request is for (kind Service), or, from the root namespace, to the GatewayClass
+    ``istio-waypoint``. Selector-based and namespace-wide policies belong to the node agent (L4).
+    Used for AuthorizationPolicy and RequestAuthentication alike."""
     ns = p.meta.namespace
     for ref in p.target_refs:
         if ref.namespace not in (None, ns):
@@ -894,7 +917,9 @@ class L7PolicyIndex:
     def select(self, target: WaypointTarget) -> tuple[CompiledL7Policy, ...]:
         got = self._cache.get(target)
         if got is None:
-            got = tuple(c for c in self._compiled if _ref_applies(c.policy, target, self.root_namespace))
+            got = tuple(
+                c for c in self._compiled if applies_to_waypoint(c.policy, target, self.root_namespace)
+            )
             if len(self._cache) < 4096:
                 self._cache[target] = got
         return got
@@ -928,6 +953,7 @@ __all__ = [
     "RequestRejected",
     "ServiceAccountMatch",
     "WaypointTarget",
+    "applies_to_waypoint",
     "bad_request",
     "claim_values",
     "compile_rule_l7",

@@ -445,3 +445,30 @@ def test_bad_space_delimited_field_poisons() -> None:
     }
     ra, _ = parse_request_authentication(doc)
     assert ra.poisoned and any("spaceDelimitedClaims" in e.path for e in ra.errors)
+
+
+def test_poisoned_request_authentication_refuses_tokens(jwks: str, keys: dict[str, Any]) -> None:
+    good, gspecs = parse_request_authentication(
+        {
+            "apiVersion": "security.istio.io/v1",
+            "kind": "RequestAuthentication",
+            "metadata": {"name": "good", "namespace": "ns2"},
+            "spec": {"jwtRules": [{"issuer": ISS, "jwks": jwks}]},
+        }
+    )
+    bad, bspecs = parse_request_authentication(
+        {
+            "apiVersion": "security.istio.io/v1",
+            "kind": "RequestAuthentication",
+            "metadata": {"name": "bad", "namespace": "ns2"},
+            "spec": {"jwtRules": [{"issuer": ISS, "jwksUri": "ftp://x"}]},
+        }
+    )
+    assert bad.poisoned and not good.poisoned
+    t = sign(keys["rsa"], claims())
+    ok = JwtAuthenticator.for_policies([(good, gspecs)], now=NOW)
+    assert auth(ok, t).principal == f"{ISS}/alice"
+    a = JwtAuthenticator.for_policies([(good, gspecs), (bad, bspecs)], now=NOW)
+    r = auth(a, t)
+    assert r.status == 401 and "ns2/bad is invalid" in r.reason
+    assert auth(a, None).ok

@@ -260,6 +260,11 @@ HDRS = [("X-Tenant", "acme"), ("x-tenant", "beta"), ("Cookie", "a=1"), ("cookie"
         (when("request.headers[x-missing]", not_values=["anything"]), req(headers=HDRS), True),
         (when("request.headers[x-tenant]", not_values=["acme,beta"]), req(headers=HDRS), False),
         (when("request.headers[x-tenant]", ["acme,beta"], ["x"]), req(headers=HDRS), True),
+        # pseudo-headers: Host is :authority in Envoy
+        (when("request.headers[:authority]", ["httpbin.*"]), req(), True),
+        (when("request.headers[host]", ["httpbin.*"]), req(), True),
+        (when("request.headers[:method]", ["PUT"]), req("PUT"), True),
+        (when("request.headers[:path]", ["/a/b?x=1"]), req(path="/a/./b?x=1"), True),
         # request.auth.*
         (when("request.auth.principal", ["https://issuer.example/alice"]), req(claims=CLAIMS), True),
         (when("request.auth.principal", ["*"]), req(), False),
