@@ -35,6 +35,7 @@ DENY rules on such paths as prefixes (``/admin*``) or prefer ALLOW lists.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -53,6 +54,7 @@ MAX_PATH_BYTES: Final = 16 * 1024
 
 _UNRESERVED: Final = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX: Final = frozenset("0123456789abcdefABCDEF")
+_CONTROL: Final = re.compile(r"[\x00-\x20\x7f]")
 
 
 class PathRejected(ValueError):
@@ -86,10 +88,9 @@ def normalize_path(raw: str, mode: PathNormalization = DEFAULT_NORMALIZATION) ->
         raise PathRejected(raw, f"longer than {MAX_PATH_BYTES} bytes")
     if not raw.startswith("/"):
         raise PathRejected(raw, "not an origin-form path (must start with '/')")
-    for ch in raw:
-        o = ord(ch)
-        if o <= 0x20 or o == 0x7F:
-            raise PathRejected(raw, f"control character or space {ch!r}")
+    bad = _CONTROL.search(raw)
+    if bad is not None:
+        raise PathRejected(raw, f"control character or space {bad.group()!r}")
     path, _, _fragment = raw.partition("#")
     path, sep, query = path.partition("?")
     q = query if sep else None
