@@ -472,3 +472,30 @@ def test_poisoned_request_authentication_refuses_tokens(jwks: str, keys: dict[st
     r = auth(a, t)
     assert r.status == 401 and "ns2/bad is invalid" in r.reason
     assert auth(a, None).ok
+
+
+def test_verified_token_cache_never_outlives_expiry_or_rotation(keys: dict[str, Any]) -> None:
+    uri = "https://issuer.example/jwks"
+    store = JwksStore(uri)
+    store.update({"keys": [jwk_of(keys["rsa"].public_key(), "rsa1")]}, NOW)
+    a = JwtAuthenticator([rule(None, jwks_uri=uri)], {uri: store}, now=NOW, cache_size=2)
+    t = sign(keys["rsa"], claims(exp=NOW + 100))
+    assert a.authenticate([("authorization", f"Bearer {t}")], None, NOW).ok
+    assert t in a._cache
+    assert a.authenticate([("authorization", f"Bearer {t}")], None, NOW + 50).ok  # from the cache
+    # Expiry is checked on every hit.
+    assert a.authenticate([("authorization", f"Bearer {t}")], None, NOW + 161).reason == MSG_EXPIRED
+    # A rotation that drops the key invalidates the cached verification.
+    store.update({"keys": [jwk_of(keys["rsa2"].public_key(), "rsa2")]}, NOW + 1)
+    r = a.authenticate([("authorization", f"Bearer {t}")], None, NOW)
+    assert r.status == 401 and r.reason == MSG_KID and t not in a._cache
+    # Bounded: the oldest entry goes.
+    store.update({"keys": [jwk_of(keys["rsa"].public_key(), "rsa1")]}, NOW + 2)
+    toks = [sign(keys["rsa"], claims(sub=f"u{i}")) for i in range(3)]
+    for tk in toks:
+        assert a.authenticate([("authorization", f"Bearer {tk}")], None, NOW).ok
+    assert list(a._cache) == toks[1:]
+    # A tampered copy of a cached token is a different key: verified (and refused) afresh.
+    h, _p, s_ = toks[2].split(".")
+    evil = b64(json.dumps(claims(sub="admin")).encode())
+    assert a.authenticate([("authorization", f"Bearer {h}.{evil}.{s_}")], None, NOW).reason == MSG_VERIFY
