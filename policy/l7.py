@@ -94,6 +94,8 @@ WAYPOINT_GATEWAY_CLASS: Final = "istio-waypoint"
 
 
 _WS: Final = re.compile(r"\s")
+# An RFC 9110 token without lower-case letters (Istio refuses lower-case methods with 400).
+_METHOD: Final = re.compile(r"[A-Z][A-Z0-9!#$%&'*+.^_`|~-]*")
 
 
 class RequestRejected(ValueError):
@@ -241,7 +243,7 @@ class HttpRequest:
         normalization: PathNormalization = DEFAULT_NORMALIZATION,
     ) -> HttpRequest:
         """Validate and normalize a request; raises :class:`RequestRejected` / ``PathRejected`` (400)."""
-        if not method or not method.isupper() or not method.isascii() or not method.isalpha():
+        if not _METHOD.fullmatch(method):
             raise RequestRejected(f"method {method[:40]!r} is not an upper-case token")
         hm = HeaderMap.of(headers)
         for name, _ in hm.items():
@@ -830,6 +832,14 @@ def _enforce(
             customs.append(p)
     if customs:
         names = tuple(p.key for p in customs)
+        bad = [p for p in customs if p.policy.poisoned]
+        if bad:
+            return _deny(
+                names,
+                "CUSTOM policy " + "; ".join(p.invalid_note() for p in bad) + " and denies everything it "
+                "selects (fail closed; the authorizer is not asked)",
+                CODE_INVALID_POLICY,
+            )
         providers = sorted({p.provider or "" for p in customs})
         if len(providers) > 1 or providers == [""]:
             what = ", ".join(x or "(none)" for x in providers)

@@ -424,6 +424,22 @@ def test_custom_flow() -> None:
     assert d.allowed and d.pending_custom is None
 
 
+def test_poisoned_custom_denies_without_asking() -> None:
+    bad = parse_policies(
+        [
+            authz(
+                "ns2",
+                "badext",
+                "targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n"
+                "action: CUSTOM\nprovider: {name: ext}\nrules: [{from: [{source: {principals: [x]}}]}]",
+            )
+        ]
+    ).authorization[0]
+    assert bad.poisoned  # principals are not supported with CUSTOM
+    d = evaluate_l7(req(), [bad], CustomOutcome("ext", allowed=True))
+    assert not d.allowed and d.code == CODE_INVALID_POLICY and d.pending_custom is None
+
+
 def test_two_custom_providers_are_refused() -> None:
     a = pol("provider: {name: a}\nrules: [{}]", "CUSTOM", name="a")
     b = pol("provider: {name: b}\nrules: [{}]", "CUSTOM", name="b")
@@ -436,6 +452,10 @@ def test_two_custom_providers_are_refused() -> None:
 
 
 def test_bad_requests_are_400() -> None:
+    assert req("M-SEARCH").method == "M-SEARCH"
+    for m in ("get", "Get", "", "GE T", "G\u00c9T"):
+        with pytest.raises(RequestRejected):
+            req(m)
     with pytest.raises(RequestRejected):
         req("get")
     with pytest.raises(RequestRejected):
