@@ -46,6 +46,8 @@ from typing import Any, Final
 import aiohttp
 import yarl
 
+from policy.l7 import CustomOutcome
+
 DEFAULT_TIMEOUT: Final = 600.0  # Istio's documented default for envoyExtAuthzHttp.timeout
 MAX_RESPONSE_BODY: Final = 64 * 1024
 AUTH_HEADERS_TO_REMOVE: Final = "x-envoy-auth-headers-to-remove"
@@ -281,6 +283,10 @@ class ExtAuthzResult:
     upstream_remove: tuple[str, ...] = ()  # remove from the upstream request
     downstream_headers: tuple[tuple[str, str], ...] = ()  # add to the response to the client
     error: str | None = None  # the authorizer failed (timeout, connection, 5xx)
+
+    def outcome(self, provider: str) -> CustomOutcome:
+        """The answer in the form ``policy.l7.decide_l7`` takes for its CUSTOM step."""
+        return CustomOutcome(provider, self.allowed, self.reason)
 
     @property
     def reason(self) -> str:

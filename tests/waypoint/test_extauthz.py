@@ -410,6 +410,8 @@ def test_body_and_pure_reading() -> None:
     assert dict(r.downstream_headers) == {"x-why": "a", "www-authenticate": "Bearer"}
     assert interpret_response(p, 502, [], b"").status == 403  # 5xx: error -> statusOnError
     assert interpret_response(p, 204, [], b"").allowed is False  # only 200 allows, as in Envoy
+    o = interpret_response(p, 200, [], b"").outcome("b")
+    assert (o.provider, o.allowed) == ("b", True)
 
 
 @pytest.mark.parametrize(
