@@ -48,11 +48,12 @@ from credentials.client import CaClient, NodeCredentials
 from credentials.manager import CertificateManager, NoCredentialError
 from identity.spiffe import SpiffeId
 from identity.svid import WorkloadCredential
-from mesh.config import ConfigError, FileConfigSource, IPAddress, MeshConfig, thaw
+from mesh.config import ConfigError, IPAddress, MeshConfig, thaw
 from mesh.store import WorkloadStore, describe_workloads
 from policy import Connection, PolicyIndex, PolicySet
 from serving.accesslog import AccessLog
 from serving.http import RunningSite, build_metrics_app, build_readiness_app, serve
+from sources.file import FileConfigSource
 from tunnel.client import HboneClient
 from tunnel.hbone import parse_ip
 from tunnel.relay import TunnelInfo
@@ -190,7 +191,7 @@ class NodeAgent:
         # 1. config
         self._source = FileConfigSource(o.config, interval=o.config_interval)
         try:
-            cfg = self._source.initial()
+            cfg = await self._source.initial()
         except ConfigError as exc:
             raise StartupError(f"config refused: {exc}") from None
         try:
