@@ -34,10 +34,12 @@ _DELETE_ORDER = (Kind.POLICY, Kind.WAYPOINT, Kind.SERVICE, Kind.WORKLOAD, Kind.N
 _UPSERT_ORDER = (Kind.SETTINGS, Kind.NODE, Kind.WORKLOAD, Kind.SERVICE, Kind.WAYPOINT, Kind.POLICY)
 
 
-def diff(old: Snapshot, new: Snapshot) -> list[MeshChange]:
+def diff(old: Snapshot | None, new: Snapshot) -> list[MeshChange]:
     """The changes that turn ``old`` into ``new``: one Upsert per added or changed object, one
-    Delete per removed one; nothing for an object that is equal in both (O(mesh))."""
-    a, b = old.objects(), new.objects()
+    Delete per removed one; nothing for an object that is equal in both (O(mesh)). From
+    ``None`` (nothing known yet), every object of ``new`` is an Upsert."""
+    b = new.objects()
+    a = old.objects() if old is not None else {k: {} for k in b}
     out: list[MeshChange] = []
     for kind in _DELETE_ORDER:
         out.extend(Delete(kind, key) for key in a[kind] if key not in b[kind])

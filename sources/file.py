@@ -136,7 +136,9 @@ class FileConfigSource:
     def poll(self) -> SourceEvent | None:
         """One check: the changes of a new good version (empty: good again at the serving
         version after a refusal), a refusal, or None when nothing changed."""
-        current = self.current
+        # Without initial() (a consumer that loaded the file itself), the first good version
+        # is delivered whole: every object an Upsert.
+        current = self._current
         stamp = self._stat()
         if stamp == self._stamp and (stamp is None or time.time_ns() - stamp[0] > _RECENT_NS):
             return None
@@ -157,7 +159,7 @@ class FileConfigSource:
             return ConfigRefused(exc, self.path)
         recovered = self._last_error is not None
         self._last_error = None
-        if cfg.digest == current.digest and not recovered:
+        if current is not None and cfg.digest == current.digest and not recovered:
             return None  # touched but unchanged
         # Back to the serving version after a refused one is delivered too (as an empty change
         # set): consumers showing "last update refused" must learn that the file is good again.
