@@ -643,15 +643,13 @@ class WorkloadStore:
                 if obj.trust_domain != self._settings.trust_domain:
                     # Every identity changes with the trust domain: the one O(mesh) check, for a
                     # change that re-keys the whole mesh anyway.
-                    for wk, _w0 in self._workloads.items():
-                        w1 = self._cur(pending, Kind.WORKLOAD, wk)
-                        if isinstance(w1, Workload) and w1.spiffe_id.trust_domain != td:
-                            err(
-                                Kind.WORKLOAD,
-                                wk,
-                                "serviceAccount",
-                                f"identity {w1.spiffe_id} is outside {td}",
-                            )
+                    for k2, o2 in [
+                        *((Kind.WORKLOAD, wk) for wk in self._workloads),
+                        *((Kind.WAYPOINT, wpk) for wpk in self._waypoints),
+                    ]:
+                        obj2 = self._cur(pending, k2, o2)
+                        if isinstance(obj2, Workload | Waypoint) and obj2.spiffe_id.trust_domain != td:
+                            err(k2, o2, "serviceAccount", f"identity {obj2.spiffe_id} is outside {td}")
             elif isinstance(obj, Node):
                 claim(obj.address, kind, key, "address", "IP")
                 old = self._nodes.get(key)

@@ -277,3 +277,19 @@ def test_snapshot_is_cached_until_the_next_change() -> None:
     assert (
         isinstance(snap, Snapshot) and snap is store.snapshot and "ns1/w7" in {w.key for w in snap.workloads}
     )
+
+
+def test_waypoints_are_kept_and_reported() -> None:
+    from identity.spiffe import SpiffeId
+    from mesh.model import Waypoint
+    from tests.mesh.meshgen import IP
+
+    store = _store()
+    wp = Waypoint(
+        "waypoint", "ns1", "waypoint", (IP("10.96.0.50"),), SpiffeId.for_workload(TD, "ns1", "waypoint")
+    )
+    ap = store.apply([Upsert(wp)])
+    assert ap.waypoints_changed == {"ns1/waypoint"} and store.waypoint("ns1", "waypoint") == wp
+    assert store.snapshot.waypoints == (wp,) and store.waypoint_for(None, None) is None  # not bound yet
+    ap = store.apply([Delete(Kind.WAYPOINT, "ns1/waypoint")])
+    assert ap.waypoints_changed == {"ns1/waypoint"} and store.waypoint("ns1", "waypoint") is None
