@@ -418,7 +418,11 @@ def _policy_doc(ctx: _Ctx, path: str, raw: Any, document: int) -> PolicyDocument
         ns = _namespace_or_default(ctx, join_path(path, "metadata"), meta)
     if not ok or name is None or ns is None:
         return None
-    assert isinstance(kind, str) and isinstance(api, str)
+    assert isinstance(kind, str) and isinstance(api, str) and isinstance(meta, dict)
+    if "namespace" not in meta:
+        # Defaulted: the document is stored with its namespace, as ``kubectl apply -n`` stores
+        # it, so the policy parser sees the namespace the envelope check resolved.
+        raw = {**raw, "metadata": {**meta, "namespace": ns}}
     return PolicyDocument(
         kind=kind,
         api_version=api,

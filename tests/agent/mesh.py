@@ -10,7 +10,7 @@ parallel test runs do not collide; other ports are ephemeral.
       other   .11  ns1/sa other                  legacy  .41 ns2 (not enrolled)
     service httpbin.ns2: VIP .200:8000 -> httpbin:<echo port>
 
-"Capture" is static (see agent.node.capture): agent A accepts on 127.0.0.1:<p> as if the app had
+"Capture" is static (see agent.capture): agent A accepts on 127.0.0.1:<p> as if the app had
 connected to the VIP (or to httpbin's pod IP); agent B accepts on 127.0.0.1:<q> as if a non-mesh
 client had connected to httpbin's pod IP (inbound plaintext, 15006).
 """
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.node import AgentOptions, NodeAgent
-from agent.node.capture import StaticCapture
+from agent.capture import StaticCapture
+from agent.supervisor import AgentOptions, NodeAgent
 from caserver import store as ca_store
 from caserver.server import CaServer
 from cli.main import main as cli_main

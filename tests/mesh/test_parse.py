@@ -115,6 +115,8 @@ def test_default_namespace_fills_in_missing_namespaces_only() -> None:
     assert [w.key for w in cfg.workloads] == ["team-a/web"]
     assert [s.key for s in cfg.services] == ["team-a/web"]
     assert [p.key for p in cfg.policies] == ["AuthorizationPolicy/team-a/p", "AuthorizationPolicy/other/q"]
+    # The policy parser saw the defaulted namespace too: nothing poisoned.
+    assert cfg.policy_errors == () and cfg.policies[0].raw["metadata"]["namespace"] == "team-a"
     with pytest.raises(ValueError, match="default_namespace"):
         parse_config(text, default_namespace="Team_A")
 

@@ -17,14 +17,18 @@ Two modes:
 
 from __future__ import annotations
 
+import abc
 import ipaddress
 import logging
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mesh.config import Workload
+
+if TYPE_CHECKING:  # bpf.capture pulls in pyroute2: import it only where capture is used
+    from bpf.capture import CaptureBackend, EnrolledPod
 
 log = logging.getLogger("ztagent.capture")
 
@@ -111,33 +115,84 @@ def host_interface_for(ip: str) -> str | None:
     return None
 
 
-class CaptureLayer:
-    """Owns the capture backend (bpf mode) and tracks what is enrolled."""
+class Capture(abc.ABC):
+    """How traffic reaches this agent's listeners: a typed backend per mode.
 
-    def __init__(self, mode: str, node: str, *, backend: Any = None, hbone_port: int = 15008) -> None:
-        if mode not in ("bpf", "none"):
-            raise ValueError(f"capture mode {mode!r}: expected bpf or none")
-        self.mode = mode
+    ``steers_traffic`` decides the agent's listener layout: when the kernel steers pod traffic
+    to the agent, it listens once on wildcard IP_TRANSPARENT sockets; when nothing steers, it
+    serves HBONE on each local pod IP itself (tests, development)."""
+
+    mode: str
+    steers_traffic: bool
+
+    @property
+    def transparent(self) -> bool:
+        """Whether sockets may bind non-local (original source) addresses."""
+        return self.steers_traffic
+
+    def install(self) -> None:  # noqa: B027 - a no-op unless the capture steers traffic
+        """Attach (idempotent); raises with a message that names what is missing."""
+
+    def set_listeners(  # noqa: B027 - a no-op unless the capture steers traffic
+        self, outbound: socket.socket | None, inbound: socket.socket | None, hbone: socket.socket | None
+    ) -> None:
+        """Hand the listening sockets to the steering program."""
+
+    def sync(self, workloads: Sequence[Workload]) -> None:  # noqa: B027 - as install
+        """Enroll exactly ``workloads`` (the local enrolled ones); failures are kept per workload."""
+
+    @abc.abstractmethod
+    def ready(self) -> tuple[bool, str]: ...
+
+    @abc.abstractmethod
+    def status(self) -> dict[str, Any]: ...
+
+    def stop(self) -> None:  # noqa: B027 - as install
+        """Clean stop (see KernelCapture.stop)."""
+
+
+class NullCapture(Capture):
+    """``--capture none``: nothing is steered; connections reach the agent only when addressed to
+    its listeners (static captures on loopback, tests). Peer IPs are trusted as-is."""
+
+    mode = "none"
+    steers_traffic = False
+
+    def ready(self) -> tuple[bool, str]:
+        return True, "disabled (--capture none): nothing is steered to the agent"
+
+    def status(self) -> dict[str, Any]:
+        return {"mode": self.mode, "state": "disabled", "detail": self.ready()[1], "enrolled": []}
+
+
+class KernelCapture(Capture):
+    """``--capture bpf``: bpf.capture (sk_lookup + policy routing); owns the backend and tracks
+    what is enrolled."""
+
+    mode = "bpf"
+    steers_traffic = True
+
+    def __init__(self, node: str, *, backend: CaptureBackend | None = None, hbone_port: int = 15008) -> None:
         self.node = node
         self.hbone_port = hbone_port
         self._backend = backend
         self.installed = False
         self.listeners_set = False
         self.error: str | None = None
-        self.enrolled: dict[str, Any] = {}  # workload key -> EnrolledPod
+        self.enrolled: dict[str, EnrolledPod] = {}  # workload key -> pod
         self.enroll_errors: dict[str, str] = {}
 
     @property
-    def transparent(self) -> bool:
-        return self.mode == "bpf"
+    def backend(self) -> CaptureBackend:
+        assert self._backend is not None, "capture not installed"
+        return self._backend
 
     def install(self) -> None:
-        if self.mode == "none":
-            return
         if self._backend is None:
-            from bpf.capture import Capture, default_pin_dir
+            from bpf.capture import Capture as BpfCapture
+            from bpf.capture import default_pin_dir
 
-            self._backend = Capture(default_pin_dir(self.node), hbone_port=self.hbone_port)
+            self._backend = BpfCapture(default_pin_dir(self.node), hbone_port=self.hbone_port)
         try:
             self._backend.install()
         except Exception as exc:
@@ -148,9 +203,7 @@ class CaptureLayer:
     def set_listeners(
         self, outbound: socket.socket | None, inbound: socket.socket | None, hbone: socket.socket | None
     ) -> None:
-        if self.mode == "none":
-            return
-        self._backend.set_listeners(
+        self.backend.set_listeners(
             outbound.fileno() if outbound else None,
             inbound.fileno() if inbound else None,
             hbone.fileno() if hbone else None,
@@ -159,8 +212,6 @@ class CaptureLayer:
 
     def sync(self, workloads: Sequence[Workload]) -> None:
         """Enroll exactly ``workloads`` (the local enrolled ones); failures are kept per workload."""
-        if self.mode == "none":
-            return
         from bpf.capture import EnrolledPod
 
         wanted = {w.key: w for w in workloads}
@@ -168,7 +219,7 @@ class CaptureLayer:
             if key not in wanted:
                 pod = self.enrolled.pop(key)
                 try:
-                    self._backend.unenroll(pod)
+                    self.backend.unenroll(pod)
                     log.info(f"unenrolled {key}", extra={"event": "capture_unenrolled", "workload": key})
                 except Exception as exc:
                     self.enroll_errors[key] = f"unenroll failed: {exc}"
@@ -191,8 +242,8 @@ class CaptureLayer:
                 continue
             try:
                 if key in self.enrolled:
-                    self._backend.unenroll(self.enrolled.pop(key))
-                self._backend.enroll(pod)
+                    self.backend.unenroll(self.enrolled.pop(key))
+                self.backend.enroll(pod)
             except Exception as exc:
                 self.enroll_errors[key] = str(exc)
                 log.error(f"cannot enroll {key}: {exc}", extra={"event": "capture_error", "workload": key})
@@ -214,8 +265,6 @@ class CaptureLayer:
         return name
 
     def ready(self) -> tuple[bool, str]:
-        if self.mode == "none":
-            return True, "disabled (--capture none): nothing is steered to the agent"
         if not self.installed:
             return False, self.error or "eBPF capture not installed"
         if not self.listeners_set:
@@ -228,11 +277,11 @@ class CaptureLayer:
         ok, detail = self.ready()
         out: dict[str, Any] = {
             "mode": self.mode,
-            "state": ("disabled" if self.mode == "none" else "attached" if ok else "not-ready"),
+            "state": "attached" if ok else "not-ready",
             "detail": detail,
             "enrolled": sorted(self.enrolled),
         }
-        if self.mode == "bpf" and self._backend is not None and self.installed:
+        if self._backend is not None and self.installed:
             try:
                 st = self._backend.status()
                 out["kernel"] = {
@@ -250,7 +299,7 @@ class CaptureLayer:
         ``detach``), keeping the routing rules, so enrolled pods' TCP keeps ending at the node with
         no listener: it fails instead of leaking, until a restarted agent installs again. A crash
         leaves the pins instead; the restart then reuses them."""
-        if self.mode == "bpf" and self._backend is not None and self.installed:
+        if self._backend is not None and self.installed:
             try:
                 self._backend.detach()
             except Exception as exc:
@@ -258,3 +307,14 @@ class CaptureLayer:
             close = getattr(self._backend, "close", None)
             if close is not None:
                 close()
+
+
+def make_capture(
+    mode: str, node: str, *, backend: CaptureBackend | None = None, hbone_port: int = 15008
+) -> Capture:
+    """The capture for ``--capture MODE``; ValueError for an unknown mode."""
+    if mode == "bpf":
+        return KernelCapture(node, backend=backend, hbone_port=hbone_port)
+    if mode == "none":
+        return NullCapture()
+    raise ValueError(f"capture mode {mode!r}: expected bpf or none")

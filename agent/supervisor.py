@@ -1,11 +1,16 @@
-"""The node agent: composition root of config, workload store, certificates, capture, proxies,
-admin and metrics (DESIGN §1).
+"""The node agent's supervisor: node-wide duties, and the composition root (DESIGN §1).
+
+The supervisor owns what exists once per node: the config source and the current store,
+certificates (CA client and certificate manager), capture, and the admin, metrics and
+readiness ports. The data plane (listeners, HBONE server and client, open connections and
+their re-checks) is a :class:`agent.worker.DataPlaneWorker`, which reads node-wide state through
+:class:`agent.worker.NodeServices` and owns none of it.
 
 Start order, and why: config first (nothing is meaningful without it); then certificates for
 every enrolled local workload (an agent that cannot present identities must not capture
-traffic it cannot carry, so a failed first fetch fails the start); then listeners; then capture
-(steering traffic to listeners that exist); then admin. Readiness (15021) turns green only when
-certificates and capture are in place.
+traffic it cannot carry, so a failed first fetch fails the start); then the worker's
+listeners; then capture (steering traffic to listeners that exist); then admin. Readiness
+(15021) turns green only when certificates and capture are in place.
 
 Stop order: stop accepting, drain HBONE (GOAWAY, let streams finish until the deadline), abort
 the rest, then detach capture *without* removing its routing rules, so pods' traffic fails
@@ -21,49 +26,41 @@ import ipaddress
 import json
 import logging
 import os
-import socket
 import time
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from importlib.metadata import version as pkg_version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.admin import build_admin_app
-from agent.downstream import Downstream, downstream_factory
-from agent.metrics import AgentMetrics, ConnectionStats
-from agent.node.capture import CaptureLayer, StaticCapture, make_listener, parse_address
-from agent.node.tracking import Tracked, Tracker, connection_labels, decision_fields
-from agent.proxy_inbound import (
-    UpstreamConnector,
-    authorize_hbone,
-    handle_plaintext,
-    hbone_is_local,
-    hbone_upstream,
-    record_decision,
-    trusted_source_ip,
-    verified_source_workload,
-)
-from agent.proxy_outbound import handle_outbound
+from agent.capture import Capture, StaticCapture, make_capture, parse_address
+from agent.metrics import AgentMetrics
+from agent.tracking import ConnectionTracker
+from agent.worker import DataPlaneWorker, NodeServices
 from credentials.client import CaClient, NodeCredentials
-from credentials.manager import CertificateManager, NoCredentialError
+from credentials.manager import CertificateManager
 from identity.spiffe import SpiffeId
-from identity.svid import WorkloadCredential
-from mesh.config import ConfigError, IPAddress, MeshConfig, thaw
+from mesh.config import ConfigError, MeshConfig, thaw
 from mesh.store import WorkloadStore, describe_workloads
-from policy import Connection, PolicyIndex, PolicySet
+from policy import PolicyIndex, PolicySet
 from serving.accesslog import AccessLog
 from serving.http import RunningSite, build_metrics_app, build_readiness_app, serve
 from sources.file import FileConfigSource
 from tunnel.client import HboneClient
-from tunnel.hbone import parse_ip
-from tunnel.relay import TunnelInfo
-from tunnel.server import AuthzRequest, HboneServer, ServerConfig
+from tunnel.server import HboneServer
+
+if TYPE_CHECKING:
+    from bpf.capture import CaptureBackend
 
 log = logging.getLogger("ztagent.agent")
 
 
 class StartupError(Exception):
     """The agent cannot start; the message says what is missing and where."""
+
+
+class ConfigRefused(Exception):
+    """A config (or one change of it) cannot be used on this node; nothing was changed.
+    The message names the object at fault."""
 
 
 @dataclass
@@ -89,64 +86,40 @@ class AgentOptions:
 
 
 @dataclass
-class _Listener:
-    sock: socket.socket
-    role: str  # "outbound" | "inbound"
-    original: tuple[str, int] | None = None  # static capture: fixed original destination
-    server: asyncio.AbstractServer | None = None
-    bound: tuple[IPAddress, int] | None = None  # the listening address, once asked
-
-
-@dataclass
 class _ConfigState:
     loaded_at: float
     refused: list[str] = field(default_factory=list)
     refused_at: float | None = None
 
 
-class _ServerObserver:
-    def __init__(self, agent: NodeAgent) -> None:
-        self.agent = agent
-
-    def tunnel_opened(self, info: TunnelInfo) -> None:
-        self.agent._inbound_hbone_opened(info)
-
-    def tunnel_closed(self, info: TunnelInfo) -> None:
-        self.agent._inbound_hbone_closed(info)
-
-    def rejected(self, kind: str, detail: str) -> None:
-        if kind != "denied":  # denials are counted as policy decisions
-            self.agent.metrics.handshake_failures.labels("inbound", kind).inc()
+def build_store(cfg: MeshConfig, node: str) -> WorkloadStore:
+    """The store for ``cfg`` as seen from ``node``; ConfigRefused if this node cannot use it."""
+    try:
+        return WorkloadStore(cfg, node)
+    except (KeyError, TypeError) as exc:
+        raise ConfigRefused(str(exc.args[0]) if exc.args else repr(exc)) from None
 
 
 class NodeAgent:
-    def __init__(self, options: AgentOptions, *, capture_backend: Any = None) -> None:
+    def __init__(self, options: AgentOptions, *, capture_backend: CaptureBackend | None = None) -> None:
         self.options = options
         self.node_name = options.node
         self.hbone_port = options.hbone_port
         self.metrics = AgentMetrics()
         self.access_log = AccessLog(options.access_log)
-        self.tracker = Tracker(self.metrics, self.access_log)
-        self.capture = CaptureLayer(
+        self.capture: Capture = make_capture(
             options.capture, options.node, backend=capture_backend, hbone_port=options.hbone_port
         )
-        self.upstream = UpstreamConnector(transparent=self.capture.transparent)
         self.started_at = time.time()
         self._source: FileConfigSource | None = None
         self._config_state: _ConfigState | None = None
         self.config: MeshConfig | None = None
         self._store: WorkloadStore | None = None
-        self._policy_index: PolicyIndex | None = None
         self._certs: CertificateManager | None = None
         self._node_identity: SpiffeId | None = None
         self._ca_client: CaClient | None = None
-        self.hbone_server: HboneServer | None = None
-        self._hbone_client: HboneClient | None = None
-        self._listeners: list[_Listener] = []
-        self._hbone_socks: dict[str, socket.socket] = {}  # ip -> listener (none mode: per pod IP)
+        self.worker: DataPlaneWorker | None = None
         self._sites: dict[str, RunningSite] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._inbound_hbone: dict[int, Tracked] = {}
         self._config_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -160,8 +133,7 @@ class NodeAgent:
 
     @property
     def policy_index(self) -> PolicyIndex:
-        assert self._policy_index is not None
-        return self._policy_index
+        return self.store.policy_index
 
     @property
     def cert_manager(self) -> CertificateManager:
@@ -169,9 +141,21 @@ class NodeAgent:
         return self._certs
 
     @property
+    def data_plane(self) -> DataPlaneWorker:
+        assert self.worker is not None
+        return self.worker
+
+    @property
+    def tracker(self) -> ConnectionTracker:
+        return self.data_plane.connections
+
+    @property
+    def hbone_server(self) -> HboneServer | None:
+        return self.worker.hbone_server if self.worker is not None else None
+
+    @property
     def hbone_client(self) -> HboneClient:
-        assert self._hbone_client is not None
-        return self._hbone_client
+        return self.data_plane.hbone_client
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -196,8 +180,8 @@ class NodeAgent:
             raise StartupError(f"config refused: {exc}") from None
         try:
             self._install_config(cfg)
-        except KeyError as exc:
-            raise StartupError(str(exc.args[0])) from None
+        except ConfigRefused as exc:
+            raise StartupError(str(exc)) from None
         self._config_state = _ConfigState(loaded_at=time.time())
 
         # 2. certificates for every enrolled local workload
@@ -221,38 +205,27 @@ class NodeAgent:
         except Exception as exc:
             raise StartupError(str(exc)) from None
 
-        # 3. listeners and the HBONE server/client
-        self.hbone_server = HboneServer(
-            credentials=self._credential_for_ip,
-            bundles=self.cert_manager.bundles,
-            authorize=self._authorize,
-            is_local=lambda a, c: hbone_is_local(self, a, c),
-            connector=lambda dst, src: hbone_upstream(self, dst, src),
-            observer=_ServerObserver(self),
-            config=ServerConfig(drain_timeout=o.drain_timeout),
+        # 3. the data plane: listeners, HBONE server and client
+        certs = self._certs
+        self.worker = DataPlaneWorker(
+            NodeServices(
+                node_name=self.node_name,
+                hbone_port=o.hbone_port,
+                store=lambda: self.store,
+                credential=certs.current,
+                bundles=certs.bundles,
+            ),
+            capture=self.capture,
+            metrics=self.metrics,
+            access_log=self.access_log,
+            drain_timeout=o.drain_timeout,
         )
-        # No client observer: the outbound handler accounts for its tunnels itself (it knows the
-        # service), so the client's default NullObserver is right.
-        self._hbone_client = HboneClient(bundles=self.cert_manager.bundles)
-        out_sock = in_sock = hbone_sock = None
-        if o.capture == "bpf":
-            out_sock = make_listener(o.listen_host, o.outbound_port, transparent=True)
-            in_sock = make_listener(o.listen_host, o.inbound_port, transparent=True)
-            hbone_sock = make_listener(o.listen_host, o.hbone_port, transparent=True)
-            self._listeners.append(_Listener(out_sock, "outbound"))
-            self._listeners.append(_Listener(in_sock, "inbound"))
-            self._hbone_socks[o.listen_host] = hbone_sock
-            await self.hbone_server.start(sock=hbone_sock)
-        else:
-            await self._sync_hbone_listeners()
-        for sc in o.static_captures:
-            sock = make_listener(sc.listen[0], sc.listen[1], transparent=False)
-            self._listeners.append(_Listener(sock, sc.role, original=sc.original))
-        loop = asyncio.get_running_loop()
-        for lst in self._listeners:
-            lst.server = await loop.create_server(
-                downstream_factory(self._connection_handler(lst), self._tasks), sock=lst.sock, backlog=4096
-            )
+        out_sock, in_sock, hbone_sock = await self.worker.start(
+            listen_host=o.listen_host,
+            outbound_port=o.outbound_port,
+            inbound_port=o.inbound_port,
+            static_captures=o.static_captures,
+        )
 
         # 4. capture: steer traffic only now that the listeners exist
         try:
@@ -290,20 +263,8 @@ class NodeAgent:
         try:
             if self._config_task is not None:
                 self._config_task.cancel()
-            for lst in self._listeners:
-                if lst.server is not None:
-                    lst.server.close()
-                lst.sock.close()
-            if self.hbone_server is not None:
-                await self.hbone_server.drain(self.options.drain_timeout)
-            for t in list(self.tracker.open.values()):
-                t.abort("agent stopping")
-            for task in list(self._tasks):
-                task.cancel()
-            if self._tasks:
-                await asyncio.wait(list(self._tasks), timeout=5)
-            if self._hbone_client is not None:
-                await self._hbone_client.close()
+            if self.worker is not None:
+                await self.worker.stop()
             if self._certs is not None:
                 await self._certs.stop()
             if self._ca_client is not None:
@@ -322,10 +283,10 @@ class NodeAgent:
     # -- config -----------------------------------------------------------------------------
 
     def _install_config(self, cfg: MeshConfig) -> None:
-        """Build every derived index first, then swap them in together (raises, changing
-        nothing, if the config cannot be used on this node)."""
-        store = WorkloadStore(cfg, self.node_name)
-        self.config, self._store, self._policy_index = cfg, store, store.policy_index
+        """Build every derived index first, then swap them in together (raises ConfigRefused,
+        changing nothing, if the config cannot be used on this node)."""
+        store = build_store(cfg, self.node_name)
+        self.config, self._store = cfg, store
 
     def _local_identities(self) -> list[SpiffeId]:
         return sorted({w.spiffe_id for w in self.store.local_enrolled})
@@ -334,8 +295,8 @@ class NodeAgent:
         old = self.config
         try:
             self._install_config(cfg)
-        except KeyError as exc:
-            self._on_config_refused([f"{cfg.source}: {exc.args[0]}"])
+        except ConfigRefused as exc:
+            self._on_config_refused([f"{cfg.source}: {exc}"])
             return
         assert self._config_state is not None
         self._config_state = _ConfigState(loaded_at=time.time())
@@ -344,17 +305,24 @@ class NodeAgent:
             f"config applied (sha256 {cfg.digest[:12]})",
             extra={"event": "config_applied", "digest": cfg.digest, "previous": old.digest if old else None},
         )
+        await self._converge()
+
+    async def _converge(self) -> None:
+        """Bring certificates, capture and the data plane in line with the current store.
+
+        Each step fails on its own: a certificate that cannot be had or a pod that cannot be
+        enrolled is logged and shown in status and readiness, and the other steps still run."""
         # Identities: fetch new ones before enrolling them, drop the ones that left.
+        certs = self.cert_manager
         wanted = set(self._local_identities())
-        for sid in wanted - set(self.cert_manager.identities()):
+        for sid in wanted - set(certs.identities()):
             try:
-                await self.cert_manager.add_identity(sid)
+                await certs.add_identity(sid)
             except Exception as exc:
                 log.error(f"cannot get a certificate for {sid}: {exc}", extra={"event": "cert_add_failed"})
-        for sid in set(self.cert_manager.identities()) - wanted - {self._node_identity}:
-            self.cert_manager.remove_identity(sid)
-        if self.options.capture == "none":
-            await self._sync_hbone_listeners()
+        for sid in set(certs.identities()) - wanted - {self._node_identity}:
+            certs.remove_identity(sid)
+        await self.data_plane.sync_hbone_listeners()
         try:
             self.capture.sync(self.store.local_enrolled)
         except Exception as exc:
@@ -378,165 +346,7 @@ class NodeAgent:
 
     def recheck_connections(self) -> int:
         """Re-evaluate every open inbound connection with the current policy; close the denied."""
-        closed = 0
-        for t in self.tracker.inbound():
-            assert t.policy_input is not None and t.destination_key is not None
-            ns, _, name = t.destination_key.partition("/")
-            w = self.store.by_name(ns, name)
-            if w is None or not w.enrolled or w.node != self.node_name:
-                t.abort("destination no longer an enrolled workload on this node")
-                closed += 1
-                continue
-            conn = dataclasses.replace(t.policy_input, destination_labels=w.labels)
-            d = self.policy_index.check(conn)
-            if d.allowed:
-                continue
-            record_decision(
-                self,
-                d,
-                path=t.path + " (re-check)",
-                source_ip=conn.source_ip,
-                source_principal=t.log_fields.get("source_principal"),
-                destination=w,
-                destination_ip=str(conn.destination_ip),
-                port=conn.destination_port,
-            )
-            self.metrics.connections_closed_by_policy.labels(w.namespace).inc()
-            log.info(
-                f"closing open connection {t.log_fields.get('source_principal') or conn.source_ip} -> "
-                f"{w.key}:{conn.destination_port}: policy now denies it ({d.reason})",
-                extra={"event": "connection_closed_by_policy", **decision_fields(d)},
-            )
-            t.abort(f"policy now denies: {d.reason}")
-            closed += 1
-        return closed
-
-    # -- HBONE server callbacks ---------------------------------------------------------------
-
-    def _credential_for_ip(self, ip: Any) -> WorkloadCredential | None:
-        w = self.store.is_local_enrolled_ip(ip)
-        if w is None:
-            return None
-        try:
-            return self.cert_manager.current(w.spiffe_id)
-        except NoCredentialError:
-            return None
-
-    async def _authorize(self, req: AuthzRequest) -> Any:
-        return await authorize_hbone(self, req)
-
-    def _inbound_hbone_opened(self, info: TunnelInfo) -> None:
-        dest = self.store.by_ip(info.destination.ip)
-        principal = info.source_principal
-        # The same trust rule as the admission check (authorize_hbone): the forwarded source is
-        # believed only when it is a workload with the peer's identity, else the TCP peer address
-        # stands in, so re-checks on policy change see what admission saw.
-        claimed = info.source.ip if info.source is not None else None
-        peer_ip = info.peer.ip if info.peer is not None else None
-        src_ip = trusted_source_ip(self, principal, claimed, peer_ip)
-        src_w = verified_source_workload(self, principal, src_ip)
-        service = None
-        if dest is not None:
-            for s in self.store.services_of(dest):
-                if any(p.target_port == info.destination.port for p in s.ports):
-                    service = s
-                    break
-        labels = connection_labels(
-            reporter="destination",
-            source=src_w,
-            source_principal=principal,
-            destination=dest,
-            destination_principal=info.destination_principal,
-            service=service,
-            security="mutual_tls",
-        )
-        policy_input = None
-        if dest is not None:
-            policy_input = Connection(
-                source_principal=principal,
-                source_ip=src_ip,
-                destination_namespace=dest.namespace,
-                destination_port=info.destination.port,
-                destination_labels=dest.labels,
-                destination_ip=info.destination.ip,
-            )
-
-        def abort(reason: str) -> None:
-            assert self.hbone_server is not None
-            for session in list(self.hbone_server.sessions):
-                for st in list(session.streams.values()):
-                    if st.info is info:
-                        st.abort(reason=reason)
-                        return
-
-        t = Tracked(
-            direction="inbound",
-            path="hbone",
-            stats=ConnectionStats(self.metrics, labels),
-            read_bytes=lambda: (info.bytes_sent, info.bytes_received),
-            abort=abort,
-            log_fields={
-                "reporter": "destination",
-                "source_ip": str(src_ip) if src_ip is not None else None,
-                "source_workload": src_w.key if src_w else None,
-                "source_principal": principal,
-                "destination_workload": dest.key if dest else None,
-                "destination_principal": info.destination_principal,
-                "destination": str(info.destination),
-                "destination_service": service.hostname if service else None,
-                "security": "mutual_tls",
-                "decision": "ALLOW",
-            },
-            policy_input=policy_input,
-            destination_key=dest.key if dest else None,
-        )
-        self._inbound_hbone[id(info)] = self.tracker.add(t)
-
-    def _inbound_hbone_closed(self, info: TunnelInfo) -> None:
-        t = self._inbound_hbone.pop(id(info), None)
-        if t is not None:
-            self.tracker.close(t, info.close_reason or "closed")
-
-    # -- listeners ----------------------------------------------------------------------------
-
-    async def _sync_hbone_listeners(self) -> None:
-        """--capture none: one HBONE listener per local enrolled pod IP (nothing steers
-        ``<pod ip>:15008`` to a wildcard listener, so we listen on the pod IPs themselves)."""
-        assert self.hbone_server is not None
-        wanted = {str(ip) for w in self.store.local_enrolled for ip in w.ips}
-        for ip in sorted(wanted - set(self._hbone_socks)):
-            sock = make_listener(ip, self.hbone_port, transparent=False)
-            self._hbone_socks[ip] = sock
-            await self.hbone_server.start(sock=sock)
-        # Listeners for pods that left stay open: harmless (the server refuses unknown local IPs).
-
-    def _connection_handler(self, lst: _Listener) -> Callable[[Downstream], Coroutine[Any, Any, None]]:
-        async def handle(down: Downstream) -> None:
-            # With bpf capture the connection keeps its original destination as its local
-            # address (sk_lookup assigns the socket without rewriting the packet).
-            original = lst.original if lst.original is not None else down.local
-            if lst.role == "outbound":
-                await handle_outbound(self, down, original)
-            else:
-                await handle_plaintext(self, down, original)
-
-        return handle
-
-    def is_own_listener(self, addr: tuple[str, int]) -> bool:
-        try:
-            ip = parse_ip(addr[0])
-        except ValueError:
-            return False
-        for lst in self._listeners:
-            if lst.sock.fileno() < 0:
-                continue
-            if lst.bound is None:  # asked on every outbound connection: no syscall each time
-                h, p = lst.sock.getsockname()[:2]
-                lst.bound = (parse_ip(h), p)
-            h_ip, p = lst.bound
-            if p == addr[1] and (h_ip == ip or h_ip.is_unspecified):
-                return lst.original is None
-        return False
+        return self.data_plane.recheck()
 
     # -- health, admin, metrics ---------------------------------------------------------------
 
@@ -573,28 +383,23 @@ class NodeAgent:
     def _metrics_app(self) -> Any:
         def before_scrape() -> None:
             # Live byte counts of open connections, and the readiness gauge, as of this scrape.
-            self.tracker.sync_all()
             self.ready()
-            server = self.hbone_server
-            self.metrics.open_tunnels.labels("inbound").set(server.open_tunnels if server else 0)
-            self.metrics.open_tunnels.labels("outbound").set(self.tracker.count("outbound", "hbone"))
+            worker = self.worker
+            if worker is None:
+                return
+            worker.connections.sync_all()
+            counts = worker.tunnel_counts()
+            self.metrics.open_tunnels.labels("inbound").set(counts["inbound"])
+            self.metrics.open_tunnels.labels("outbound").set(counts["outbound"])
 
         return build_metrics_app(self.metrics, before_scrape=before_scrape)
 
     def addresses(self) -> dict[str, Any]:
         out: dict[str, Any] = {name: site.url for name, site in self._sites.items()}
-        out["hbone"] = sorted(
-            f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in self._hbone_socks.values()
-        )
-        out["listeners"] = [
-            {
-                "role": lst.role,
-                "address": "{}:{}".format(*lst.sock.getsockname()[:2]),
-                "original": "{}:{}".format(*lst.original) if lst.original else None,
-            }
-            for lst in self._listeners
-            if lst.sock.fileno() >= 0
-        ]
+        if self.worker is not None:
+            out.update(self.worker.addresses())
+        else:
+            out.update({"hbone": [], "listeners": []})
         return out
 
     def status(self) -> dict[str, Any]:
@@ -620,7 +425,7 @@ class NodeAgent:
         for c in certs.values():
             if c.get("consecutiveFailures"):
                 problems.append(f"certificate renewal failing for {c['identity']}: {c.get('lastError')}")
-        server = self.hbone_server
+        worker = self.worker
         return {
             "version": self.version,
             "node": self.node_name,
@@ -638,13 +443,17 @@ class NodeAgent:
                 "refusedAt": _iso(cs.refused_at) if cs and cs.refused_at else None,
             },
             "workloads": workloads,
-            "tunnels": {
-                "inbound": server.open_tunnels if server is not None else 0,
-                "outbound": self.tracker.count("outbound", "hbone"),
-                "pooledConnections": self._hbone_client.connections if self._hbone_client else 0,
-            },
-            "connections": {"open": len(self.tracker.open), **self.tracker.totals},
-            "recentDenials": list(self.tracker.recent_denials),
+            "tunnels": (
+                worker.tunnel_counts()
+                if worker is not None
+                else {"inbound": 0, "outbound": 0, "pooledConnections": 0}
+            ),
+            "connections": (
+                {"open": len(worker.connections.open), **worker.connections.totals}
+                if worker is not None
+                else {"open": 0, "opened": 0, "closed": 0, "denied": 0}
+            ),
+            "recentDenials": list(worker.connections.recent_denials) if worker is not None else [],
             "addresses": self.addresses(),
         }
 
