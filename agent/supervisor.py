@@ -39,11 +39,12 @@ from agent.worker import DataPlaneWorker, NodeServices
 from credentials.client import CaClient, NodeCredentials
 from credentials.manager import CertificateManager
 from identity.spiffe import SpiffeId
-from mesh.config import ConfigError, FileConfigSource, MeshConfig, thaw
+from mesh.config import ConfigError, MeshConfig, thaw
 from mesh.store import WorkloadStore, describe_workloads
 from policy import PolicyIndex, PolicySet
 from serving.accesslog import AccessLog
 from serving.http import RunningSite, build_metrics_app, build_readiness_app, serve
+from sources.file import FileConfigSource
 from tunnel.client import HboneClient
 from tunnel.server import HboneServer
 
@@ -174,7 +175,7 @@ class NodeAgent:
         # 1. config
         self._source = FileConfigSource(o.config, interval=o.config_interval)
         try:
-            cfg = self._source.initial()
+            cfg = await self._source.initial()
         except ConfigError as exc:
             raise StartupError(f"config refused: {exc}") from None
         try:

@@ -53,7 +53,8 @@ from identity.bundle import TrustBundleSet
 from identity.ca import DEFAULT_WORKLOAD_TTL, CaError
 from identity.spiffe import SpiffeId, SpiffeIdError
 from identity.svid import SvidError, verify_svid
-from mesh.config import ConfigError, FileConfigSource, MeshConfig
+from mesh.config import ConfigError, MeshConfig
+from sources.file import FileConfigSource
 
 log = logging.getLogger("ztagent.ca.server")
 

@@ -14,7 +14,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PRODUCT_PACKAGES = (
     "agent", "bpf", "caserver", "cli", "cni", "credentials", "identity", "lab", "mesh", "policy", "serving",
-    "tunnel", "waypoint",
+    "sources", "tunnel", "waypoint",
 )  # fmt: skip
 
 

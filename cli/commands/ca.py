@@ -42,8 +42,9 @@ from credentials.identities import NodeNameError, node_identity
 from identity.ca import DEFAULT_MAX_TTL, DEFAULT_WORKLOAD_TTL, CaError
 from identity.keys import build_csr, generate_key, key_to_pem
 from identity.spiffe import SpiffeId, SpiffeIdError
-from mesh.config import ConfigError, FileConfigSource
+from mesh.config import ConfigError
 from serving.logging import setup_logging
+from sources.file import FileConfigSource
 
 _DURATION = re.compile(r"(\d+)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -238,7 +239,7 @@ async def _serve(args: argparse.Namespace) -> int:
     try:
         st = ca_store.load(args.dir, max_ttl=args.max_ttl)
         source = FileConfigSource(args.config, interval=args.config_poll)
-        cfg = source.initial()
+        cfg = await source.initial()
         registry = CollectorRegistry()
         server = CaServer(st, cfg, default_ttl=args.default_ttl, registry=registry)
     except ca_store.CaStoreError as exc:

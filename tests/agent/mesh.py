@@ -34,7 +34,7 @@ from agent.supervisor import AgentOptions, NodeAgent
 from caserver import store as ca_store
 from caserver.server import CaServer
 from cli.main import main as cli_main
-from mesh.config import FileConfigSource, load_config
+from sources.file import FileConfigSource, load_config
 
 TD = "cluster.local"
 
