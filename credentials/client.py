@@ -319,10 +319,11 @@ class CaClient:
             self._in_use = None
             return self.node.credential, exc
         if choice.which != self._in_use:
-            if choice.which == BOOTSTRAP and self.node.renewed is not None:
+            renewed = self.node.renewed
+            if choice.which == BOOTSTRAP and renewed is not None and not is_valid_at(renewed, now):
                 log.warning(
                     "renewed node credential not usable "
-                    f"({describe_window(RENEWED, self.node.renewed, now)}); "
+                    f"({describe_window(RENEWED, renewed, now)}); "
                     "authenticating to the CA with the bootstrap credential "
                     f"(valid until {validity_window(choice.credential)[1].isoformat()})",
                     extra={"event": "node_credential_fallback", "identity": str(self.node.spiffe_id)},
@@ -362,17 +363,20 @@ class CaClient:
         try:
             choice = node.select(now)
         except NoValidNodeCredential as exc:
-            return NodeCredentialStatus(None, bootstrap_end, renewed_end, str(exc), exc.reason)
+            problem = f"{causes.describe(exc.reason)}: {exc}"
+            return NodeCredentialStatus(None, bootstrap_end, renewed_end, problem, exc.reason)
         problem = reason = ""
-        if choice.which == BOOTSTRAP and node.renewed is not None:
+        if choice.which == BOOTSTRAP and node.renewed is not None and not is_valid_at(node.renewed, now):
             # Working, but on the fallback: the renewals failed for longer than the workload TTL.
+            assert renewed_end is not None
+            expired = now > renewed_end
+            reason = causes.NODE_CREDENTIAL_EXPIRED if expired else causes.NODE_CREDENTIAL_NOT_YET_VALID
+            state = describe_window(RENEWED, node.renewed, now).removeprefix("renewed credential ")
             problem = (
-                f"renewable node credential {node.spiffe_id} "
-                f"{describe_window(RENEWED, node.renewed, now).removeprefix('renewed credential ')}; "
+                f"{causes.describe(reason)}: renewable node credential {node.spiffe_id} {state}; "
                 "authenticating to the CA with the bootstrap credential, valid until "
                 f"{bootstrap_end.isoformat()}"
             )
-            reason = causes.NODE_CREDENTIAL_EXPIRED
         return NodeCredentialStatus(choice.which, bootstrap_end, renewed_end, problem, reason)
 
     def register_metrics(self, registry: CollectorRegistry) -> None:

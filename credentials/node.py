@@ -67,8 +67,9 @@ def _candidates(
 
 
 def _newest(cands: list[tuple[str, WorkloadCredential]]) -> tuple[str, WorkloadCredential]:
-    # Ties (same instant) go to the renewed one: it is the credential the node is meant to use.
-    return max(cands, key=lambda wc: (wc[1].not_before, wc[1].not_after, wc[0] == RENEWED))
+    # NotBefore has one-second precision, and a node renews its identity right after its first
+    # start: a tie goes to the renewed one, the credential the node is meant to use.
+    return max(cands, key=lambda wc: (wc[1].not_before, wc[0] == RENEWED, wc[1].not_after))
 
 
 def newest(bootstrap: WorkloadCredential, renewed: WorkloadCredential | None) -> Choice:
