@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.node import StartupError
+from agent.supervisor import StartupError
 from credentials.files import read_renewed
 from identity.svid import WorkloadCredential
 from tests.agent.mesh import Mesh, running_mesh
