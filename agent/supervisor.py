@@ -190,10 +190,13 @@ class NodeAgent:
                 "--ca and --node-credentials are required (workload certificates come from the CA)"
             )
         try:
+            # The bootstrap credential plus the renewed one persisted beside it; at least one must
+            # be valid now. The client presents the newest valid one on every new connection.
             node_creds = NodeCredentials.from_dir(o.node_credentials, now=dt.datetime.now(dt.UTC))
             self._ca_client = CaClient(o.ca, node_creds)
         except Exception as exc:
             raise StartupError(f"node credentials in {o.node_credentials}: {exc}") from None
+        self._ca_client.register_metrics(self.metrics.registry)
         self._node_identity = node_creds.spiffe_id
         self._certs = CertificateManager(
             self._ca_client, self._ca_client.bundles(), registry=self.metrics.registry, ttl=o.cert_ttl
@@ -362,11 +365,18 @@ class NodeAgent:
             return ["certificate manager not started"]
         problems = []
         held = {s.spiffe_id: s for s in self._certs.status()}
-        for sid in [self._node_identity, *self._local_identities()]:
-            st = held.get(sid) if sid is not None else None
+        for sid in self._local_identities():
+            st = held.get(sid)
             if st is None or st.credential is None:
+                # last_error starts with its cause ("CA unreachable: ...", "node credential expired: ...")
                 why = f": {st.last_error}" if st is not None and st.last_error else ""
                 problems.append(f"no valid certificate for {sid}{why}")
+        # The node's own credential for the CA: expired renewals (working on the bootstrap
+        # credential) or no valid credential at all, with what to do.
+        if self._ca_client is not None:
+            node = self._ca_client.node_credential_status()
+            if node.problem:
+                problems.append(node.problem)
         return problems
 
     def ready(self) -> tuple[bool, list[str]]:
