@@ -277,6 +277,10 @@ class WorkloadStore:
                     self._by_vip[(vip, p.port)] = (s, p)
         self._waypoints: dict[str, Waypoint] = {w.key: w for w in config.waypoints}
         self._policies: dict[str, PolicyDocument] = {p.key: p for p in config.policies}
+        self._good_policies: dict[str, PolicyDocument] = {
+            k: d for k, d in self._policies.items() if not self._policy_issues(d)
+        }
+        self._stale: dict[str, tuple[ConfigIssue, ...]] = {}
         # Sorted views, rebuilt on the first query after a change to what they cover.
         self._endpoints_view: dict[str, tuple[Workload, ...]] = {}
         self._services_of_view: dict[str, tuple[Service, ...]] = {}
@@ -540,8 +544,18 @@ class WorkloadStore:
                 pending[(ch.kind, ch.key)] = _Pending(None, True, i)
             else:
                 raise TypeError(f"not a MeshChange: {ch!r}")
-        # A source may resend an object unchanged (a Kubernetes resync does): nothing to do.
+        # A source may resend an object unchanged (a Kubernetes resync does): nothing to do. A
+        # policy sent again exactly as its good version in force ends that policy's refusal.
+        recovered = {
+            key
+            for (kind, key), p in pending.items()
+            if kind is Kind.POLICY
+            and key in self._stale
+            and not p.deleted
+            and p.obj == self._stored(kind, key)
+        }
         pending = {k: p for k, p in pending.items() if p.deleted or p.obj != self._stored(*k)}
+        stale = self._keep_last_good(pending)
         issues.extend(self._check(pending, src))
         new_index: PolicyIndex | None = None
         parsed, errors = self._parsed_policies, self._policy_errors
@@ -557,6 +571,9 @@ class WorkloadStore:
         if issues:
             raise ChangeRefused(issues)
         result = self._commit(pending)
+        self._commit_last_good(pending, stale)
+        for key in recovered:
+            self._stale.pop(key, None)
         if new_index is not None:
             self.policy_index, self._parsed_policies, self._policy_errors = new_index, parsed, errors
         self._source = src
@@ -564,6 +581,65 @@ class WorkloadStore:
             self._digest = digest
         self._snapshot = None
         return result
+
+    # -- last good version, per policy ---------------------------------------------------------
+    # One typo in one policy must not be an outage: a new version of a policy that fails to
+    # parse is not applied when the store holds a good version of it; the good one stays in
+    # force and the refusal is reported (``stale_policies``). Only a policy that never had a good
+    # version goes in poisoned, enforced fail-closed. The same rule serves a Kubernetes watch,
+    # where policies change one object at a time.
+
+    def _policy_issues(self, doc: PolicyDocument) -> tuple[ConfigIssue, ...]:
+        _parsed, issues = self._policy_parser([doc])
+        return tuple(issues)
+
+    def _keep_last_good(
+        self, pending: dict[tuple[Kind, str], _Pending]
+    ) -> dict[str, tuple[ConfigIssue, ...] | None]:
+        """Swap refused new versions of good policies back to their good version, in place.
+        Returns, per touched policy key, its refusal (kept last good) or None (good/deleted)."""
+        verdicts: dict[str, tuple[ConfigIssue, ...] | None] = {}
+        for (kind, key), p in list(pending.items()):
+            if kind is not Kind.POLICY:
+                continue
+            if not isinstance(p.obj, PolicyDocument):
+                verdicts[key] = None
+                continue
+            issues = self._policy_issues(p.obj)
+            good = self._good_policies.get(key)
+            if issues and good is not None:
+                verdicts[key] = issues
+                if good == self._policies.get(key):
+                    del pending[(kind, key)]  # nothing changes: the good version is in force
+                else:
+                    pending[(kind, key)] = _Pending(good, p.deleted, p.order)
+            else:
+                verdicts[key] = issues or None
+        return verdicts
+
+    def _commit_last_good(
+        self,
+        pending: Mapping[tuple[Kind, str], _Pending],
+        verdicts: Mapping[str, tuple[ConfigIssue, ...] | None],
+    ) -> None:
+        for key, refused in verdicts.items():
+            p = pending.get((Kind.POLICY, key))
+            if refused is not None and key in self._good_policies:
+                self._stale[key] = refused
+                continue
+            self._stale.pop(key, None)
+            if p is None or not isinstance(p.obj, PolicyDocument):
+                self._good_policies.pop(key, None)
+            elif refused is None:
+                self._good_policies[key] = p.obj
+            else:
+                self._good_policies.pop(key, None)  # never good: in force poisoned (fail closed)
+
+    @property
+    def stale_policies(self) -> dict[str, tuple[ConfigIssue, ...]]:
+        """Policies whose latest version was refused (``Kind/ns/name`` -> why); their last good
+        version is in force."""
+        return dict(self._stale)
 
     def _cur(self, pending: Mapping[tuple[Kind, str], _Pending], kind: Kind, key: str) -> MeshObject | None:
         """The object of ``kind``/``key`` as it would be after the batch."""
