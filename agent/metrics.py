@@ -174,6 +174,16 @@ class AgentMetrics:
             "ztagent_open_tunnels", "Open HBONE streams by direction", ("direction",), registry=r
         )
         self.ready = Gauge("ztagent_ready", "1 when certificates and capture are in place", registry=r)
+        self.policies_last_good = Gauge(
+            "ztagent_policies_last_good_in_force",
+            "Policies whose latest version was refused; their last good version is enforced",
+            registry=r,
+        )
+        self.policies_invalid = Gauge(
+            "ztagent_policies_invalid",
+            "Policies that never had a good version, enforced fail-closed",
+            registry=r,
+        )
         # Certificate expiry and rotation failures (ztagent_cert_expiry_timestamp_seconds,
         # ztagent_cert_rotation_failures_total) are registered here by credentials'
         # CertificateManager, which owns those facts.

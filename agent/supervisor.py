@@ -39,11 +39,14 @@ from agent.worker import DataPlaneWorker, NodeServices
 from credentials.client import CaClient, NodeCredentials
 from credentials.manager import CertificateManager
 from identity.spiffe import SpiffeId
-from mesh.config import ConfigError, MeshConfig, thaw
-from mesh.store import WorkloadStore, describe_workloads
+from mesh.config import ConfigError, ConfigIssue, MeshConfig, thaw
+from mesh.errors import ChangeRefused
+from mesh.store import AppliedChanges, WorkloadStore, describe_workloads
 from policy import PolicyIndex, PolicySet
 from serving.accesslog import AccessLog
 from serving.http import RunningSite, build_metrics_app, build_readiness_app, serve
+from sources.base import ConfigRefused as SourceRefused
+from sources.base import ConfigSource
 from sources.file import FileConfigSource
 from tunnel.client import HboneClient
 from tunnel.server import HboneServer
@@ -59,8 +62,8 @@ class StartupError(Exception):
 
 
 class ConfigRefused(Exception):
-    """A config (or one change of it) cannot be used on this node; nothing was changed.
-    The message names the object at fault."""
+    """A config this node cannot use (its node is missing, an invariant broken); nothing was
+    changed. The message names the object at fault."""
 
 
 @dataclass
@@ -83,11 +86,14 @@ class AgentOptions:
     cert_ttl: dt.timedelta | None = None
     drain_timeout: float = 5.0
     state_file: str | None = None  # JSON with the bound addresses, written once serving
+    namespace: str | None = None  # as kubectl -n: the namespace of documents that name none
 
 
 @dataclass
 class _ConfigState:
     loaded_at: float
+    source: str | None = None
+    digest: str | None = None
     refused: list[str] = field(default_factory=list)
     refused_at: float | None = None
 
@@ -96,12 +102,20 @@ def build_store(cfg: MeshConfig, node: str) -> WorkloadStore:
     """The store for ``cfg`` as seen from ``node``; ConfigRefused if this node cannot use it."""
     try:
         return WorkloadStore(cfg, node)
-    except (KeyError, TypeError) as exc:
-        raise ConfigRefused(str(exc.args[0]) if exc.args else repr(exc)) from None
+    except ChangeRefused as exc:
+        raise ConfigRefused("; ".join(i.message for i in exc.issues)) from None
+    except TypeError as exc:  # a policy set that would be evaluated as empty (allow all)
+        raise ConfigRefused(str(exc)) from None
 
 
 class NodeAgent:
-    def __init__(self, options: AgentOptions, *, capture_backend: CaptureBackend | None = None) -> None:
+    def __init__(
+        self,
+        options: AgentOptions,
+        *,
+        capture_backend: CaptureBackend | None = None,
+        source: ConfigSource | None = None,
+    ) -> None:
         self.options = options
         self.node_name = options.node
         self.hbone_port = options.hbone_port
@@ -111,10 +125,14 @@ class NodeAgent:
             options.capture, options.node, backend=capture_backend, hbone_port=options.hbone_port
         )
         self.started_at = time.time()
-        self._source: FileConfigSource | None = None
+        # The mesh comes from an injected source: the config file by default, a Kubernetes watch
+        # or another importer behind the same interface (sources.base.ConfigSource).
+        self._source: ConfigSource = source or FileConfigSource(
+            options.config, interval=options.config_interval, default_namespace=options.namespace
+        )
         self._config_state: _ConfigState | None = None
-        self.config: MeshConfig | None = None
         self._store: WorkloadStore | None = None
+        self._stale_reported: dict[str, tuple[ConfigIssue, ...]] = {}
         self._certs: CertificateManager | None = None
         self._node_identity: SpiffeId | None = None
         self._ca_client: CaClient | None = None
@@ -173,16 +191,16 @@ class NodeAgent:
             # /config_dump and /certs describe every identity on the node: never on the network.
             raise StartupError(f"--admin {o.admin}: the admin endpoint must listen on a loopback address")
         # 1. config
-        self._source = FileConfigSource(o.config, interval=o.config_interval)
         try:
             cfg = await self._source.initial()
         except ConfigError as exc:
             raise StartupError(f"config refused: {exc}") from None
         try:
-            self._install_config(cfg)
+            self._store = build_store(cfg, self.node_name)
         except ConfigRefused as exc:
             raise StartupError(str(exc)) from None
-        self._config_state = _ConfigState(loaded_at=time.time())
+        self._config_state = _ConfigState(loaded_at=time.time(), source=cfg.source, digest=cfg.digest)
+        self._report_policies()
 
         # 2. certificates for every enrolled local workload
         if not o.ca or not o.node_credentials:
@@ -244,9 +262,7 @@ class NodeAgent:
         self._sites["readiness"] = await serve(
             build_readiness_app(self.ready), *parse_address(o.readiness, "--readiness")
         )
-        self._config_task = asyncio.get_running_loop().create_task(
-            self._source.run(self._on_config, self._on_config_error)
-        )
+        self._config_task = asyncio.get_running_loop().create_task(self._follow_config())
         addresses = self.addresses()
         log.info(
             f"ztagent {self.version} serving node {self.node_name}",
@@ -285,52 +301,87 @@ class NodeAgent:
 
     # -- config -----------------------------------------------------------------------------
 
-    def _install_config(self, cfg: MeshConfig) -> None:
-        """Build every derived index first, then swap them in together (raises ConfigRefused,
-        changing nothing, if the config cannot be used on this node)."""
-        store = build_store(cfg, self.node_name)
-        self.config, self._store = cfg, store
+    @property
+    def config(self) -> MeshConfig | None:
+        """The mesh as one snapshot (admin views; built on demand after a change)."""
+        return self._store.snapshot if self._store is not None else None
 
     def _local_identities(self) -> list[SpiffeId]:
         return sorted({w.spiffe_id for w in self.store.local_enrolled})
 
-    async def _on_config(self, cfg: MeshConfig) -> None:
-        old = self.config
-        try:
-            self._install_config(cfg)
-        except ConfigRefused as exc:
-            self._on_config_refused([f"{cfg.source}: {exc}"])
-            return
-        assert self._config_state is not None
-        self._config_state = _ConfigState(loaded_at=time.time())
-        self.metrics.config_reloads.labels("applied").inc()
-        log.info(
-            f"config applied (sha256 {cfg.digest[:12]})",
-            extra={"event": "config_applied", "digest": cfg.digest, "previous": old.digest if old else None},
-        )
-        await self._converge()
+    async def _follow_config(self) -> None:
+        """Apply the source's change sets to the store as they come; the last good state serves
+        through every refusal."""
+        async for event in self._source.changes():
+            if isinstance(event, SourceRefused):
+                # The source already logged it with every issue (file, document, field).
+                self._on_config_refused([str(i) for i in event.issues], logged=True)
+                continue
+            try:
+                applied = self.store.apply(event.changes, source=event.source, digest=event.digest)
+            except ChangeRefused as exc:
+                self._on_config_refused([str(i) for i in exc.issues])
+                continue
+            previous = self._config_state.digest if self._config_state is not None else None
+            self._config_state = _ConfigState(loaded_at=time.time(), source=event.source, digest=event.digest)
+            self.metrics.config_reloads.labels("applied").inc()
+            log.info(
+                f"config applied ({event.source} at {event.digest[:12]}): {len(event.changes)} change(s)",
+                extra={"event": "config_applied", "digest": event.digest, "previous": previous},
+            )
+            self._report_policies()
+            await self._converge(applied)
 
-    async def _converge(self) -> None:
-        """Bring certificates, capture and the data plane in line with the current store.
+    def _report_policies(self) -> None:
+        """Log each policy update refused while its last good version stays in force (once per
+        refusal), and keep the gauge current."""
+        stale = self.store.stale_policies
+        for key, issues in stale.items():
+            if self._stale_reported.get(key) != issues:
+                log.error(
+                    f"policy {key}: the update is refused and its last good version stays in force: "
+                    + "; ".join(str(i) for i in issues),
+                    extra={
+                        "event": "policy_update_refused",
+                        "policy": key,
+                        "errors": [str(i) for i in issues],
+                    },
+                )
+        for key in set(self._stale_reported) - set(stale):
+            log.info(f"policy {key}: a good version is in force again", extra={"event": "policy_recovered"})
+        self._stale_reported = stale
+        self.metrics.policies_last_good.set(len(stale))
+        self.metrics.policies_invalid.set(len(self.store.policy_errors))
+
+    async def _converge(self, applied: AppliedChanges | None = None) -> None:
+        """Bring certificates, capture and the data plane in line with the store after a change
+        (``None``: everything, as at start).
 
         Each step fails on its own: a certificate that cannot be had or a pod that cannot be
         enrolled is logged and shown in status and readiness, and the other steps still run."""
-        # Identities: fetch new ones before enrolling them, drop the ones that left.
-        certs = self.cert_manager
-        wanted = set(self._local_identities())
-        for sid in wanted - set(certs.identities()):
+        if applied is None or applied.local_enrolled_changed:
+            # Identities: fetch new ones before enrolling them, drop the ones that left.
+            certs = self.cert_manager
+            wanted = set(self._local_identities())
+            for sid in wanted - set(certs.identities()):
+                try:
+                    await certs.add_identity(sid)
+                except Exception as exc:
+                    log.error(f"cannot get a certificate for {sid}: {exc}",
+                              extra={"event": "cert_add_failed"})  # fmt: skip
+            for sid in set(certs.identities()) - wanted - {self._node_identity}:
+                certs.remove_identity(sid)
+            await self.data_plane.sync_hbone_listeners()
             try:
-                await certs.add_identity(sid)
+                self.capture.sync(self.store.local_enrolled)
             except Exception as exc:
-                log.error(f"cannot get a certificate for {sid}: {exc}", extra={"event": "cert_add_failed"})
-        for sid in set(certs.identities()) - wanted - {self._node_identity}:
-            certs.remove_identity(sid)
-        await self.data_plane.sync_hbone_listeners()
-        try:
-            self.capture.sync(self.store.local_enrolled)
-        except Exception as exc:
-            log.error(f"capture sync failed: {exc}", extra={"event": "capture_error"})
-        self.recheck_connections()
+                log.error(f"capture sync failed: {exc}", extra={"event": "capture_error"})
+        if applied is None or applied.recheck_all:
+            self.recheck_connections()
+        elif applied.recheck:
+            # Only connections to the workloads whose policy inputs changed (an open connection's
+            # source side is its authenticated identity and address, which no change rewrites).
+            self.data_plane.recheck(applied.recheck)
 
     def _on_config_refused(self, lines: list[str], *, logged: bool = False) -> None:
         self.metrics.config_reloads.labels("refused").inc()
@@ -342,10 +393,6 @@ class NodeAgent:
                 f"config update refused, the last good config keeps serving: {lines[0]}",
                 extra={"event": "config_refused", "errors": lines},
             )
-
-    def _on_config_error(self, exc: ConfigError) -> None:
-        # The source already logged it with every issue (file, document, field).
-        self._on_config_refused([str(i) for i in exc.issues], logged=True)
 
     def recheck_connections(self) -> int:
         """Re-evaluate every open inbound connection with the current policy; close the denied."""
@@ -416,6 +463,9 @@ class NodeAgent:
         ready, reasons = self.ready()
         problems = list(reasons)
         cs = self._config_state
+        stale = self._store.stale_policies if self._store is not None else {}
+        for key, issues in sorted(stale.items()):
+            problems.append(f"policy {key}: update refused, last good version in force: {issues[0]}")
         if cs is not None and cs.refused:
             problems.append(
                 f"last config update refused ({len(cs.refused)} errors); serving the previous config"
@@ -446,10 +496,11 @@ class NodeAgent:
             "problems": problems,
             "capture": self.capture.status(),
             "config": {
-                "source": self.config.source if self.config else None,
-                "digest": self.config.digest if self.config else None,
+                "source": cs.source if cs else None,
+                "digest": cs.digest if cs else None,
                 "loadedAt": _iso(cs.loaded_at) if cs else None,
                 "errors": cs.refused if cs else [],
+                "stalePolicies": {k: [str(i) for i in v] for k, v in sorted(stale.items())},
                 "refusedAt": _iso(cs.refused_at) if cs and cs.refused_at else None,
             },
             "workloads": workloads,
@@ -479,6 +530,8 @@ class NodeAgent:
                 "nextAction": st.next_action.isoformat(),
                 "consecutiveFailures": st.consecutive_failures,
                 "lastError": st.last_error or None,
+                "lastErrorReason": st.last_error_reason or None,
+                "failingSince": st.failing_since.isoformat() if st.failing_since else None,
             }
             if c is not None:
                 leaf = c.chain[0]

@@ -48,7 +48,7 @@ from mesh.model import (
 )
 from mesh.yamlstrict import YamlSyntaxError, load_documents
 from policy import parse_policies
-from policy.parse import join_path, type_name
+from policy.parse import NO_NAMESPACE_HINT, join_path, type_name
 
 # A policy parser takes the envelope-checked documents and returns (parsed, issues), where the
 # issues are spec errors of policies that ``parsed`` still enforces fail-closed (they become
@@ -125,7 +125,7 @@ def _ns_required(ctx: _Ctx) -> set[str]:
 
 def _namespace_or_default(ctx: _Ctx, path: str, m: Mapping[str, Any]) -> str | None:
     # The field is required unless the caller gave a default (as ``kubectl -n`` does).
-    if "namespace" not in m and ctx.default_namespace is not None:
+    if m.get("namespace") in (None, "") and ctx.default_namespace is not None:
         return ctx.default_namespace
     return _namespace(ctx, join_path(path, "namespace"), m.get("namespace"))
 
@@ -415,11 +415,18 @@ def _policy_doc(ctx: _Ctx, path: str, raw: Any, document: int) -> PolicyDocument
         ok = False
     else:
         name = _name(ctx, join_path(path, "metadata.name"), meta.get("name"))
-        ns = _namespace_or_default(ctx, join_path(path, "metadata"), meta)
+        if meta.get("namespace") in (None, "") and ctx.default_namespace is None:
+            # The policy package's own words, so lint, the CLI and the loader say the same thing.
+            ctx.err(join_path(path, "metadata.namespace"),
+                    f"{NO_NAMESPACE_HINT} (or defaultNamespace in the MeshConfig); the config is "
+                    "refused until then")  # fmt: skip
+            ok = False
+        else:
+            ns = _namespace_or_default(ctx, join_path(path, "metadata"), meta)
     if not ok or name is None or ns is None:
         return None
     assert isinstance(kind, str) and isinstance(api, str) and isinstance(meta, dict)
-    if "namespace" not in meta:
+    if meta.get("namespace") in (None, ""):
         # Defaulted: the document is stored with its namespace, as ``kubectl apply -n`` stores
         # it, so the policy parser sees the namespace the envelope check resolved.
         raw = {**raw, "metadata": {**meta, "namespace": ns}}
@@ -497,6 +504,19 @@ def _parse_waypoints(ctx: _Ctx, raw: Any, td: TrustDomain | None) -> list[Waypoi
     return out
 
 
+def _declared_default_namespace(docs: list[Any], file: str, issues: list[ConfigIssue]) -> str | None:
+    """``defaultNamespace`` of the first MeshConfig document, if it sets a valid one."""
+    for idx, doc in enumerate(docs):
+        if isinstance(doc, dict) and doc.get("kind") == MESH_KIND and "defaultNamespace" in doc:
+            value = doc["defaultNamespace"]
+            problem = names.NAMESPACE.check(value) if isinstance(value, str) else "expected a string"
+            if problem is not None:
+                issues.append(ConfigIssue(file, idx, MESH_KIND, "defaultNamespace", f"{value!r}: {problem}"))
+                return None
+            return str(value)
+    return None
+
+
 def parse_config(
     text: str,
     *,
@@ -522,6 +542,9 @@ def parse_config(
     except YamlSyntaxError as exc:
         raise ConfigError([ConfigIssue(file, exc.document, None, "", f"invalid YAML: {exc}")]) from None
 
+    if default_namespace is None:
+        # The MeshConfig's own default (an explicit -n wins, as kubectl's does over a context).
+        default_namespace = _declared_default_namespace(docs, file, issues)
     mesh_docs: list[tuple[int, dict[str, Any]]] = []
     policy_docs: list[PolicyDocument] = []
     for idx, doc in enumerate(docs):
@@ -561,7 +584,8 @@ def parse_config(
         "",
         doc,
         required={"apiVersion", "kind", "trustDomain"},
-        optional={"rootNamespace", "nodes", "workloads", "services", "waypoints", "policies"},
+        optional={"rootNamespace", "defaultNamespace", "nodes", "workloads", "services", "waypoints",
+                  "policies"},
     )
     if m is None:
         raise ConfigError(issues)

@@ -63,9 +63,11 @@ API_GROUP: Final = "security.istio.io"
 
 # The one message for a document that has no namespace and was given no default. mesh.config and
 # lint use this text too, so the loader, the agent's log and `policy lint` say the same thing.
+# What every loader says of a policy without a namespace and no default (lint, the CLI, the
+# config file), so the message is one; each adds what it does meanwhile.
+NO_NAMESPACE_HINT: Final = "no namespace: set metadata.namespace or pass -n / a default namespace"
 NO_NAMESPACE_MESSAGE: Final = (
-    "no namespace: set metadata.namespace or pass -n / a default namespace "
-    "(until then the policy is enforced mesh-wide, failing closed)"
+    f"{NO_NAMESPACE_HINT} (until then the policy is enforced mesh-wide, failing closed)"
 )
 # RFC 1123 label, as Kubernetes requires of namespace names.
 _DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")

@@ -51,6 +51,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--config", required=True, help="mesh config file (MeshConfig + Istio policies); reloaded on change"
     )
     p.add_argument("--node", required=True, help="this node's name in the config")
+    p.add_argument(
+        "-n",
+        "--namespace",
+        default=None,
+        help="namespace for config documents that name none, as `kubectl apply -n` (default: the "
+        "config's defaultNamespace, if any)",
+    )
     p.add_argument("--ca", required=True, help="CA address: unix:/path or host:port")
     p.add_argument("--node-credentials", required=True, help="directory from `ztagent ca bootstrap-node`")
     p.add_argument(
@@ -107,6 +114,7 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
         cert_ttl=args.cert_ttl,
         drain_timeout=args.drain_timeout,
         state_file=args.state_file,
+        namespace=args.namespace,
     )
 
 

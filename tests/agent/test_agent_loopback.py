@@ -399,3 +399,52 @@ async def test_closed_port_on_the_pod_resets_and_is_logged(mesh: Mesh) -> None:
     assert samples(m, "ztagent_handshake_failures_total", direction="inbound", reason="upstream-failed") == [
         1
     ]
+
+
+async def test_a_broken_policy_update_keeps_its_last_good_version_and_traffic_flows(mesh: Mesh) -> None:
+    """One typo in one policy is not an outage: the update is refused for that policy alone,
+    its last good version stays in force, open and new connections flow, and status, a metric
+    and the log name it."""
+    mesh.set_policies(ALLOW_SLEEP_ONLY, STRICT_NS2)
+    await mesh.wait_applied()
+    r, w = await mesh.connect_as(mesh.sleep_ip, "node-a", f"{mesh.vip}:8000")
+    try:
+        w.write(b"ping")
+        await w.drain()
+        assert await asyncio.wait_for(r.readexactly(4), 5) == b"ping"
+        broken = ALLOW_SLEEP_ONLY.replace("action: ALLOW", "action: ALOW")
+        mesh.set_policies(broken, STRICT_NS2)
+        await mesh.wait_applied()
+        # The open connection survives (no re-check denied it) ...
+        w.write(b"pong")
+        await w.drain()
+        assert await asyncio.wait_for(r.readexactly(4), 5) == b"pong"
+    finally:
+        w.close()
+    # ... new connections from the allowed principal still pass, the others are still denied.
+    assert await mesh.roundtrip(mesh.sleep_ip, "node-a", f"{mesh.vip}:8000", b"new") == b"new"
+    assert await mesh.roundtrip(mesh.other_ip, "node-a", f"{mesh.vip}:8000", b"x") == b""
+    st = await mesh.admin("node-b", "/status")
+    stale = st["config"]["stalePolicies"]
+    assert list(stale) == ["AuthorizationPolicy/ns2/allow-sleep"]
+    assert "ALOW" in stale["AuthorizationPolicy/ns2/allow-sleep"][0]
+    assert st["healthy"] is False and any("last good version in force" in p for p in st["problems"])
+    m = await mesh.metrics_text("node-b")
+    assert samples(m, "ztagent_policies_last_good_in_force") == [1]
+    assert samples(m, "ztagent_policies_invalid") == [0]
+    # Fixed again: back to normal.
+    mesh.set_policies(ALLOW_SLEEP_ONLY, STRICT_NS2)
+    await mesh.wait_applied()
+    st = await mesh.admin("node-b", "/status")
+    assert st["config"]["stalePolicies"] == {}
+    assert samples(await mesh.metrics_text("node-b"), "ztagent_policies_last_good_in_force") == [0]
+
+
+async def test_a_policy_that_never_parsed_is_enforced_fail_closed(mesh: Mesh) -> None:
+    """Without a good version to keep, an invalid ALLOW allows nothing."""
+    mesh.set_policies(ALLOW_SLEEP_ONLY.replace("action: ALLOW", "action: ALOW"))
+    await mesh.wait_applied()
+    assert await mesh.roundtrip(mesh.sleep_ip, "node-a", f"{mesh.vip}:8000", b"x") == b""
+    m = await mesh.metrics_text("node-b")
+    assert samples(m, "ztagent_policies_invalid") == [1]
+    assert samples(m, "ztagent_policies_last_good_in_force") == [0]
