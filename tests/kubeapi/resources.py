@@ -29,6 +29,9 @@ class Resource:
     # Served from a CRD on a real cluster: list items keep apiVersion/kind, strategic merge patch
     # is refused (415), updates need a resourceVersion.
     custom: bool = False
+    # metadata.generation is set on create and bumped when anything but metadata/status changes
+    # (custom resources, apps, policy; the registries whose strategies do it).
+    generation: bool = False
     # Only `create` (TokenReview): nothing is stored.
     virtual: bool = False
     field_selectors: tuple[str, ...] = ()
@@ -78,19 +81,31 @@ RESOURCES: tuple[Resource, ...] = (
     Resource("", "v1", "secrets", "Secret", True, "secret", (), field_selectors=("type",)),
     Resource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", True, "endpointslice",
              field_selectors=("addressType",)),
+    # What deploy/ needs so `kubectl apply` (client and server dry-run) maps its kinds.
+    Resource("apps", "v1", "daemonsets", "DaemonSet", True, "daemonset", ("ds",), ("all",), has_status=True,
+             generation=True, subresources=("status",)),
+    Resource("apps", "v1", "deployments", "Deployment", True, "deployment", ("deploy",), ("all",),
+             has_status=True, generation=True, subresources=("status",)),
+    Resource("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", True, "poddisruptionbudget",
+             ("pdb",), has_status=True, generation=True, subresources=("status",)),
+    Resource("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", False, "clusterrole"),
+    Resource("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", False,
+             "clusterrolebinding"),
+    Resource("rbac.authorization.k8s.io", "v1", "roles", "Role", True, "role"),
+    Resource("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True, "rolebinding"),
     Resource("authentication.k8s.io", "v1", "tokenreviews", "TokenReview", False, "tokenreview",
              virtual=True, verbs=("create",)),
     Resource("security.istio.io", "v1", "authorizationpolicies", "AuthorizationPolicy", True,
              "authorizationpolicy", ("ap",), ("istio-io", "security-istio-io"), has_status=True,
-             custom=True, return_deleted_object=True, subresources=("status",)),
+             custom=True, generation=True, return_deleted_object=True, subresources=("status",)),
     Resource("security.istio.io", "v1", "peerauthentications", "PeerAuthentication", True,
              "peerauthentication", ("pa",), ("istio-io", "security-istio-io"), has_status=True,
-             custom=True, return_deleted_object=True, subresources=("status",)),
+             custom=True, generation=True, return_deleted_object=True, subresources=("status",)),
     Resource("security.istio.io", "v1", "requestauthentications", "RequestAuthentication", True,
              "requestauthentication", ("ra",), ("istio-io", "security-istio-io"), has_status=True,
-             custom=True, return_deleted_object=True, subresources=("status",)),
+             custom=True, generation=True, return_deleted_object=True, subresources=("status",)),
     Resource("gateway.networking.k8s.io", "v1", "gateways", "Gateway", True, "gateway", ("gtw",),
-             ("gateway-api",), has_status=True, custom=True, return_deleted_object=True,
+             ("gateway-api",), has_status=True, custom=True, generation=True, return_deleted_object=True,
              subresources=("status",)),
 )  # fmt: skip
 

@@ -364,6 +364,27 @@ class KubeApiServer:
                         )
                     ],
                 )
+        elif res.group == "apps":
+            selector = (spec.get("selector") or {}).get("matchLabels") or {}
+            template_labels = ((spec.get("template") or {}).get("metadata") or {}).get("labels") or {}
+            if not spec.get("selector"):
+                raise invalid(res, name, [("spec.selector", "FieldValueRequired", "Required value")])
+            if any(template_labels.get(k) != v for k, v in selector.items()):
+                raise invalid(
+                    res,
+                    name,
+                    [
+                        (
+                            "spec.template.metadata.labels",
+                            "FieldValueInvalid",
+                            "Invalid value: `selector` does not match template `labels`",
+                        )
+                    ],
+                )
+            if not ((spec.get("template") or {}).get("spec") or {}).get("containers"):
+                raise invalid(
+                    res, name, [("spec.template.spec.containers", "FieldValueRequired", "Required value")]
+                )
         elif res.kind == "Gateway" and not spec.get("gatewayClassName"):
             raise invalid(res, name, [("spec.gatewayClassName", "FieldValueRequired", "Required value")])
 
@@ -504,7 +525,7 @@ class KubeApiServer:
             meta.pop(f, None)
         meta["uid"] = str(uuid.uuid4())
         meta["creationTimestamp"] = _now_rfc3339(self.clock())
-        if res.custom:
+        if res.generation:
             meta["generation"] = 1
         self._defaults(res, obj)
         if res.plural == "pods":
@@ -622,7 +643,7 @@ class KubeApiServer:
             if res.plural == "namespaces":
                 new["spec"] = old["spec"]
                 nm.setdefault("labels", {})["kubernetes.io/metadata.name"] = name
-            if res.custom and _without_meta(new) != _without_meta(old):
+            if res.generation and _without_meta(new) != _without_meta(old):
                 nm["generation"] = om.get("generation", 1) + 1
         new["metadata"].pop("resourceVersion", None)
         if _same(new, old):
