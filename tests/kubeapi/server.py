@@ -161,9 +161,14 @@ class KubeApiServer:
         watch_timeout: float = 1800.0,
         clock: Callable[[], float] = time.time,
         too_large_rv_wait: float = 3.0,
+        endpointslice_controller: bool = True,
     ) -> None:
         self.store = Store(history)
         self.store.listeners.append(self._dispatch)
+        if endpointslice_controller:
+            from .controllers import EndpointSliceController
+
+            self.store.listeners.append(EndpointSliceController(self).on_event)
         self.bookmark_interval = bookmark_interval
         self.watch_timeout = watch_timeout
         self.too_large_rv_wait = too_large_rv_wait

@@ -735,3 +735,71 @@ def test_subprocess_server_with_control_endpoint(tmp_path: pathlib.Path) -> None
                 check=True,
             ).stdout
             assert out.split() == ["serviceaccount/default"]
+
+
+async def test_endpointslice_controller_follows_services_and_pods(
+    api: RunningApiServer, kube: AsyncClient
+) -> None:
+    from lightkube.resources.core_v1 import Service
+    from lightkube.resources.discovery_v1 import EndpointSlice
+
+    srv = api.server
+    pod_res = srv.res("v1", "Pod")
+    for name, node in (("web-1", "node-a"), ("web-2", "node-b")):
+        pod = _pod(name, labels={"app": "web"}, node=node).to_dict()
+        pod["spec"]["containers"][0]["ports"] = [{"name": "http", "containerPort": 8080}]
+        srv.create(pod_res, "shop", pod)
+    await kube.create(
+        Service.from_dict(
+            {
+                "metadata": {"name": "web", "namespace": "shop"},
+                "spec": {
+                    "selector": {"app": "web"},
+                    "ports": [{"name": "http", "port": 80, "targetPort": "http"}],
+                },
+            }
+        )
+    )
+    # The kubelet's part: IPs and readiness through the status subresource.
+    for i, name in enumerate(("web-1", "web-2")):
+        status = {
+            "status": {
+                "phase": "Running",
+                "podIP": f"10.1.0.{i + 1}",
+                "podIPs": [{"ip": f"10.1.0.{i + 1}"}],
+                "conditions": [{"type": "Ready", "status": "True" if i == 0 else "False"}],
+            }
+        }
+        srv.patch(
+            pod_res,
+            "shop",
+            name,
+            "application/merge-patch+json",
+            json.dumps(status).encode(),
+            subresource="status",
+        )
+    await asyncio.sleep(0.05)  # the controller runs on the next loop iteration, as a separate process would
+    slices = [
+        s
+        async for s in kube.list(
+            EndpointSlice, namespace="shop", labels={"kubernetes.io/service-name": "web"}
+        )
+    ]
+    assert len(slices) == 1
+    es = slices[0]
+    assert es.addressType == "IPv4"
+    assert es.metadata.labels["endpointslice.kubernetes.io/managed-by"] == "endpointslice-controller.k8s.io"
+    assert [(p.name, p.port, p.protocol) for p in es.ports] == [("http", 8080, "TCP")]
+    eps = {e.targetRef.name: e for e in es.endpoints}
+    assert eps["web-1"].addresses == ["10.1.0.1"] and eps["web-1"].conditions.ready is True
+    assert eps["web-2"].conditions.ready is False and eps["web-2"].nodeName == "node-b"
+    # Relabelled out of the selector: gone from the slice.
+    srv.patch(
+        pod_res, "shop", "web-2", "application/merge-patch+json", b'{"metadata":{"labels":{"app":"x"}}}'
+    )
+    await asyncio.sleep(0.05)
+    es = await kube.get(EndpointSlice, es.metadata.name, namespace="shop")
+    assert [e.targetRef.name for e in es.endpoints] == ["web-1"]
+    await kube.delete(Service, "web", namespace="shop")
+    await asyncio.sleep(0.05)
+    assert [s async for s in kube.list(EndpointSlice, namespace="shop")] == []
