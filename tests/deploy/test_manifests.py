@@ -279,3 +279,83 @@ def test_sample_waypoint_is_an_istio_waypoint_gateway() -> None:
     assert _container(dep)["args"][0] == "waypoint"
     ns = by_kind("Namespace", gw["metadata"]["namespace"])
     assert ns["metadata"]["labels"]["istio.io/use-waypoint"] == gw["metadata"]["name"]
+
+
+@needs_kubectl
+async def test_rbac_grants_exactly_what_the_roles_need(api: RunningApiServer, tmp_path: pathlib.Path) -> None:
+    """deploy/ applied for real; then the agent's and the CA's own tokens against the stand-in's
+    RBAC authorizer: their reads and the CA's TokenReview pass, anything else is 403."""
+    from lightkube import AsyncClient, KubeConfig
+    from lightkube.core.exceptions import ApiError
+    from lightkube.generic_resource import create_namespaced_resource
+    from lightkube.resources.authentication_v1 import TokenReview
+    from lightkube.resources.core_v1 import Namespace, Node, Pod, Secret, Service
+    from lightkube.resources.discovery_v1 import EndpointSlice
+
+    from tests.kubeapi import write_kubeconfig
+
+    rc, _, err = await kubectl(api, "apply", "-f", "deploy/namespace.yaml")
+    assert rc == 0, err
+    rc, _, err = await kubectl(api, "apply", "-k", "deploy/")
+    assert rc == 0, err
+    srv = api.server
+    pod = srv.res("v1", "Pod")
+    for name, sa in (("agent-1", "ztagent"), ("ca-1", "ztagent-ca")):
+        srv.create(
+            pod,
+            "ztagent-system",
+            {
+                "metadata": {"name": name},
+                "spec": {
+                    "serviceAccountName": sa,
+                    "nodeName": "node-a",
+                    "containers": [{"name": "c", "image": "x:1"}],
+                },
+            },
+        )
+
+    def client_for(sa: str, pod_name: str) -> AsyncClient:
+        token = srv.issue_token(
+            "ztagent-system", sa, ["https://kubernetes.default.svc.cluster.local"], pod=pod_name
+        )
+        kc = write_kubeconfig(tmp_path / f"{sa}.kubeconfig", api.url, api.ca_file, token)
+        return AsyncClient(config=KubeConfig.from_file(str(kc)))
+
+    policy_kinds = [create_namespaced_resource("security.istio.io", "v1", k, p) for k, p in (
+        ("AuthorizationPolicy", "authorizationpolicies"), ("PeerAuthentication", "peerauthentications"),
+        ("RequestAuthentication", "requestauthentications"))]  # fmt: skip
+    gateway = create_namespaced_resource("gateway.networking.k8s.io", "v1", "Gateway", "gateways")
+
+    async def forbidden(coro: Any) -> None:
+        with pytest.raises(ApiError) as exc:
+            await coro
+        assert exc.value.status.code == 403, exc.value.status
+
+    agent = client_for("ztagent", "agent-1")
+    try:
+        for kind in (Pod, Service, EndpointSlice, gateway, *policy_kinds):
+            [x async for x in agent.list(kind, namespace="*")]
+        [x async for x in agent.list(Namespace)]
+        async for _ in agent.watch(Pod, namespace="*", server_timeout=1):
+            break
+        await forbidden(agent.get(Secret, "ztagent-ca", namespace="ztagent-system"))
+        await forbidden(agent.get(Node, "node-a"))
+        await forbidden(agent.delete(Pod, "ca-1", namespace="ztagent-system"))
+        await forbidden(agent.create(TokenReview.from_dict({"spec": {"token": "x"}})))
+    finally:
+        await agent.close()
+    ca = client_for("ztagent-ca", "ca-1")
+    try:
+        [x async for x in ca.list(Pod, namespace="*")]
+        review = await ca.create(TokenReview.from_dict({"spec": {"token": "x", "audiences": ["ztagent-ca"]}}))
+        assert review.status.authenticated is not True
+        await forbidden(ca.get(Secret, "ztagent-ca", namespace="ztagent-system"))
+        await forbidden(_first(ca.list(Service, namespace="*")))
+    finally:
+        await ca.close()
+
+
+async def _first(it: Any) -> Any:
+    async for x in it:
+        return x
+    return None

@@ -24,6 +24,7 @@ async def _main(args: argparse.Namespace) -> None:
         port=args.port,
         history=args.history,
         bookmark_interval=args.bookmark_interval,
+        endpointslice_controller=not args.no_endpointslice_controller,
     )
     state = {
         "url": api.url,
@@ -53,6 +54,11 @@ def main() -> None:
     p.add_argument("--state-file", help="written with url/ca_file/token/kubeconfig once listening")
     p.add_argument("--history", type=int, default=10_000, help="events kept before compaction (410 window)")
     p.add_argument("--bookmark-interval", type=float, default=60.0, help="seconds between watch bookmarks")
+    p.add_argument(
+        "--no-endpointslice-controller",
+        action="store_true",
+        help="do not maintain EndpointSlices for Services (tests that write them by hand)",
+    )
     asyncio.run(_main(p.parse_args()))
 
 

@@ -5,8 +5,8 @@ TokenReview), driven by real `kubectl` and a real client library in tests/kubeap
 
 It stands in for kube-apiserver only where one cannot run: every behaviour here is the real
 server's (see the API conventions and API concepts documents), so code tested against it runs
-against a real cluster. What it leaves out (RBAC authorization, admission beyond the service
-account check, controllers other than the namespace and service-account ones, protobuf, HTTP/2,
+against a real cluster. What it leaves out (admission beyond the service account check,
+controllers other than the namespace, service-account and EndpointSlice ones, protobuf, HTTP/2,
 server-side apply, aggregated discovery) is listed in tests/kubeapi/README.md."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from . import auth, openapi, patch
+from . import auth, openapi, patch, rbac
 from .resources import BY_KIND, BY_PATH, RESOURCES, Resource, group_versions
 from .selectors import (
     SelectorError,
@@ -162,6 +162,7 @@ class KubeApiServer:
         clock: Callable[[], float] = time.time,
         too_large_rv_wait: float = 3.0,
         endpointslice_controller: bool = True,
+        authorization: bool = True,
     ) -> None:
         self.store = Store(history)
         self.store.listeners.append(self._dispatch)
@@ -174,6 +175,7 @@ class KubeApiServer:
         self.too_large_rv_wait = too_large_rv_wait
         self.clock = clock
         self.auth = auth.Authenticator(clock)
+        self.rbac = rbac.Authorizer(self._rbac_objects) if authorization else None
         self.faults = Faults()
         self._watches: set[_Watch] = set()
         self._svc_ips = (ipaddress.ip_address("10.96.0.1") + i for i in range(1, 1 << 16))
@@ -989,9 +991,17 @@ class KubeApiServer:
             return auth.UserInfo("system:anonymous", groups=["system:unauthenticated"])
         raise ApiError(401, "Unauthorized", "Unauthorized")
 
+    def _rbac_objects(self, kind: str) -> list[dict[str, Any]]:
+        res = BY_KIND[("rbac.authorization.k8s.io/v1", kind)]
+        return list(self.store.scan(res, self.store.rv))
+
     async def _route(self, request: web.Request) -> web.StreamResponse:
-        self._authenticate(request)
+        user = self._authenticate(request)
         path = request.path.rstrip("/") or "/"
+        parts_ = [p for p in path.split("/") if p]
+        is_resource = len(parts_) >= 3 and (parts_[0] == "api" or (parts_[0] == "apis" and len(parts_) >= 4))
+        if self.rbac is not None and not is_resource and not self.rbac.allowed_path(user, path):
+            raise ApiError(403, "Forbidden", f'forbidden: User "{user.username}" cannot get path "{path}"')
         if path in ("/healthz", "/livez", "/readyz"):
             return web.Response(text="ok")
         if path == "/version":
@@ -1033,7 +1043,7 @@ class KubeApiServer:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         if not rest:
             return _json_response(self._resource_list(group, version))
-        return await self._resource_request(request, group, version, rest)
+        return await self._resource_request(request, user, group, version, rest)
 
     def _group_list(self) -> dict[str, Any]:
         groups = []
@@ -1096,7 +1106,7 @@ class KubeApiServer:
         raise ApiError(404, "NotFound", "the server could not find the requested resource")
 
     async def _resource_request(
-        self, request: web.Request, group: str, version: str, rest: list[str]
+        self, request: web.Request, user: auth.UserInfo, group: str, version: str, rest: list[str]
     ) -> web.StreamResponse:
         ns: str | None = None
         if len(rest) >= 3 and rest[0] == "namespaces":
@@ -1110,6 +1120,18 @@ class KubeApiServer:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         q = request.query
         method = request.method
+        if self.rbac is not None:
+            verb = {"POST": "create", "PUT": "update", "PATCH": "patch",
+                    "DELETE": "delete" if name else "deletecollection"}.get(method)  # fmt: skip
+            if method == "GET":
+                verb = "watch" if _bool_param(q, "watch") else ("get" if name else "list")
+            if verb is None:
+                raise ApiError(
+                    405, "MethodNotAllowed", "the server does not allow this method on the requested resource"
+                )
+            attrs = rbac.Attributes(verb, group, res.plural, sub, ns or "", name or "")
+            if not self.rbac.allowed(user, attrs):
+                raise ApiError(403, "Forbidden", attrs.describe(user), _details(res, name or ""))
         dry_run = q.get("dryRun") == "All"
         fv = q.get("fieldValidation", "Warn")
         scope_ns = ns if res.namespaced else None
