@@ -7,6 +7,7 @@ resourceVersion; "held" = an ADDED event for a pod created after the watch start
 The API server is the stand-in of tests/kubeapi, in its own process. Runs are bounded: N runs per
 library (default 3), each with a 60 s limit; the report is the median.
 
+    .venv/bin/pip install kubernetes_asyncio kr8s   # the two not chosen are not project dependencies
     .venv/bin/python -m bench.k8s_client_rss [--runs 3] [--json]
 """
 

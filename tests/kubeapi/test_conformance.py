@@ -646,6 +646,10 @@ async def test_selectors_and_their_errors(api: RunningApiServer) -> None:
     assert [i["metadata"]["name"] for i in body["items"]] == ["on-a"]
     code, body, _ = await raw(api, "GET", "/api/v1/pods?labelSelector=x%20in%20(1,2),!y")
     assert [i["metadata"]["name"] for i in body["items"]] == ["on-b"]
+    code, body, _ = await raw(
+        api, "GET", "/api/v1/pods?fieldSelector=metadata.name!%3Don-a,metadata.namespace%3Dshop"
+    )
+    assert [i["metadata"]["name"] for i in body["items"]] == ["on-b"]
     code, body, _ = await raw(api, "GET", "/api/v1/pods?fieldSelector=spec.foo%3Dx")
     assert code == 400 and body["message"] == "field label not supported: spec.foo"
     code, body, _ = await raw(api, "GET", "/api/v1/pods?labelSelector=a%20in%20b")
@@ -691,7 +695,7 @@ async def test_patch_types_offered_per_kind(api: RunningApiServer) -> None:
     assert code == 200 and body["spec"]["mtls"]["mode"] == "PERMISSIVE"
 
 
-async def test_fault_hooks_delay_and_fail_next(api: RunningApiServer, kube: AsyncClient) -> None:
+async def test_fault_hooks_delay_and_fail_next(api: RunningApiServer) -> None:
     api.server.faults.fail_next.append((429, "TooManyRequests"))
     code, _, headers = await raw(api, "GET", "/api/v1/pods")
     assert code == 429 and headers["Retry-After"] == "1"
