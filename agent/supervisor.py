@@ -33,9 +33,11 @@ from typing import TYPE_CHECKING, Any
 
 from agent.admin import build_admin_app
 from agent.capture import Capture, StaticCapture, make_capture, parse_address
+from agent.cni import CniEnrollment, state_path_for
 from agent.metrics import AgentMetrics
 from agent.tracking import ConnectionTracker
 from agent.worker import DataPlaneWorker, NodeServices
+from cni.server import CniServer
 from credentials.client import CaClient, NodeCredentials
 from credentials.manager import CertificateManager
 from identity.spiffe import SpiffeId
@@ -87,6 +89,7 @@ class AgentOptions:
     drain_timeout: float = 5.0
     state_file: str | None = None  # JSON with the bound addresses, written once serving
     namespace: str | None = None  # as kubectl -n: the namespace of documents that name none
+    cni_socket: str | None = None  # serve ztagent-cni here (agent/cni.py): pods enrolled as they are made
 
 
 @dataclass
@@ -139,6 +142,7 @@ class NodeAgent:
         self.worker: DataPlaneWorker | None = None
         self._sites: dict[str, RunningSite] = {}
         self._config_task: asyncio.Task[None] | None = None
+        self.cni_server: CniServer | None = None
         self._stopping = False
         self._stopped = asyncio.Event()
 
@@ -227,6 +231,10 @@ class NodeAgent:
             raise StartupError(str(exc)) from None
 
         # 3. the data plane: listeners, HBONE server and client
+        cni = None
+        if o.cni_socket:  # pods come from the runtime: capture enrolls only those it has made
+            cni = CniEnrollment(self, state_path=state_path_for(o.cni_socket))
+            self.capture = cni.capture
         certs = self._certs
         self.worker = DataPlaneWorker(
             NodeServices(
@@ -252,9 +260,14 @@ class NodeAgent:
         try:
             self.capture.install()
             self.capture.set_listeners(out_sock, in_sock, hbone_sock)
+            if cni is not None:
+                cni.reconcile()  # before the socket is served and readiness can turn green
             self.capture.sync(self.store.local_enrolled)
         except Exception as exc:
             raise StartupError(f"capture ({o.capture}): {exc}") from None
+        if cni is not None and o.cni_socket:
+            self.cni_server = CniServer(cni, o.cni_socket)
+            await self.cni_server.start()
 
         # 5. admin, metrics, readiness; config watch
         self._sites["admin"] = await serve(build_admin_app(self), *parse_address(o.admin, "--admin"))
@@ -280,6 +293,8 @@ class NodeAgent:
             return
         self._stopping = True
         try:
+            if self.cni_server is not None:  # first: ADDs now fail "try again later" (fail closed)
+                await self.cni_server.close()
             if self._config_task is not None:
                 self._config_task.cancel()
             if self.worker is not None:

@@ -87,6 +87,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--config-interval", type=float, default=1.0, help="seconds between config file checks")
     p.add_argument("--drain-timeout", type=float, default=5.0, help="seconds to let tunnels finish on stop")
     p.add_argument("--state-file", default=None, help="write bound addresses here (JSON) once serving")
+    p.add_argument(
+        "--cni-socket",
+        default=None,
+        metavar="PATH",
+        help="serve the ztagent-cni plugin on this Unix socket (e.g. /var/run/ztagent/cni.sock): pods "
+        "are enrolled when the container runtime creates them; off by default",
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument(
         "--loop", choices=("uvloop", "asyncio"), default="uvloop", help="event loop (default uvloop)"
@@ -115,6 +122,7 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
         drain_timeout=args.drain_timeout,
         state_file=args.state_file,
         namespace=args.namespace,
+        cni_socket=args.cni_socket,
     )
 
 

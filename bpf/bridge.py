@@ -1,0 +1,190 @@
+"""Capture for bridge CNIs: an enrolled pod's host veth leaves the bridge and becomes a routed port.
+
+A Linux bridge switches same-node pod-to-pod frames below IP, so the policy routing and the
+``sk_lookup`` program of this package never see them (bpf/README.md, "Bridge CNIs"). For each
+enrolled pod whose host veth is a bridge port, :func:`route_port` turns that one port into the
+routed-veth shape the rest of capture already handles (ptp, Calico):
+
+1. ``proxy_arp`` on the veth: the pod keeps its bridge-plugin addressing (subnet, gateway) and its
+   ARP for the gateway or for any neighbour on the subnet is answered by the node with the veth's
+   MAC, so every frame the pod sends ends at the node's IP layer with ``iif <veth>``;
+2. a ``/32`` route to each pod IP via the veth (``proto 122``), more specific than the bridge's
+   subnet route: the node, and every other pod, reaches the pod through the veth;
+3. a proxy neighbour entry for each pod IP on the bridge: the pods still on the bridge (not
+   enrolled) resolve the enrolled pod to the bridge's MAC, so their frames go up the node's IP
+   layer too (and the inbound capture rule sees them);
+4. the veth is taken off the bridge (``nomaster``), after 1-3 so that the pod is never unreachable,
+   and after the capture enrolled it (the agent's order), so no frame of it is ever switched or
+   routed uncaptured.
+
+Why not the other ways (measured or tried here, kernel 6.18 with this VM's config):
+
+- ``br_netfilter`` / ``bridge-nf-call-iptables`` hands bridged frames to the IP hooks, but not to
+  routing: policy routing and ``sk_lookup`` (socket lookup in the local input path) never run, so
+  nothing can be steered to the agent's listeners.
+- ``nft`` bridge ``meta broute`` (pass a frame up on the port device) needs ``NFT_BRIDGE_META``,
+  and ebtables' ``broute`` table ``BRIDGE_EBT_BROUTE``: neither is built into this kernel.
+- A tc program on the veth that rewrites the destination MAC to the bridge's (or redirects into
+  the bridge device) does reach IP, but with ``iif <bridge>`` for every pod: the per-pod source
+  check (a pod IP may arrive only on its own veth, ``zt_pod_ips``) is lost, and a pod left on the
+  bridge could then send as an enrolled pod. ``PACKET_LOOPBACK``, which the bridge passes up on the
+  port, cannot be set from tc (``bpf_skb_change_type`` allows HOST..OTHERHOST only) and TCP drops
+  anything but ``PACKET_HOST``.
+- Rules inside the pod's namespace (Istio's in-pod mode) would need listeners in every pod, a
+  second capture design.
+
+The price: an enrolled pod on a bridge CNI is reached by routing (TTL - 1, the node's MAC) rather
+than by switching, and non-IP L2 traffic between it and its bridge neighbours stops. IPv6 (NDP
+proxying) is not done, as IPv6 is not captured at all (bpf/README.md).
+
+Fail closed: the veth's removal from the bridge and its routes are kernel state that outlives the
+agent, like the capture's rules. They go only with the veth (CNI DEL) or :func:`forget_port`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from bpf.routing import RTPROT_ZTAGENT, _on_worker, check_ipv4, iproute
+
+RT_SCOPE_LINK = 253
+NTF_PROXY = 0x08
+AF_INET = 2
+ENOENT = 2
+
+
+class BridgePortError(Exception):
+    """The interface cannot be made a routed port; the message names it and why."""
+
+
+@dataclass(frozen=True)
+class HostPort:
+    ifname: str
+    ifindex: int
+    kind: str | None  # "veth", "bridge", ...
+    peer_ifindex: int | None  # a veth's peer (IFLA_LINK), in the peer's namespace
+    master: str | None  # the bridge it is a port of, if any
+
+
+def _sysctl(netns: str | None, key: str, value: str) -> None:
+    path = "/proc/sys/" + key.replace(".", "/")
+    if netns is None:
+        with open(path, "w") as f:
+            f.write(value)
+        return
+    # /proc/sys/net shows the opener's network namespace: write it from inside the node's.
+    ns = netns if netns.startswith("/") else f"/run/netns/{netns}"
+    subprocess.run(["nsenter", f"--net={ns}", "sh", "-c", f"echo {value} > {path}"], check=True,
+                   capture_output=True, timeout=10)
+
+
+@_on_worker
+def host_port(ifname: str, netns: str | None = None) -> HostPort | None:
+    """What the node knows about one of its interfaces, or None if it has none by that name."""
+    with iproute(netns) as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            return None
+        link = ipr.get_links(found[0])[0]
+        master = link.get("master")
+        master_name = None
+        if master:
+            ml = ipr.get_links(master)
+            master_name = str(ml[0].get("ifname")) if ml else None
+        kind = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
+        peer = link.get("link")
+        return HostPort(ifname, int(link["index"]), str(kind) if kind else None,
+                        int(peer) if peer else None, master_name)
+
+
+@_on_worker
+def sandbox_links(netns_path: str) -> dict[str, tuple[int, int | None]]:
+    """Interfaces inside a pod's namespace: name -> (ifindex, peer ifindex in the node)."""
+    out: dict[str, tuple[int, int | None]] = {}
+    with iproute(netns_path) as ipr:
+        for link in ipr.get_links():
+            name = link.get("ifname")
+            if name and name != "lo":
+                peer = link.get("link")
+                out[str(name)] = (int(link["index"]), int(peer) if peer else None)
+    return out
+
+
+@_on_worker
+def sandbox_ipv4(netns_path: str) -> dict[str, list[str]]:
+    """IPv4 addresses inside a pod's namespace, by interface (lo excluded)."""
+    out: dict[str, list[str]] = {}
+    with iproute(netns_path) as ipr:
+        names = {int(link["index"]): str(link.get("ifname")) for link in ipr.get_links()}
+        for a in ipr.get_addr(family=AF_INET):
+            name = names.get(int(a["index"]), "")
+            if name and name != "lo":
+                out.setdefault(name, []).append(str(a.get("address")))
+    return out
+
+
+def route_port(host_ifname: str, ips: tuple[str, ...], netns: str | None = None) -> str | None:
+    """Make a bridged pod veth a routed port (module docstring); idempotent. Returns the bridge it
+    was (or had been) a port of, or None if it is no bridge port (nothing to do: routed already)."""
+    ips = tuple(check_ipv4(ip, f"route_port {host_ifname} ips") for ip in ips)
+    port = host_port(host_ifname, netns)
+    if port is None:
+        raise BridgePortError(f"no interface {host_ifname} in the node namespace")
+    if port.kind != "veth":
+        raise BridgePortError(f"{host_ifname} is a {port.kind or 'plain'} interface, not a pod's veth")
+    if port.master is None:
+        return None
+    _sysctl(netns, f"net.ipv4.conf.{host_ifname}.proxy_arp", "1")
+    _route(port, port.master, ips, netns)
+    return port.master
+
+
+@_on_worker
+def _route(port: HostPort, bridge: str, ips: tuple[str, ...], netns: str | None) -> None:
+    with iproute(netns) as ipr:
+        br = ipr.link_lookup(ifname=bridge)
+        for ip in ips:
+            ipr.route("replace", dst=f"{ip}/32", oif=port.ifindex, scope=RT_SCOPE_LINK,
+                      proto=RTPROT_ZTAGENT, family=AF_INET)
+            if br:
+                try:
+                    ipr.neigh("add", dst=ip, ifindex=br[0], flags=NTF_PROXY, family=AF_INET)
+                except NetlinkError as e:
+                    if e.code != 17:  # EEXIST
+                        raise
+        ipr.link("set", index=port.ifindex, master=0)
+
+
+@_on_worker
+def forget_port(bridge: str | None, ips: tuple[str, ...], netns: str | None = None) -> None:
+    """Remove what :func:`route_port` put on the bridge for ``ips`` (the proxy neighbour entries;
+    the routes and the sysctl go with the veth). Idempotent; a bridge that is gone is fine."""
+    if not bridge:
+        return
+    with iproute(netns) as ipr:
+        br = ipr.link_lookup(ifname=bridge)
+        if not br:
+            return
+        for ip in ips:
+            try:
+                ipr.neigh("del", dst=ip, ifindex=br[0], flags=NTF_PROXY, family=AF_INET)
+            except NetlinkError as e:
+                if e.code != ENOENT:
+                    raise
+
+
+@_on_worker
+def proxy_entries(bridge: str, netns: str | None = None) -> list[str]:
+    """The proxy neighbour entries on ``bridge`` (tests, status)."""
+    with iproute(netns) as ipr:
+        br = ipr.link_lookup(ifname=bridge)
+        if not br:
+            return []
+        out = []
+        for n in ipr.get_neighbours(family=AF_INET, ifindex=br[0], flags=NTF_PROXY):
+            if n.get("dst"):
+                out.append(str(n.get("dst")))
+        return out
