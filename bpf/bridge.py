@@ -43,13 +43,22 @@ agent, like the capture's rules. They go only with the veth (CNI DEL) or :func:`
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import os
 import subprocess
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from bpf.routing import RTPROT_ZTAGENT, _on_worker, check_ipv4, iproute
 
+T = TypeVar("T")
+CLONE_NEWNET = 0x40000000
 RT_SCOPE_LINK = 253
 NTF_PROXY = 0x08
 AF_INET = 2
@@ -100,30 +109,77 @@ def host_port(ifname: str, netns: str | None = None) -> HostPort | None:
                         int(peer) if peer else None, master_name)
 
 
-@_on_worker
+def _inside(netns_path: str, fn: Callable[[IPRoute], T], timeout: float = 10.0) -> T:
+    """Run ``fn`` with a netlink socket opened inside another network namespace.
+
+    Not pyroute2's ``IPRoute(netns=...)``: that forks a helper process, and in the agent (whose
+    event loop handles SIGTERM through a wakeup fd the fork inherits) the helper's own SIGTERM on
+    exit reached the agent's loop as if the agent had been asked to stop. A thread that setns()-es
+    alone is enough: a socket stays in the namespace it was created in."""
+    box: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns {netns_path}: {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            loop = asyncio.SelectorEventLoop()
+            try:
+                ipr = IPRoute(use_event_loop=loop)
+                try:
+                    box["value"] = fn(ipr)
+                finally:
+                    ipr.close()
+            finally:
+                loop.close()
+        except BaseException as e:  # re-raised in the caller
+            box["error"] = e
+
+    t = threading.Thread(target=target, name="ztagent-netns", daemon=True)
+    t.start()
+    t.join(timeout)
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    if "value" not in box:
+        raise TimeoutError(f"netlink in {netns_path} did not finish in {timeout}s")
+    return box["value"]  # type: ignore[return-value]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
 def sandbox_links(netns_path: str) -> dict[str, tuple[int, int | None]]:
     """Interfaces inside a pod's namespace: name -> (ifindex, peer ifindex in the node)."""
-    out: dict[str, tuple[int, int | None]] = {}
-    with iproute(netns_path) as ipr:
+
+    def read(ipr: IPRoute) -> dict[str, tuple[int, int | None]]:
+        out: dict[str, tuple[int, int | None]] = {}
         for link in ipr.get_links():
             name = link.get("ifname")
             if name and name != "lo":
                 peer = link.get("link")
                 out[str(name)] = (int(link["index"]), int(peer) if peer else None)
-    return out
+        return out
+
+    return _inside(netns_path, read)
 
 
-@_on_worker
 def sandbox_ipv4(netns_path: str) -> dict[str, list[str]]:
     """IPv4 addresses inside a pod's namespace, by interface (lo excluded)."""
-    out: dict[str, list[str]] = {}
-    with iproute(netns_path) as ipr:
+
+    def read(ipr: IPRoute) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
         names = {int(link["index"]): str(link.get("ifname")) for link in ipr.get_links()}
         for a in ipr.get_addr(family=AF_INET):
             name = names.get(int(a["index"]), "")
             if name and name != "lo":
                 out.setdefault(name, []).append(str(a.get("address")))
-    return out
+        return out
+
+    return _inside(netns_path, read)
 
 
 def route_port(host_ifname: str, ips: tuple[str, ...], netns: str | None = None) -> str | None:

@@ -180,7 +180,7 @@ def connect_outcome(ns: str, dst: tuple[str, int], timeout: float = 3.0) -> tupl
 
 @contextlib.contextmanager
 def tcpdump(ns: str, iface: str, path: Path) -> Iterator[None]:
-    proc = subprocess.Popen(["ip", "netns", "exec", ns, "tcpdump", "-Z", "root", "-i", iface, "-nn", "-U", "-s", "0", "-w", str(path)],
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, "tcpdump", "-Z", "root", "--immediate-mode", "-i", iface, "-nn", "-U", "-s", "0", "-w", str(path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         assert proc.stderr is not None
