@@ -230,25 +230,19 @@ class CniEnrollment:
 
         if not ev.netns:
             return EnrollResult.error(f"container {ev.container_id}: ADD without a network namespace")
-        try:
-            inside = bridge.sandbox_links(ev.netns)
-        except Exception as exc:
-            return EnrollResult.error(f"cannot read the pod's network namespace {ev.netns}: {exc}",
-                                      retry=True)
-        sandbox = inside.get(ev.ifname)
-        if sandbox is None:
-            return EnrollResult.error(f"no interface {ev.ifname} in the pod's namespace {ev.netns}")
+        nsid = bridge.netns_id(ev.netns, self.node_netns)
+        if nsid is None:
+            return EnrollResult.error(f"container {ev.container_id}: the node has no veth into the pod's "
+                                      f"network namespace {ev.netns}", retry=True)
         candidates = [i.name for i in ev.interfaces if not i.sandbox]
         for name in candidates:
             port = bridge.host_port(name, self.node_netns)
-            if port is None or port.kind != "veth":
-                continue
-            # The veth pair's two ends name each other's ifindex (IFLA_LINK).
-            if port.peer_ifindex == sandbox[0] and sandbox[1] == port.ifindex:
+            # The veth's other end is in the pod's namespace (checked from the node's side).
+            if port is not None and port.kind == "veth" and port.peer_netnsid == nsid:
                 return name
         return EnrollResult.error(
             f"container {ev.container_id}: none of the host interfaces the runtime reported "
-            f"({', '.join(candidates) or 'none'}) is the veth peer of {ev.ifname} in {ev.netns}")
+            f"({', '.join(candidates) or 'none'}) is a veth into {ev.netns}")
 
     # -- CniHandler -----------------------------------------------------------------------------
 
@@ -366,12 +360,8 @@ class CniEnrollment:
             alive = bool(att.netns) and os.path.exists(str(att.netns))
             if alive:
                 port = bridge.host_port(att.host_ifname, self.node_netns)
-                try:
-                    inside = bridge.sandbox_links(str(att.netns))
-                except Exception:
-                    inside = {}
-                sandbox = inside.get(att.ifname)
-                alive = port is not None and sandbox is not None and port.peer_ifindex == sandbox[0]
+                nsid = bridge.netns_id(str(att.netns), self.node_netns)
+                alive = port is not None and nsid is not None and port.peer_netnsid == nsid
             if not alive:
                 self._forget(att)
                 dropped.append(f"{att.workload} ({att.container_id})")
@@ -390,57 +380,50 @@ class CniEnrollment:
         return {"dropped": dropped, "adopted": adopted}
 
     def _adopt_unrecorded(self) -> list[str]:
+        """Pods that exist but were never ADDed through us: each node veth into a namespace under
+        ``netns_dir`` whose addresses are a local enrolled workload's. The addresses come from the
+        node's /32 routes (routed CNIs) or, for a bridge port, from inside the pod's namespace
+        (setns: needs CAP_SYS_ADMIN; skipped with a log line where it is not granted)."""
         from bpf import bridge
 
-        known = {a.netns for a in self.attachments.by_key.values()}
+        known = {os.path.realpath(a.netns) for a in self.attachments.by_key.values() if a.netns}
         try:
             entries = sorted(os.listdir(self.netns_dir))
         except FileNotFoundError:
             return []
+        by_nsid: dict[int, str] = {}
+        for entry in entries:
+            path = os.path.join(self.netns_dir, entry)
+            nsid = bridge.netns_id(path, self.node_netns) if os.path.realpath(path) not in known else None
+            if nsid is not None:
+                by_nsid.setdefault(nsid, path)
         local = {str(ip): w for w in self.agent.store.local_enrolled for ip in w.ips if ip.version == 4}
         have = {a.workload for a in self.attachments.by_key.values()}
         adopted = []
-        for entry in entries:
-            path = os.path.join(self.netns_dir, entry)
-            if path in known:
+        for port in bridge.veths(self.node_netns):
+            pod_ns = by_nsid.get(port.peer_netnsid) if port.peer_netnsid is not None else None
+            if pod_ns is None:
                 continue
-            try:
-                addrs = bridge.sandbox_ipv4(path)
-                links = bridge.sandbox_links(path)
-            except Exception:
-                continue  # not a namespace we may open, or gone meanwhile
-            for ifname, ips in addrs.items():
-                owners = {local[ip].key for ip in ips if ip in local}
-                if len(owners) != 1:
+            ips = bridge.direct_ips(port.ifindex, self.node_netns)
+            if not ips and port.master is not None:
+                try:
+                    ips = [ip for found in bridge.sandbox_ipv4(pod_ns).values() for ip in found]
+                except OSError as exc:
+                    log.warning(f"CNI reconcile: cannot read the addresses in {pod_ns} ({exc}); "
+                                f"a pod behind {port.ifname} is not adopted")
                     continue
-                w = local[ips[0]] if ips[0] in local else next(local[i] for i in ips if i in local)
-                if w.key in have:
-                    continue
-                idx, peer = links.get(ifname, (0, None))
-                host = self._host_by_ifindex(peer, idx)
-                if host is None:
-                    continue
-                att = PodAttachment(f"netns:{entry}", ifname, path, w.key, host,
-                                    tuple(str(ip) for ip in w.ips if ip.version == 4))
-                self.attachments.put(att)
-                have.add(w.key)
-                adopted.append(f"{w.key} ({path})")
+            owners = {local[ip].key for ip in ips if ip in local}
+            if len(owners) != 1:
+                continue
+            w = next(local[ip] for ip in ips if ip in local)
+            if w.key in have:
+                continue
+            att = PodAttachment(f"netns:{os.path.basename(pod_ns)}", "eth0", pod_ns, w.key, port.ifname,
+                                tuple(str(ip) for ip in w.ips if ip.version == 4))
+            self.attachments.put(att)
+            have.add(w.key)
+            adopted.append(f"{w.key} ({pod_ns})")
         return adopted
-
-    def _host_by_ifindex(self, peer: int | None, sandbox_ifindex: int) -> str | None:
-        from bpf.routing import Routing
-
-        if not peer:
-            return None
-        name = Routing(15001, self.node_netns).ifname(peer)
-        if name is None:
-            return None
-        from bpf import bridge
-
-        port = bridge.host_port(name, self.node_netns)
-        if port is None or port.kind != "veth" or port.peer_ifindex != sandbox_ifindex:
-            return None
-        return name
 
 
 def state_path_for(socket_path: str) -> str:

@@ -50,7 +50,7 @@ import subprocess
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -76,6 +76,7 @@ class HostPort:
     kind: str | None  # "veth", "bridge", ...
     peer_ifindex: int | None  # a veth's peer (IFLA_LINK), in the peer's namespace
     master: str | None  # the bridge it is a port of, if any
+    peer_netnsid: int | None = None  # the peer's namespace, as this one numbers it (IFLA_LINK_NETNSID)
 
 
 def _sysctl(netns: str | None, key: str, value: str) -> None:
@@ -90,6 +91,19 @@ def _sysctl(netns: str | None, key: str, value: str) -> None:
                    capture_output=True, timeout=10)
 
 
+def _port(ipr: IPRoute, link: Any) -> HostPort:
+    master = link.get("master")
+    master_name = None
+    if master:
+        ml = ipr.get_links(master)
+        master_name = str(ml[0].get("ifname")) if ml else None
+    kind = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
+    peer = link.get("link")
+    nsid = link.get("IFLA_LINK_NETNSID")
+    return HostPort(str(link.get("ifname")), int(link["index"]), str(kind) if kind else None,
+                    int(peer) if peer else None, master_name, int(nsid) if nsid is not None else None)
+
+
 @_on_worker
 def host_port(ifname: str, netns: str | None = None) -> HostPort | None:
     """What the node knows about one of its interfaces, or None if it has none by that name."""
@@ -97,16 +111,47 @@ def host_port(ifname: str, netns: str | None = None) -> HostPort | None:
         found = ipr.link_lookup(ifname=ifname)
         if not found:
             return None
-        link = ipr.get_links(found[0])[0]
-        master = link.get("master")
-        master_name = None
-        if master:
-            ml = ipr.get_links(master)
-            master_name = str(ml[0].get("ifname")) if ml else None
-        kind = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
-        peer = link.get("link")
-        return HostPort(ifname, int(link["index"]), str(kind) if kind else None,
-                        int(peer) if peer else None, master_name)
+        return _port(ipr, ipr.get_links(found[0])[0])
+
+
+@_on_worker
+def veths(netns: str | None = None) -> list[HostPort]:
+    """The node's veths whose peer is in another namespace (pods' host ends)."""
+    with iproute(netns) as ipr:
+        ports = [_port(ipr, link) for link in ipr.get_links()]
+    return [p for p in ports if p.kind == "veth" and p.peer_netnsid is not None]
+
+
+@_on_worker
+def netns_id(path: str, netns: str | None = None) -> int | None:
+    """The id the node's namespace gives the namespace at ``path`` (RTM_GETNSID by fd), or None.
+
+    With it a pod's veth is matched to the pod's namespace from the node's side (the veth's
+    IFLA_LINK_NETNSID), without entering the pod's namespace (which needs CAP_SYS_ADMIN)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        with iproute(netns) as ipr:
+            res = ipr.get_netnsid(fd=fd)
+    except NetlinkError:
+        return None
+    finally:
+        os.close(fd)
+    nsid = res.get("nsid") if res else None
+    return int(nsid) if nsid is not None and int(nsid) >= 0 else None
+
+
+@_on_worker
+def direct_ips(ifindex: int, netns: str | None = None) -> list[str]:
+    """IPv4 host routes (/32, no gateway) out of ``ifindex``: a routed pod's addresses."""
+    with iproute(netns) as ipr:
+        out = []
+        for r in ipr.get_routes(family=AF_INET, oif=ifindex):
+            if r["dst_len"] == 32 and not r.get("gateway") and r.get("table") in (None, 254) and r.get("dst"):
+                out.append(str(r.get("dst")))
+    return sorted(set(out))
 
 
 def _inside(netns_path: str, fn: Callable[[IPRoute], T], timeout: float = 10.0) -> T:

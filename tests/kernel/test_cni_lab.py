@@ -289,6 +289,20 @@ def test_reconciliation_drops_pods_that_vanished_while_the_agent_was_down(lab: L
     lab_cni.add_pod(lab.state, lab.pod_spec(OTHER))
 
 
+def test_reconciliation_adopts_running_pods_it_has_no_record_of(lab: Lab, app: EchoApp) -> None:
+    """An agent installed on a node whose pods already run (or that lost its state) finds them by
+    their namespaces and enrolls them before it is ready."""
+    topo.stop_process(lab.agent(), grace_s=10)
+    state_file = Path(lab.state.nodes["node-a"]["cni"]["dir"]) / "attachments.json"
+    state_file.unlink()
+    restart_agent(lab.state, "node-a")
+    cni = {a["workload"]: a for a in lab.status()["capture"]["cni"]}
+    assert set(cni) == {SLEEP, OTHER}, cni  # legacy is not enrolled: not adopted
+    assert cni[SLEEP]["containerId"].startswith("netns:") and os.path.samefile(cni[SLEEP]["netns"], f"/run/netns/{lab.ns(SLEEP)}")
+    assert cni[OTHER]["hostInterface"] == lab.state.find_pod(OTHER)["host_ifname"]
+    assert exchange(lab.ns(OTHER), (IPS[HTTPBIN], APP_PORT), b"adopted") == b"adopted"
+
+
 def test_bridge_same_node_traffic_goes_through_the_agent(lab: Lab) -> None:
     if lab.shape != "bridge":
         pytest.skip("routed veths (ptp) always cross the node's IP layer")
