@@ -46,7 +46,8 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
-import subprocess
+import socket
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,16 +80,48 @@ class HostPort:
     peer_netnsid: int | None = None  # the peer's namespace, as this one numbers it (IFLA_LINK_NETNSID)
 
 
-def _sysctl(netns: str | None, key: str, value: str) -> None:
-    path = "/proc/sys/" + key.replace(".", "/")
+IFLA_AF_SPEC = 26
+IFLA_INET_CONF = 1
+IPV4_DEVCONF_PROXY_ARP = 3  # include/uapi/linux/ip.h, 1-based like the kernel's attribute types
+RTM_SETLINK = 19
+NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
+NLMSG_ERROR = 2
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    head = struct.pack("=HH", 4 + len(payload), kind)
+    return head + payload + b"\0" * ((4 - len(payload) % 4) % 4)
+
+
+def set_proxy_arp(ifindex: int, on: bool = True) -> None:
+    """net.ipv4.conf.<dev>.proxy_arp over rtnetlink (RTM_SETLINK, IFLA_AF_SPEC / AF_INET /
+    IFLA_INET_CONF), in this thread's network namespace.
+
+    Not /proc/sys: a container runtime mounts it read-only in every unprivileged container, and
+    the agent needs only CAP_NET_ADMIN for this. pyroute2 models IFLA_INET_CONF as the flat
+    struct the kernel dumps, not the nested attributes it expects on a set, hence these bytes."""
+    conf = _nla(IFLA_INET_CONF, _nla(IPV4_DEVCONF_PROXY_ARP, struct.pack("=I", 1 if on else 0)))
+    body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, ifindex, 0, 0)
+    body += _nla(IFLA_AF_SPEC | 0x8000, _nla(socket.AF_INET | 0x8000, conf))
+    msg = struct.pack("=IHHII", 16 + len(body), RTM_SETLINK, NLM_F_REQUEST | NLM_F_ACK, 1, 0) + body
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
+        nl.settimeout(5)
+        nl.bind((0, 0))
+        nl.send(msg)
+        reply = nl.recv(65536)
+    _len, kind, _flags, _seq, _pid = struct.unpack_from("=IHHII", reply)
+    if kind == NLMSG_ERROR:
+        (err,) = struct.unpack_from("=i", reply, 16)
+        if err != 0:
+            raise OSError(-err, f"setting proxy_arp on ifindex {ifindex}: {os.strerror(-err)}")
+
+
+def _proxy_arp(ifindex: int, netns: str | None) -> None:
     if netns is None:
-        with open(path, "w") as f:
-            f.write(value)
+        set_proxy_arp(ifindex)
         return
-    # /proc/sys/net shows the opener's network namespace: write it from inside the node's.
-    ns = netns if netns.startswith("/") else f"/run/netns/{netns}"
-    subprocess.run(["nsenter", f"--net={ns}", "sh", "-c", f"echo {value} > {path}"], check=True,
-                   capture_output=True, timeout=10)
+    path = netns if netns.startswith("/") else f"/run/netns/{netns}"
+    _in_netns_thread(path, lambda: set_proxy_arp(ifindex))
 
 
 def _port(ipr: IPRoute, link: Any) -> HostPort:
@@ -154,13 +187,8 @@ def direct_ips(ifindex: int, netns: str | None = None) -> list[str]:
     return sorted(set(out))
 
 
-def _inside(netns_path: str, fn: Callable[[IPRoute], T], timeout: float = 10.0) -> T:
-    """Run ``fn`` with a netlink socket opened inside another network namespace.
-
-    Not pyroute2's ``IPRoute(netns=...)``: that forks a helper process, and in the agent (whose
-    event loop handles SIGTERM through a wakeup fd the fork inherits) the helper's own SIGTERM on
-    exit reached the agent's loop as if the agent had been asked to stop. A thread that setns()-es
-    alone is enough: a socket stays in the namespace it was created in."""
+def _in_netns_thread(netns_path: str, fn: Callable[[], T], timeout: float = 10.0) -> T:
+    """Run ``fn`` on a thread that entered the network namespace at ``netns_path`` (setns)."""
     box: dict[str, object] = {}
 
     def target() -> None:
@@ -172,15 +200,7 @@ def _inside(netns_path: str, fn: Callable[[IPRoute], T], timeout: float = 10.0) 
                     raise OSError(err, f"setns {netns_path}: {os.strerror(err)}")
             finally:
                 os.close(fd)
-            loop = asyncio.SelectorEventLoop()
-            try:
-                ipr = IPRoute(use_event_loop=loop)
-                try:
-                    box["value"] = fn(ipr)
-                finally:
-                    ipr.close()
-            finally:
-                loop.close()
+            box["value"] = fn()
         except BaseException as e:  # re-raised in the caller
             box["error"] = e
 
@@ -190,8 +210,30 @@ def _inside(netns_path: str, fn: Callable[[IPRoute], T], timeout: float = 10.0) 
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
     if "value" not in box:
-        raise TimeoutError(f"netlink in {netns_path} did not finish in {timeout}s")
+        raise TimeoutError(f"work in {netns_path} did not finish in {timeout}s")
     return box["value"]  # type: ignore[return-value]
+
+
+def _inside(netns_path: str, fn: Callable[[IPRoute], T], timeout: float = 10.0) -> T:
+    """Run ``fn`` with a netlink socket opened inside another network namespace.
+
+    Not pyroute2's ``IPRoute(netns=...)``: that forks a helper process, and in the agent (whose
+    event loop handles SIGTERM through a wakeup fd the fork inherits) the helper's own SIGTERM on
+    exit reached the agent's loop as if the agent had been asked to stop. A thread that setns()-es
+    alone is enough: a socket stays in the namespace it was created in."""
+
+    def run() -> T:
+        loop = asyncio.SelectorEventLoop()
+        try:
+            ipr = IPRoute(use_event_loop=loop)
+            try:
+                return fn(ipr)
+            finally:
+                ipr.close()
+        finally:
+            loop.close()
+
+    return _in_netns_thread(netns_path, run, timeout)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -238,7 +280,7 @@ def route_port(host_ifname: str, ips: tuple[str, ...], netns: str | None = None)
         raise BridgePortError(f"{host_ifname} is a {port.kind or 'plain'} interface, not a pod's veth")
     if port.master is None:
         return None
-    _sysctl(netns, f"net.ipv4.conf.{host_ifname}.proxy_arp", "1")
+    _proxy_arp(port.ifindex, netns)
     _route(port, port.master, ips, netns)
     return port.master
 
