@@ -47,6 +47,7 @@ import ipaddress
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -247,6 +248,13 @@ class CniEnrollment:
     # -- CniHandler -----------------------------------------------------------------------------
 
     async def add(self, ev: PodEvent) -> EnrollResult:
+        t0 = time.monotonic()
+        res = await self._add(ev)
+        log.info(f"CNI ADD {ev.pod.namespace}/{ev.pod.name}: {res.status} in "
+                 f"{(time.monotonic() - t0) * 1e3:.1f} ms", extra={"event": "cni_add", "status": res.status})
+        return res
+
+    async def _add(self, ev: PodEvent) -> EnrollResult:
         if not self.reconciled:
             return EnrollResult.error("the node agent is still reconciling", retry=True)
         w = self._identify(ev)
@@ -277,10 +285,12 @@ class CniEnrollment:
     def _enroll(self, att: PodAttachment) -> EnrollResult:
         from bpf import bridge
 
+        t0 = time.monotonic()
         self.attachments.put(att)
         cap = self.capture
         if isinstance(cap, KernelCapture):
             cap.sync(self.agent.store.local_enrolled)
+            t_sync = time.monotonic()
             if att.workload not in cap.enrolled:
                 why = cap.enroll_errors.get(att.workload, "not enrolled")
                 self.attachments.drop(att.key)
@@ -296,6 +306,8 @@ class CniEnrollment:
             if br is not None and br != att.bridge:
                 att = PodAttachment(**{**asdict(att), "bridge": br})
                 self.attachments.put(att)
+            log.debug(f"CNI: {att.workload}: capture {(t_sync - t0) * 1e3:.1f} ms, bridge port "
+                      f"{(time.monotonic() - t_sync) * 1e3:.1f} ms")
         log.info(f"CNI: {att.workload} enrolled on {att.host_ifname}"
                  + (f" (routed off bridge {att.bridge})" if att.bridge else ""),
                  extra={"event": "cni_enrolled", "workload": att.workload, "interface": att.host_ifname,
