@@ -324,3 +324,45 @@ def test_bridge_same_node_traffic_goes_through_the_agent(lab: Lab) -> None:
         assert lab.status()["capture"]["kernel"]["counters"]["inbound"] > after["inbound"]
     finally:
         app.close()
+
+
+def test_cost_of_enrollment_and_same_node_connections(lab: Lab) -> None:
+    """Not a benchmark: the figures bpf/README.md quotes (`-s` prints them), with loose bounds that
+    catch a regression by an order of magnitude. ADD: the whole chain, timed per plugin by the
+    runtime (next test); connections: sleep -> other on the same node, a new connection and a
+    1 KB echo each, through the agent in both shapes."""
+    app = EchoApp(lab.ns(OTHER), 9091)
+    try:
+        payload = b"x" * 1024
+        took = []
+        for _ in range(50):
+            t0 = time.perf_counter()
+            assert exchange(lab.ns(SLEEP), (IPS[OTHER], 9091), payload) == payload
+            took.append(time.perf_counter() - t0)
+    finally:
+        app.close()
+    took.sort()
+    print(f"\n[{lab.shape}] same-node connect + 1 KB echo through the agent, 50 sequential: "
+          f"p50 {took[25] * 1e3:.2f} ms, p90 {took[45] * 1e3:.2f} ms")
+    assert took[25] < 0.1
+
+
+def test_add_wall_time_with_real_enrollment(lab: Lab) -> None:
+    times: dict[str, list[float]] = {}
+    for _ in range(5):
+        lab_cni.delete_pod(lab.state, OTHER)
+        rt = lab_cni.runtime_for(lab.state.nodes["node-a"]["cni"])
+        att = lab_cni.pod_attachment("frontend", "other", topo.pod_netns(lab.state.lab, "frontend", "other"), (IPS[OTHER],))
+        topo._create_netns(lab.state, topo.pod_netns(lab.state.lab, "frontend", "other"))
+        lab.state.pods[OTHER] = {"netns": topo.pod_netns(lab.state.lab, "frontend", "other"), "node": "node-a",
+                                 "node_netns": lab.node_ns(), "ips": [IPS[OTHER]], "container_id": att.container_id, "cni": True}
+        result = rt.add(att)
+        lab.state.pods[OTHER]["host_ifname"] = lab_cni.host_ifname_of(result)
+        lab.state.save()
+        for plugin, command, secs in rt.timings:
+            if command == "ADD":
+                times.setdefault(plugin, []).append(secs)
+    med = {p: sorted(v)[len(v) // 2] * 1e3 for p, v in times.items()}
+    print(f"\n[{lab.shape}] ADD wall time, median of 5 (incl. `ip netns exec`): "
+          + ", ".join(f"{p} {ms:.1f} ms" for p, ms in med.items()))
+    assert med["ztagent-cni"] < 2000
