@@ -155,12 +155,38 @@ class CniCapture(KernelCapture):
     """Kernel capture that enrolls a config workload only once the runtime created it, on the
     interface the runtime reported (not found by a route: on a bridge the route names the bridge)."""
 
-    def __init__(self, base: KernelCapture, attachments: Attachments) -> None:
+    def __init__(self, base: KernelCapture, attachments: Attachments, node_netns: str | None = None) -> None:
         super().__init__(base.node, backend=base._backend, hbone_port=base.hbone_port)
         self.attachments = attachments
+        self.node_netns = node_netns
+        self._routed: set[tuple[str, str]] = set()  # attachments whose veth is known to be off a bridge
 
     def sync(self, workloads: Sequence[Workload]) -> None:
+        """Enroll the attached ones among ``workloads`` (also after a config change made a recorded
+        pod enrolled), then route the veths of the enrolled ones off their bridges: only now, with
+        rules and maps in place, so no frame of theirs is ever switched or routed uncaptured."""
+        from bpf import bridge
+
         super().sync([w for w in workloads if self.attachments.for_workload(w.key) is not None])
+        self._routed &= set(self.attachments.by_key)
+        for key in list(self.enrolled):
+            att = self.attachments.for_workload(key)
+            if att is None or att.key in self._routed:
+                continue
+            try:
+                br = bridge.route_port(att.host_ifname, att.ips, self.node_netns)
+            except Exception as exc:
+                self.enroll_errors[key] = f"cannot route {att.host_ifname} off its bridge: {exc}"
+                log.error(f"{key}: {self.enroll_errors[key]}",
+                          extra={"event": "capture_error", "workload": key})
+                continue
+            if br is not None and br != att.bridge:
+                self.attachments.put(PodAttachment(**{**asdict(att), "bridge": br}))
+            self._routed.add(att.key)
+            self.enroll_errors.pop(key, None)
+        for key in list(self.enroll_errors):  # a pod the runtime no longer has is no readiness problem
+            if self.attachments.for_workload(key) is None:
+                del self.enroll_errors[key]
 
     def _ifname(self, ips: tuple[str, ...]) -> str:
         for att in self.attachments.by_key.values():
@@ -198,7 +224,7 @@ class CniEnrollment:
         self.attachments = Attachments(state_path)
         self.capture: Capture = agent.capture
         if isinstance(agent.capture, KernelCapture):
-            self.capture = CniCapture(agent.capture, self.attachments)
+            self.capture = CniCapture(agent.capture, self.attachments, node_netns)
         self.reconciled = False
 
     # -- identification -------------------------------------------------------------------------
@@ -260,9 +286,13 @@ class CniEnrollment:
         w = self._identify(ev)
         if isinstance(w, EnrollResult):
             return w
-        if not w.enrolled:
-            return EnrollResult.not_enrolled(f"{w.key} is not enrolled in the mesh config")
         host = self._host_port(ev)
+        if not w.enrolled:
+            if not isinstance(host, EnrollResult):
+                # Recorded, so that a config change enrolling it later finds its interface.
+                self.attachments.put(PodAttachment(ev.container_id, ev.ifname, ev.netns, w.key, host,
+                                                   tuple(str(ip) for ip in w.ips if ip.version == 4)))
+            return EnrollResult.not_enrolled(f"{w.key} is not enrolled in the mesh config")
         if isinstance(host, EnrollResult):
             return host
         problem = await self._ensure_certificate(w)
@@ -283,32 +313,20 @@ class CniEnrollment:
         return None
 
     def _enroll(self, att: PodAttachment) -> EnrollResult:
-        from bpf import bridge
-
         t0 = time.monotonic()
         self.attachments.put(att)
         cap = self.capture
         if isinstance(cap, KernelCapture):
-            cap.sync(self.agent.store.local_enrolled)
-            t_sync = time.monotonic()
-            if att.workload not in cap.enrolled:
-                why = cap.enroll_errors.get(att.workload, "not enrolled")
-                self.attachments.drop(att.key)
-                return EnrollResult.error(f"{att.workload}: capture failed: {why}", retry=True)
-            try:
-                # Only now, with its rules and maps in place, may the veth leave the bridge.
-                br = bridge.route_port(att.host_ifname, att.ips, self.node_netns)
-            except Exception as exc:
+            cap.sync(self.agent.store.local_enrolled)  # maps, rules, guard; then off the bridge
+            problem = cap.enroll_errors.get(att.workload)
+            if att.workload not in cap.enrolled or problem:
                 self.attachments.drop(att.key)
                 cap.sync(self.agent.store.local_enrolled)
-                return EnrollResult.error(f"{att.workload}: cannot route {att.host_ifname} off its bridge: "
-                                          f"{exc}", retry=True)
-            if br is not None and br != att.bridge:
-                att = PodAttachment(**{**asdict(att), "bridge": br})
-                self.attachments.put(att)
-            log.debug(f"CNI: {att.workload}: capture {(t_sync - t0) * 1e3:.1f} ms, bridge port "
-                      f"{(time.monotonic() - t_sync) * 1e3:.1f} ms")
-        log.info(f"CNI: {att.workload} enrolled on {att.host_ifname}"
+                return EnrollResult.error(f"{att.workload}: capture failed: {problem or 'not enrolled'}",
+                                          retry=True)
+            att = self.attachments.by_key.get(att.key, att)
+        took = (time.monotonic() - t0) * 1e3
+        log.info(f"CNI: {att.workload} enrolled on {att.host_ifname} in {took:.1f} ms"
                  + (f" (routed off bridge {att.bridge})" if att.bridge else ""),
                  extra={"event": "cni_enrolled", "workload": att.workload, "interface": att.host_ifname,
                         "container": att.container_id})
@@ -349,6 +367,9 @@ class CniEnrollment:
             if not w.enrolled:
                 return EnrollResult.not_enrolled(f"{w.key} is not enrolled in the mesh config")
             return EnrollResult.error(f"{w.key}: container {ev.container_id} is not in capture")
+        known = self.agent.store.by_name(*att.workload.split("/", 1))
+        if known is None or not known.enrolled:
+            return EnrollResult.not_enrolled(f"{att.workload} is not enrolled in the mesh config")
         cap = self.capture
         if isinstance(cap, KernelCapture):
             if att.workload not in cap.enrolled:
@@ -381,19 +402,13 @@ class CniEnrollment:
         self.reconciled = True
         if isinstance(self.capture, KernelCapture):
             self.capture.sync(self.agent.store.local_enrolled)
-        for att in list(self.attachments.by_key.values()):
-            if isinstance(self.capture, KernelCapture) and att.workload in self.capture.enrolled:
-                with contextlib.suppress(Exception):
-                    br = bridge.route_port(att.host_ifname, att.ips, self.node_netns)
-                    if br is not None and att.bridge != br:
-                        self.attachments.put(PodAttachment(**{**asdict(att), "bridge": br}))
         log.info(f"CNI reconciled: {len(self.attachments.by_key)} attachments, dropped {dropped or 'none'}, "
                  f"adopted {adopted or 'none'}", extra={"event": "cni_reconciled"})
         return {"dropped": dropped, "adopted": adopted}
 
     def _adopt_unrecorded(self) -> list[str]:
         """Pods that exist but were never ADDed through us: each node veth into a namespace under
-        ``netns_dir`` whose addresses are a local enrolled workload's. The addresses come from the
+        ``netns_dir`` whose addresses are a local workload's. The addresses come from the
         node's /32 routes (routed CNIs) or, for a bridge port, from inside the pod's namespace
         (setns: needs CAP_SYS_ADMIN; skipped with a log line where it is not granted)."""
         from bpf import bridge
@@ -409,7 +424,9 @@ class CniEnrollment:
             nsid = bridge.netns_id(path, self.node_netns) if os.path.realpath(path) not in known else None
             if nsid is not None:
                 by_nsid.setdefault(nsid, path)
-        local = {str(ip): w for w in self.agent.store.local_enrolled for ip in w.ips if ip.version == 4}
+        # Not-enrolled pods too: recorded, a later config change can enroll them where they are.
+        store = self.agent.store
+        local = {str(ip): w for w in store.on_node(store.local_node) for ip in w.ips if ip.version == 4}
         have = {a.workload for a in self.attachments.by_key.values()}
         adopted = []
         for port in bridge.veths(self.node_netns):

@@ -297,7 +297,8 @@ def test_reconciliation_adopts_running_pods_it_has_no_record_of(lab: Lab, app: E
     state_file.unlink()
     restart_agent(lab.state, "node-a")
     cni = {a["workload"]: a for a in lab.status()["capture"]["cni"]}
-    assert set(cni) == {SLEEP, OTHER}, cni  # legacy is not enrolled: not adopted
+    assert set(cni) == {SLEEP, OTHER, LEGACY}, cni  # legacy too: recorded, not enrolled
+    assert set(lab.status()["capture"]["enrolled"]) == {SLEEP, OTHER}
     assert cni[SLEEP]["containerId"].startswith("netns:") and os.path.samefile(cni[SLEEP]["netns"], f"/run/netns/{lab.ns(SLEEP)}")
     assert cni[OTHER]["hostInterface"] == lab.state.find_pod(OTHER)["host_ifname"]
     assert exchange(lab.ns(OTHER), (IPS[HTTPBIN], APP_PORT), b"adopted") == b"adopted"
@@ -366,3 +367,26 @@ def test_add_wall_time_with_real_enrollment(lab: Lab) -> None:
     print(f"\n[{lab.shape}] ADD wall time, median of 5 (incl. `ip netns exec`): "
           + ", ".join(f"{p} {ms:.1f} ms" for p, ms in med.items()))
     assert med["ztagent-cni"] < 2000
+
+
+def test_a_config_change_enrolls_a_running_pod_it_had_recorded(lab: Lab) -> None:
+    """legacy was ADDed as not enrolled; the config now enrolls it: the agent captures the running
+    pod on the interface the runtime reported (and routes it off the bridge), no re-creation."""
+    assert lab.state.config is not None
+    veth = str(lab.state.find_pod(LEGACY)["host_ifname"])
+    Path(lab.state.config).write_text(CONFIG.replace("ips: [10.244.1.3], enrolled: false", "ips: [10.244.1.3]"))
+    try:
+        deadline = time.monotonic() + 30
+        while LEGACY not in lab.status()["capture"]["enrolled"]:
+            assert time.monotonic() < deadline, lab.status()["capture"]
+            time.sleep(0.3)
+        st = lab.status()
+        assert st["capture"]["kernel"]["podIps"][IPS[LEGACY]] == veth and st["ready"], st["problems"]
+        link = json.loads(subprocess.run(["ip", "-j", "-n", lab.node_ns(), "link", "show", veth], capture_output=True, text=True).stdout)[0]
+        assert link.get("master") is None
+        assert exchange(lab.ns(LEGACY), (IPS[HTTPBIN], APP_PORT), b"now-meshed") == b"now-meshed"
+    finally:
+        Path(lab.state.config).write_text(CONFIG)
+        deadline = time.monotonic() + 30
+        while LEGACY in lab.status()["capture"]["enrolled"] and time.monotonic() < deadline:
+            time.sleep(0.3)
