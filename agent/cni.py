@@ -14,6 +14,8 @@ ADD, in order, answering only once the outcome holds:
      the pod is held back until the config names it, enrolled or not.
    - placed on another node, or IPs that differ from the config's: error, retry. The config is
      wrong or late; a pod whose address is not its workload's would be taken for someone else.
+     A config with no address for it yet (a Kubernetes source before kubelet reports the IP this
+     ADD assigns) is not a mismatch: the runtime's addresses are enrolled.
    - ``enrolled: false``: not-enrolled. Decided: the pod is not in the mesh.
 
    A pod the agent cannot identify is therefore never captured *and* never started: no answer
@@ -43,6 +45,7 @@ workloads the runtime has actually created (an attachment), on the interface the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -167,7 +170,15 @@ class CniCapture(KernelCapture):
         rules and maps in place, so no frame of theirs is ever switched or routed uncaptured."""
         from bpf import bridge
 
-        super().sync([w for w in workloads if self.attachments.for_workload(w.key) is not None])
+        attached = []
+        for w in workloads:
+            att = self.attachments.for_workload(w.key)
+            if att is None:
+                continue
+            if not any(ip.version == 4 for ip in w.ips):  # the config has no address yet: the runtime's
+                w = dataclasses.replace(w, ips=tuple(ipaddress.ip_address(ip) for ip in att.ips))
+            attached.append(w)
+        super().sync(attached)
         self._routed &= set(self.attachments.by_key)
         for key in list(self.enrolled):
             att = self.attachments.for_workload(key)
@@ -246,7 +257,11 @@ class CniEnrollment:
                 retry=True)
         got = _ipv4([p.address for p in ev.ips])
         want = tuple(sorted(str(ip) for ip in w.ips if ip.version == 4))
-        if got != want:
+        if not got:
+            return EnrollResult.error(f"pod {ns}/{name}: the runtime reported no IPv4 address for it")
+        # No address in the config yet is what a Kubernetes source shows until kubelet reports the
+        # pod's IP, which it learns from this very ADD: the runtime's addresses are enrolled then.
+        if want and got != want:
             return EnrollResult.error(
                 f"pod {ns}/{name}: the runtime gave it {list(got)}, the mesh config says {list(want)}: "
                 "its traffic would be taken for another workload's", retry=True)
@@ -291,7 +306,7 @@ class CniEnrollment:
             if not isinstance(host, EnrollResult):
                 # Recorded, so that a config change enrolling it later finds its interface.
                 self.attachments.put(PodAttachment(ev.container_id, ev.ifname, ev.netns, w.key, host,
-                                                   tuple(str(ip) for ip in w.ips if ip.version == 4)))
+                                                   _ipv4([p.address for p in ev.ips])))
             return EnrollResult.not_enrolled(f"{w.key} is not enrolled in the mesh config")
         if isinstance(host, EnrollResult):
             return host
@@ -299,7 +314,7 @@ class CniEnrollment:
         if problem is not None:
             return problem
         att = PodAttachment(ev.container_id, ev.ifname, ev.netns, w.key, host,
-                            tuple(str(ip) for ip in w.ips if ip.version == 4))
+                            _ipv4([p.address for p in ev.ips]))
         return self._enroll(att)
 
     async def _ensure_certificate(self, w: Workload) -> EnrollResult | None:

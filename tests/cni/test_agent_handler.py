@@ -100,3 +100,20 @@ def test_attachments_survive_a_restart_and_bad_state_is_dropped(tmp_path: object
     c = Attachments(path)
     c.load()  # logged, starts empty: reconciliation finds the pods by their namespaces
     assert c.by_key == {}
+
+
+def test_a_workload_the_source_has_no_address_for_yet_is_taken_at_the_runtimes_address() -> None:
+    """A Kubernetes source learns a pod's IP only after this ADD (kubelet reports it): identification
+    accepts the runtime's address and goes on to the pod's interface (absent here: a retry)."""
+    import dataclasses
+
+    cfg = parse_config(CONFIG)
+    cfg = dataclasses.replace(cfg, workloads=tuple(
+        dataclasses.replace(w, ips=()) if w.name == "sleep" else w for w in cfg.workloads))
+    h = CniEnrollment(FakeAgent(WorkloadStore(cfg, "node-a")), state_path=None)  # type: ignore[arg-type]
+    h.reconciled = True
+    res = asyncio.run(h.add(event("frontend", "sleep", "10.244.1.9")))
+    assert (res.status, res.retry) == ("error", True) and "no veth into" in res.reason, res
+    res = asyncio.run(h.add(PodEvent("ADD", "c1", "eth0", "/run/netns/none", "n", "1.0.0",
+                                     PodRef("frontend", "sleep"), (), ())))
+    assert res.status == "error" and "no IPv4 address" in res.reason
