@@ -27,7 +27,7 @@ which RFC 9113 §5.1.2 allows.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import hpack
 import hpack.exceptions
@@ -840,7 +840,9 @@ class H2Connection:
         st = self._streams.get(sid)
         if st is None:
             if self._is_local_id(sid) or self._is_past(sid):
-                if not self._is_past(sid):
+                if not self._is_past(sid) or sid not in self._closed:
+                    # An id the peer may not open, or one below its highest (never opened, so
+                    # implicitly closed: "unexpected stream identifier", RFC 9113 §5.1.1).
                     raise _ConnectionError(
                         ErrorCode.PROTOCOL_ERROR, f"HEADERS on stream {sid}, which the peer may not open"
                     )
@@ -1125,16 +1127,24 @@ class ServerConnection(H2Connection):
         code = int(status)
         done = code != Status.OK if end_stream is None else end_stream
         fields = hd.check_outbound(headers) if headers else ()
+        self._answer(st, code, fields, done, ErrorCode.NO_ERROR)
+
+    def _answer(
+        self,
+        st: Stream,
+        status: int,
+        fields: Iterable[tuple[bytes, bytes]],
+        done: bool,
+        reset_code: ErrorCode,
+    ) -> None:
         st.responded = True
-        self._send_headers(st, hd.response_block(code, fields), done)
+        self._send_headers(st, hd.response_block(status, fields), done)
         if done and st.id in self._streams:
             # The client may still be sending: stop it rather than acknowledging bytes forever.
-            self.reset_stream(stream_id, ErrorCode.NO_ERROR)
+            self.reset_stream(st.id, reset_code)
 
     def _reject(self, st: Stream, status: Status, code: ErrorCode, reason: str, out: list[Event]) -> None:
-        self.respond(st.id, status)
-        if st.id in self._streams:
-            self.reset_stream(st.id, code)
+        self._answer(st, status, (), True, code)
         out.append(RequestRejected(st.id, status, reason))
 
     def _open_remote(
