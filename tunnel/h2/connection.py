@@ -120,8 +120,7 @@ STREAM_LIMIT_REFUSALS = 100
 MAX_CONTINUATIONS = 8
 MAX_SETTINGS_PER_FRAME = 64  # the RFC defines 6 settings; 64 covers extensions, not a flood
 CLOSED_STREAMS_REMEMBERED = 256  # how recent streams closed: decides which late frames are errors
-STREAM_ACK_STEP = STREAM_WINDOW // 16  # tunnel.hbone's steps: see HboneConnection.acknowledge
-CONNECTION_ACK_STEP = CONNECTION_WINDOW // 16
+ACK_STEP_FRACTION = 16  # credit goes back in 1/16-window steps: see H2Connection.acknowledge
 
 _LOCAL_RESET, _REMOTE_RESET, _ENDED = 0, 1, 2
 _S = StreamState
@@ -191,6 +190,8 @@ class H2Connection:
             raise ValueError("stream_window/connection_window out of range (RFC 9113 §6.9)")
         self._local_max_streams = max_concurrent_streams
         self._local_stream_window = stream_window
+        self._stream_ack_step = max(1, stream_window // ACK_STEP_FRACTION)
+        self._conn_ack_step = max(1, connection_window // ACK_STEP_FRACTION)
         self._local_max_frame = max_frame_size
         self._max_header_block = max_header_list_size
         self._streams: dict[int, Stream] = {}
@@ -415,7 +416,7 @@ class H2Connection:
         if st is None or st.state == _S.HALF_CLOSED_REMOTE:
             return queued  # no more DATA can come on it: its window does not matter
         st.credit += length
-        if st.credit >= STREAM_ACK_STEP:
+        if st.credit >= self._stream_ack_step:
             self._out.append(fr.window_update_frame(stream_id, st.credit))
             st.recv_window += st.credit
             st.credit = 0
@@ -424,7 +425,7 @@ class H2Connection:
 
     def _credit_connection(self, length: int) -> bool:
         self._conn_credit += length
-        if self._conn_credit >= CONNECTION_ACK_STEP:
+        if self._conn_credit >= self._conn_ack_step:
             self._out.append(fr.window_update_frame(0, self._conn_credit))
             self._recv_window += self._conn_credit
             self._conn_credit = 0
