@@ -1,6 +1,9 @@
 """Typed events out of the HTTP/2 core, and the errors that carry their wire code.
 
 Same names and fields as ``tunnel.hbone``'s events so the shell's dispatch carries over.
+Events are plain slotted dataclasses, not frozen ones: a frozen dataclass's ``__init__`` goes
+through ``object.__setattr__`` per field, which tripled the cost of the several events of every
+exchange. Treat them as read-only.
 """
 
 from __future__ import annotations
@@ -11,12 +14,12 @@ from dataclasses import dataclass
 from tunnel.hbone import Authority, Status
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ConnectRequest(Event):
     """Server: a valid HBONE CONNECT arrived; answer with ``ServerConnection.respond``."""
 
@@ -25,7 +28,7 @@ class ConnectRequest(Event):
     headers: Mapping[str, str]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestRejected(Event):
     """Server: a malformed or non-HBONE request; the core already answered ``status``."""
 
@@ -34,7 +37,7 @@ class RequestRejected(Event):
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamRefused(Event):
     """Server: a stream over the concurrency limit or after our GOAWAY got REFUSED_STREAM."""
 
@@ -42,7 +45,7 @@ class StreamRefused(Event):
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ConnectResponse(Event):
     """Client: the server's final answer. Anything but 200 ended the stream (no tunnel)."""
 
@@ -55,7 +58,7 @@ class ConnectResponse(Event):
         return self.status == Status.OK
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Data(Event):
     """Tunnel bytes (a zero-copy slice of what was read). Call
     ``acknowledge(stream_id, flow_controlled_length)`` once consumed: that reopens the window."""
@@ -65,14 +68,14 @@ class Data(Event):
     flow_controlled_length: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamEnded(Event):
     """The peer half-closed its direction (END_STREAM): a TCP FIN."""
 
     stream_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamReset(Event):
     """The stream was aborted (RST_STREAM sent by the peer, or by us on a stream error): a TCP RST."""
 
@@ -81,24 +84,24 @@ class StreamReset(Event):
     remote: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WindowOpened(Event):
     """A send window grew; ``stream_id`` 0 means the connection (every stream may send)."""
 
     stream_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PingAcknowledged(Event):
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SettingsAcknowledged(Event):
     """The peer applied the SETTINGS we sent."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ConnectionTerminated(Event):
     """GOAWAY received: streams above ``last_stream_id`` were not processed (the core already
     reported them as StreamReset REFUSED_STREAM); open no new streams."""
@@ -108,7 +111,7 @@ class ConnectionTerminated(Event):
     additional_data: bytes | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SettingsChanged(Event):
     """The peer's SETTINGS arrived and were applied (and ACKed)."""
 

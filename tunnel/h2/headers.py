@@ -100,6 +100,10 @@ def request_block(authority: str, fields: Iterable[tuple[bytes, bytes]] = ()) ->
     return b"".join(parts)
 
 
+def literal_fields(fields: Iterable[tuple[bytes, bytes]]) -> bytes:
+    return b"".join(_literal(0, n, v) for n, v in fields)
+
+
 def response_block(status: int, fields: Iterable[tuple[bytes, bytes]] = ()) -> bytes:
     head = STATUS_BLOCKS.get(status) or status_block(status)
     extra = [_literal(0, n, v) for n, v in fields]
