@@ -674,6 +674,34 @@ def c_big_transfer_both_ways(p: Pair) -> None:
     assert bytes(got) == payload
 
 
+def c_data_before_response(p: Pair) -> None:
+    # §8.1: a response starts with HEADERS; DATA first is malformed (stream error).
+    sid = p.ours.open_stream(DST)  # type: ignore[attr-defined]
+    p.pump()
+    frames = p.inject(raw_frame(0x0, 0, sid, b"early"))
+    assert rst_codes(frames, sid) == [ErrorCode.PROTOCOL_ERROR] and not p.events(Data)
+
+
+def c_small_windows_do_not_stall(p: Pair) -> None:
+    # §6.9: with windows smaller than the defaults, acknowledged credit still comes back.
+    kw = {"stream_window": 70_000, "connection_window": 100_000}
+    p2 = client_pair(**kw) if p.ours.client else server_pair(**kw)
+    sid = open_tunnel_client(p2) if p.ours.client else open_tunnel_server(p2)
+    total = 0
+    for _ in range(200):
+        n = min(p2.peer.local_flow_control_window(sid), 16384)
+        if n:
+            p2.peer.send_data(sid, b"s" * n)
+        p2.pump()
+        for e in p2.events(Data):
+            p2.ours.acknowledge(sid, e.flow_controlled_length)
+            total += len(e.data)
+        p2.clear()
+        if total >= 1_000_000:
+            break
+    assert total >= 1_000_000
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -737,6 +765,8 @@ TABLE = [
     Case("trailers", "8.1", ("server",), c_trailers),
     Case("HPACK errors and header-list size", "4.3, RFC 7541", ("server",), c_hpack_errors),
     Case("10 MiB through h2's 64 KiB windows", "6.9", ("client", "server"), c_big_transfer_both_ways),
+    Case("DATA before the response", "8.1", ("client",), c_data_before_response),
+    Case("small receive windows do not stall", "6.9", ("client", "server"), c_small_windows_do_not_stall),
 ]
 
 

@@ -140,6 +140,8 @@ _parse_authority = functools.lru_cache(maxsize=4096)(Authority.parse)
 def _request_prefix(authority: Authority) -> bytes:
     """``:method CONNECT`` + ``:authority``: the cached start of every request to a target."""
     return hd.request_block(str(authority))
+
+
 _S = StreamState
 _I = StreamInput
 
@@ -727,6 +729,10 @@ class H2Connection:
             return None
         if flow_len > st.recv_window:
             self._stream_error(sid, ErrorCode.FLOW_CONTROL_ERROR, now, out)
+            return None
+        if self.client and not st.responded:
+            # DATA before the response HEADERS: a malformed response (RFC 9113 §8.1).
+            self._stream_error(sid, ErrorCode.PROTOCOL_ERROR, now, out)
             return None
         st.recv_window -= flow_len
         return st

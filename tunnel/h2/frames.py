@@ -1,10 +1,10 @@
 """HTTP/2 frame constants and the hand-built encoders of the HBONE subset (RFC 9113 §4, §6).
 
-Why not ``hyperframe`` here: ``bench/h2core_bench.py`` serializes and parses the frames of one
-CONNECT exchange both ways. hyperframe builds a Python object per frame and a ``Flags`` set per
-object; on this machine that was several µs per frame against well under 1 µs for a
-``struct.pack`` into a cached ``Struct`` (see the bench's "frames" rows), and one CONNECT
-exchange is ~10 frames on each end. The frames of this subset have fixed, tiny layouts (RFC 9113
+Why not ``hyperframe`` here: it builds a Python object and a ``Flags`` set per frame.
+``bench/h2core_bench.py`` ("frames" rows) measured on this machine: serializing a DATA frame
+1.8 µs with hyperframe against 0.14 µs here, parsing its header 1.8 µs against 0.16 µs, a
+WINDOW_UPDATE 1.1 µs against 0.25 µs; a CONNECT exchange is ~10 frames per end, and bulk DATA
+is one frame per 16 KiB toward Envoy/ztunnel. The frames of this subset have fixed, tiny layouts (RFC 9113
 §6), so they are written and read directly; ``hyperframe`` stays what the tests and the fuzz
 seeds use to build frames independently of this module, so an encoding mistake here cannot hide
 behind a matching mistake in the parser.

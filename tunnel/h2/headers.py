@@ -4,8 +4,10 @@ Output. Every header block we send uses only the HPACK static table and literals
 indexing" (RFC 7541 §6.2.2), never the dynamic table. A CONNECT's values (authority, trace id,
 source port) rarely repeat, so indexing them mostly evicts entries, and without a dynamic table a
 response is a constant: ``:status 200`` is the single byte 0x88. ``bench/h2core_bench.py``
-measured ``hpack.Encoder.encode`` of a typical HBONE request at tens of µs against ~1 µs for
-these literals, which is why this small encoder exists instead of the library's. Input is the
+("headers" rows) measured ``hpack.Encoder.encode`` (already without Huffman) at 5.7 µs for a
+request with ztunnel's headers against 3.0 µs here, and 1.1 µs against 0.17 µs for the 200;
+together with keeping no encoder state per connection, that is why this small literal encoder
+exists instead of the library's. Input is the
 opposite: peers (Envoy, ztunnel, h2) do use their dynamic tables, so decoding keeps the real
 ``hpack.Decoder`` with a bounded table and header-list size.
 """
