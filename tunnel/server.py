@@ -160,7 +160,9 @@ class ServerConfig:
     stream_idle_timeout: float = STREAM_IDLE_TIMEOUT
     max_concurrent_streams: int = hbone.SERVER_MAX_CONCURRENT_STREAMS
     # OpenSSL on the socket's fd (tunnel.fdtls) instead of the loop's memory-BIO SSL transport.
-    tls_on_fd: bool = True
+    # Off by default: measured slower as a Python transport under the asyncio protocol layering
+    # (bench/ab.py, tunnel/fdtls.py's docstring); kept, tested, for the integrated pump.
+    tls_on_fd: bool = False
 
 
 def _callback_admission(server: HboneServer) -> Admission:
