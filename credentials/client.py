@@ -576,6 +576,7 @@ class TokenCredentials:
 
     token_path: Path
     bundles: TrustBundleSet
+    trust_domain: TrustDomain
 
     @classmethod
     def from_files(
@@ -603,7 +604,7 @@ class TokenCredentials:
             bundle = TrustBundle.from_pem(td, pem)
         except BundleError as exc:
             raise CaClientError("bad-credentials", f"--ca-root-cert {root_cert}: {exc}") from None
-        creds = cls(Path(token_path), TrustBundleSet.of(bundle))
+        creds = cls(Path(token_path), TrustBundleSet.of(bundle), td)
         creds.read_token()
         return creds
 
