@@ -8,6 +8,8 @@ import asyncio
 import datetime as dt
 import json
 import pathlib
+import shutil
+import subprocess
 import sys
 import time
 import urllib.request
@@ -25,8 +27,10 @@ from credentials.identities import CA_SERVER_NAME
 from credentials.proto import ca_pb2, ca_pb2_grpc
 from identity.keys import build_csr, generate_key
 from identity.spiffe import SpiffeId
+from mesh.errors import ConfigError
 from sources.kubernetes import CA_RESOURCES, KubernetesConfigSource, client_factory
-from tests.kubeapi import RunningApiServer, running
+from tests.kubeapi import RunningApiServer, running, write_kubeconfig
+from tests.kubeapi.auth import API_AUDIENCE
 from tests.sources.test_kubernetes_source import TD, base_cluster, eventually, pod, service_account
 
 pytestmark = pytest.mark.timeout(120)
@@ -264,3 +268,40 @@ async def test_ca_serve_process_in_kubernetes_mode(env: Env) -> None:
         proc.terminate()
         await proc.wait()
         log.close()
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed (scripts/setup.sh)")
+async def test_deploy_rbac_is_enough_for_the_agent_and_the_ca(env: Env) -> None:
+    """deploy/rbac.yaml applied with kubectl; the source and the TokenReview run with the
+    agent's and the CA's own service-account tokens: every grant they need, and no more."""
+    root = pathlib.Path(__file__).resolve().parents[2] / "deploy"
+    kubectl = shutil.which("kubectl")
+    assert kubectl is not None
+    for f in ("namespace.yaml", "rbac.yaml"):
+        r = await asyncio.to_thread(
+            subprocess.run,
+            [kubectl, "--kubeconfig", str(env.api.kubeconfig), "apply", "-f", str(root / f)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 0 or "AlreadyExists" in r.stderr, r.stderr
+
+    def kubeconfig_for(sa: str) -> pathlib.Path:
+        tok = env.api.server.issue_token("ztagent-system", sa, [API_AUDIENCE])
+        return write_kubeconfig(env.tmp / f"kubeconfig-{sa}", env.api.url, env.api.ca_file, tok)
+
+    agent_src = KubernetesConfigSource(kubeconfig_for("ztagent"), trust_domain=TD)
+    ca_src = KubernetesConfigSource(kubeconfig_for("ztagent-ca"), trust_domain=TD, resources=CA_RESOURCES)
+    too_much = KubernetesConfigSource(kubeconfig_for("ztagent-ca"), trust_domain=TD)  # services: 403
+    reviewer = KubernetesTokenReviewer(client_factory(kubeconfig_for("ztagent-ca")), audience=AUDIENCE)
+    try:
+        snap = await agent_src.initial()
+        assert {w.key for w in snap.workloads} == {"shop/web-a", "shop/db-b"}
+        assert {w.key for w in (await ca_src.initial()).workloads} == {"shop/web-a", "shop/db-b"}
+        with pytest.raises(ConfigError, match="403"):
+            await too_much.initial()
+        caller = await reviewer.review(env.token("ztagent-node-a").read_text())
+        assert caller.node == "node-a", caller.reason
+    finally:
+        for s in (agent_src, ca_src, too_much):
+            await s.close()
+        await reviewer.close()
