@@ -451,6 +451,7 @@ class KubernetesConfigSource:
         self._view: dict[Kind, dict[str, MeshObject]] = {k: {} for k in _UPSERT_ORDER}
         self._pods_by_ns: dict[str, set[ObjKey]] = {}
         self._hosts: dict[str, dict[ObjKey, IPAddress]] = {}  # node -> pod -> hostIP
+        self._slices_of: dict[ObjKey, set[ObjKey]] = {}  # service -> its EndpointSlices
         self._skipped: dict[tuple[str, ObjKey], str] = {}
         self.unmappable_total = 0
         self.events_total = 0
@@ -480,8 +481,17 @@ class KubernetesConfigSource:
         return None if items is None else items.get((namespace, name))
 
     async def initial(self) -> Snapshot:
-        if self._client is None:
-            self._client = self._factory()
+        try:
+            if self._client is None:
+                self._client = self._factory()
+        except Exception as exc:  # lightkube's ConfigError, an unreadable kubeconfig, ...
+            raise ConfigError(
+                [
+                    ConfigIssue(
+                        self.name, None, None, "", f"no API server credentials: {type(exc).__name__}: {exc}"
+                    )
+                ]
+            ) from None
         try:
             listed = await asyncio.gather(*(self._list(w) for w in self._watched.values()))
         except (ApiFailure, Gone, httpx.HTTPError, ValueError) as exc:
@@ -545,7 +555,9 @@ class KubernetesConfigSource:
         ns = ALL_NS if issubclass(res, NamespacedResource) else None
         br = self._http.prepare_request("list", res, namespace=ns, watch=watch, params=params)
         if watch:
-            br.timeout = httpx.Timeout(10.0, read=None)
+            # The server ends the watch after timeoutSeconds and sends bookmarks meanwhile; a
+            # connection silent for longer than that is dead (a lost peer sends no FIN).
+            br.timeout = httpx.Timeout(10.0, read=float(params["timeoutSeconds"]) + 30.0)
         return self._http.build_adapter_request(br)
 
     async def _list(self, w: _Watched) -> tuple[dict[ObjKey, Raw], str]:
@@ -717,11 +729,8 @@ class KubernetesConfigSource:
         if svc is None:
             self._report("services", key, None)
             return None
-        slices = [
-            s
-            for (ns, _), s in self._items("endpointslices").items()
-            if ns == key[0] and _labels(s).get(SERVICE_NAME_LABEL) == key[1]
-        ]
+        all_slices = self._items("endpointslices")
+        slices = [all_slices[k] for k in sorted(self._slices_of.get(key, ())) if k in all_slices]
         try:
             s, problems = map_service(svc, slices, self._pods_in(key[0]))
         except Unmappable as exc:
@@ -765,11 +774,37 @@ class KubernetesConfigSource:
             touched.add(host[0])
         return touched
 
+    def _index_slice(self, key: ObjKey, sl: Raw | None) -> set[ObjKey]:
+        """Update the service -> slices index; returns the services touched."""
+        touched = {svc for svc, keys in self._slices_of.items() if key in keys}
+        for svc in touched:
+            self._slices_of[svc].discard(key)
+            if not self._slices_of[svc]:
+                del self._slices_of[svc]
+        name = _labels(sl).get(SERVICE_NAME_LABEL) if sl is not None else None
+        if name:
+            self._slices_of.setdefault((key[0], name), set()).add(key)
+            touched.add((key[0], name))
+        return touched
+
+    def _named_port_services(self, ns: str) -> list[ObjKey]:
+        """Services of ``ns`` with a named targetPort: the ones a pod event can re-resolve."""
+        out = []
+        for k, svc in self._items("services").items():
+            if k[0] != ns:
+                continue
+            ports = (svc.get("spec") or {}).get("ports") or ()
+            if any(isinstance(p.get("targetPort"), str) and not p["targetPort"].isdigit() for p in ports):
+                out.append(k)
+        return sorted(out)
+
     def _rebuild(self) -> None:
         """Every mesh object from the raw caches (initial LIST, and after a relist)."""
-        self._pods_by_ns, self._hosts = {}, {}
+        self._pods_by_ns, self._hosts, self._slices_of = {}, {}, {}
         for key, pod in self._items("pods").items():
             self._index_pod(key, pod)
+        for key, sl in self._items("endpointslices").items():
+            self._index_slice(key, sl)
         view: dict[Kind, dict[str, MeshObject]] = {k: {} for k in _UPSERT_ORDER}
 
         def put(obj: MeshObject | None) -> None:
@@ -793,9 +828,10 @@ class KubernetesConfigSource:
                 self._skipped.pop((plural, key), None)
         self._view = view
 
-    def _make_snapshot(self, digest: str) -> Snapshot:
+    def _make_snapshot(self, digest: str, *, parse: bool = True) -> Snapshot:
         policies = tuple(o for o in self._view[Kind.POLICY].values() if isinstance(o, PolicyDocument))
-        parsed, errors = self._policy_parser(policies)
+        # A snapshot only diffed (relist) needs no compiled policies: the consumer compiles.
+        parsed, errors = self._policy_parser(policies) if parse else (None, ())
         return Snapshot(
             trust_domain=self.trust_domain,
             root_namespace=self.root_namespace,
@@ -811,10 +847,10 @@ class KubernetesConfigSource:
         )
 
     def _relisted(self, plural: str, items: dict[ObjKey, Raw]) -> list[MeshChange]:
-        before = self._make_snapshot("")
+        before = self._make_snapshot("", parse=False)
         self._watched[plural].items = items
         self._rebuild()
-        return diff(before, self._make_snapshot(""))
+        return diff(before, self._make_snapshot("", parse=False))
 
     def _event(self, plural: str, ev_type: str, obj: Raw) -> list[MeshChange]:
         items = self._watched[plural].items
@@ -830,15 +866,15 @@ class KubernetesConfigSource:
         def recompute(kind: Kind, mkey: str, obj2: MeshObject | None) -> None:
             new[(kind, mkey)] = obj2
 
-        def services_in(ns: str) -> None:
-            for skey in [k for k in self._items("services") if k[0] == ns]:
-                recompute(Kind.SERVICE, f"{ns}/{skey[1]}", self._compute_service(skey))
+        def services(keys: Iterable[ObjKey]) -> None:
+            for skey in keys:
+                recompute(Kind.SERVICE, f"{skey[0]}/{skey[1]}", self._compute_service(skey))
 
         if plural == "pods":
             for node in self._index_pod(key, current):
                 recompute(Kind.NODE, node, self._compute_node(node))
             recompute(Kind.WORKLOAD, f"{key[0]}/{key[1]}", self._compute_workload(key))
-            services_in(key[0])  # named target ports may resolve through this pod
+            services(self._named_port_services(key[0]))  # may resolve through this pod
         elif plural == "namespaces":
             for pkey in sorted(self._pods_by_ns.get(key[1], ())):
                 recompute(Kind.WORKLOAD, f"{pkey[0]}/{pkey[1]}", self._compute_workload(pkey))
@@ -847,7 +883,7 @@ class KubernetesConfigSource:
             if key in self._items("gateways"):
                 recompute(Kind.WAYPOINT, f"{key[0]}/{key[1]}", self._compute_waypoint(key))
         elif plural == "endpointslices":
-            services_in(key[0])
+            services(sorted(self._index_slice(key, current)))
         elif plural == "gateways":
             recompute(Kind.WAYPOINT, f"{key[0]}/{key[1]}", self._compute_waypoint(key))
         else:

@@ -442,3 +442,37 @@ async def test_unmappable_object_is_reported_once_and_skipped(api: RunningApiSer
     finally:
         await f.stop()
         await src.close()
+
+
+async def test_named_target_port_from_an_endpointslice(api: RunningApiServer) -> None:
+    """No pod to resolve it: the slice's port of that name is the target (what kube-proxy uses)."""
+    src = source_for(api)
+    f = Follower(src, await src.initial())
+    try:
+        api.server.create(res(api, "Service"), "shop", {
+            "metadata": {"name": "api"},
+            "spec": {"selector": {"app": "api"},
+                     "ports": [{"name": "grpc", "port": 50051, "targetPort": "grpc"}]},
+        })  # fmt: skip
+        await eventually(lambda: "services/shop/api" in src.skipped, what="unresolved port reported")
+        api.server.create(res(api, "EndpointSlice"), "shop", {
+            "metadata": {"name": "api-external", "labels": {
+                "kubernetes.io/service-name": "api", "endpointslice.kubernetes.io/managed-by": "tests"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "grpc", "port": 9999, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["10.244.9.9"]}],
+        })  # fmt: skip
+
+        def target() -> int | None:
+            s = f.store.service("shop", "api")
+            p = s.port(50051) if s is not None else None
+            return p.target_port if p is not None else None
+
+        await eventually(lambda: target() == 9999, what="port from the slice")
+        assert "services/shop/api" not in src.skipped
+        api.server.delete(res(api, "EndpointSlice"), "shop", "api-external", {})
+        await eventually(lambda: target() is None, what="port left out again")
+        assert same_mesh(f.store.snapshot, await fresh(api))
+    finally:
+        await f.stop()
+        await src.close()
