@@ -367,6 +367,42 @@ def map_policy(obj: Raw, kind: str, origin: str) -> PolicyDocument:
     )
 
 
+def trim_pod(pod: Raw) -> dict[str, Any]:
+    """Only what the mapping reads (as a client-go informer's transform does). Measured with
+    10 000 minimal pods from the stand-in (source + store in one process): +47 MB RSS untrimmed,
+    +37 MB trimmed; real pods carry far more (managedFields, volumes, env, conditions)."""
+    meta, spec, status = _meta(pod), pod.get("spec") or {}, pod.get("status") or {}
+    ann = meta.get("annotations") or {}
+    containers = [
+        {
+            "ports": [
+                {"name": p.get("name"), "containerPort": p.get("containerPort")} for p in c.get("ports") or ()
+            ]
+        }
+        for c in spec.get("containers") or ()
+        if c.get("ports")
+    ]
+    return {
+        "metadata": {
+            "name": meta.get("name"),
+            "namespace": meta.get("namespace"),
+            "labels": meta.get("labels") or {},
+            "annotations": {SIDECAR_STATUS: ann[SIDECAR_STATUS]} if SIDECAR_STATUS in ann else {},
+            "resourceVersion": meta.get("resourceVersion"),
+        },
+        "spec": {
+            k: spec[k]
+            for k in ("nodeName", "hostNetwork", "serviceAccountName", "serviceAccount")
+            if k in spec
+        }
+        | {"containers": containers},
+        "status": {k: status[k] for k in ("phase", "podIP", "podIPs", "hostIP") if k in status},
+    }
+
+
+_TRIM: Final[Mapping[str, Callable[[Raw], Raw]]] = {"pods": trim_pod}
+
+
 # -- the source -------------------------------------------------------------------------------
 
 
@@ -577,8 +613,9 @@ class KubernetesConfigSource:
                 continue
             if resp.status_code != 200:
                 raise _status_error(body, resp.status_code)
+            trim = _TRIM.get(w.plural)
             for it in body.get("items") or ():
-                items[obj_key(it)] = it
+                items[obj_key(it)] = trim(it) if trim is not None else it
             meta = body.get("metadata") or {}
             rv = rv or str(meta.get("resourceVersion") or "")
             cont = meta.get("continue") or None
@@ -623,7 +660,8 @@ class KubernetesConfigSource:
                     if ev_type not in ("ADDED", "MODIFIED", "DELETED"):
                         continue
                     w.rv = rv or w.rv
-                    queue.put_nowait((w.plural, ev_type, obj, w.rv))
+                    trim = _TRIM.get(w.plural)
+                    queue.put_nowait((w.plural, ev_type, trim(obj) if trim is not None else obj, w.rv))
                     failures = 0
                 # A watch that timed out server-side: resume from where it stood.
                 self.watch_restarts_total += 1
