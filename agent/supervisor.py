@@ -115,6 +115,7 @@ class NodeAgent:
         *,
         capture_backend: CaptureBackend | None = None,
         source: ConfigSource | None = None,
+        ca_client: CaClient | None = None,
     ) -> None:
         self.options = options
         self.node_name = options.node
@@ -135,7 +136,7 @@ class NodeAgent:
         self._stale_reported: dict[str, tuple[ConfigIssue, ...]] = {}
         self._certs: CertificateManager | None = None
         self._node_identity: SpiffeId | None = None
-        self._ca_client: CaClient | None = None
+        self._ca_client: CaClient | None = ca_client  # injected: token mode (credentials.client)
         self.worker: DataPlaneWorker | None = None
         self._sites: dict[str, RunningSite] = {}
         self._config_task: asyncio.Task[None] | None = None
@@ -203,26 +204,28 @@ class NodeAgent:
         self._report_policies()
 
         # 2. certificates for every enrolled local workload
-        if not o.ca or not o.node_credentials:
-            raise StartupError(
-                "--ca and --node-credentials are required (workload certificates come from the CA)"
-            )
-        try:
-            # The bootstrap credential plus the renewed one persisted beside it; at least one must
-            # be valid now. The client presents the newest valid one on every new connection.
-            node_creds = NodeCredentials.from_dir(o.node_credentials, now=dt.datetime.now(dt.UTC))
-            self._ca_client = CaClient(o.ca, node_creds)
-        except Exception as exc:
-            raise StartupError(f"node credentials in {o.node_credentials}: {exc}") from None
+        if self._ca_client is None:
+            if not o.ca or not o.node_credentials:
+                raise StartupError(
+                    "--ca and --node-credentials are required (workload certificates come from the CA)"
+                )
+            try:
+                # The bootstrap credential plus the renewed one persisted beside it; at least one
+                # must be valid now. The client presents the newest valid one on every connection.
+                node_creds = NodeCredentials.from_dir(o.node_credentials, now=dt.datetime.now(dt.UTC))
+                self._ca_client = CaClient(o.ca, node_creds)
+            except Exception as exc:
+                raise StartupError(f"node credentials in {o.node_credentials}: {exc}") from None
         self._ca_client.register_metrics(self.metrics.registry)
-        self._node_identity = node_creds.spiffe_id
+        self._node_identity = self._ca_client.node_identity  # None in token mode
         self._certs = CertificateManager(
             self._ca_client, self._ca_client.bundles(), registry=self.metrics.registry, ttl=o.cert_ttl
         )
         # The node's own credential is renewed like a workload's; the client picks it up.
         self._certs.on_rotate(self._ca_client.on_rotate)
         try:
-            await self._certs.start([self._node_identity, *self._local_identities()])
+            own = [self._node_identity] if self._node_identity is not None else []
+            await self._certs.start([*own, *self._local_identities()])
         except Exception as exc:
             raise StartupError(str(exc)) from None
 

@@ -11,12 +11,10 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import inspect
 import logging
 import resource
 import signal
 import sys
-from typing import Any
 
 from agent.capture import StaticCapture, parse_address
 from agent.supervisor import AgentOptions, NodeAgent, StartupError
@@ -195,19 +193,7 @@ def kubernetes_source(args: argparse.Namespace, ca_client: CaClient | None) -> K
 async def serve(
     options: AgentOptions, *, source: ConfigSource | None = None, ca_client: CaClient | None = None
 ) -> int:
-    extra: dict[str, Any] = {}
-    if ca_client is not None:
-        # agent/supervisor.py takes an injected CA client (token mode) once it has the
-        # `ca_client=` keyword; until then token mode stops here, loudly.
-        if "ca_client" not in inspect.signature(NodeAgent).parameters:
-            print(
-                "error: ztagent run: --ca-auth token needs NodeAgent(..., ca_client=) "
-                "(agent/supervisor.py), which this build lacks",
-                file=sys.stderr,
-            )
-            return 1
-        extra["ca_client"] = ca_client
-    agent = NodeAgent(options, source=source, **extra)
+    agent = NodeAgent(options, source=source, ca_client=ca_client)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -7,7 +7,6 @@ gets certificates for the enrolled ones, follows a new pod and a pod relabelled 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import os
 import pathlib
@@ -19,7 +18,6 @@ from typing import Any
 
 import pytest
 
-from agent.supervisor import NodeAgent
 from tests.kubeapi import running
 from tests.sources.test_kubernetes_source import TD, eventually, namespace, pod, relabel, service_account
 
@@ -129,13 +127,6 @@ async def test_agent_and_ca_follow_the_cluster(tmp_path: pathlib.Path) -> None:
                 f.close()
 
 
-needs_seam = pytest.mark.skipif(
-    "ca_client" not in inspect.signature(NodeAgent).parameters,
-    reason="agent/supervisor.py lacks NodeAgent(ca_client=) (token mode); docs/contracts.md",
-)
-
-
-@needs_seam
 async def test_agent_token_bootstrap_as_deploy_runs_it(tmp_path: pathlib.Path) -> None:
     """deploy/'s command lines: the agent with a projected token and the CA's root, the CA with
     TokenReview; no node credential anywhere."""
