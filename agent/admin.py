@@ -127,7 +127,8 @@ def current_levels() -> str:
 def set_levels(spec: str) -> str:
     """Apply a ``level=`` spec; a bare level also resets every target to follow it."""
     parsed = parse_level_spec(spec)
-    for target, code in parsed:
+    # The default first (it resets the targets), then the targets it names.
+    for target, code in sorted(parsed, key=lambda tc: tc[0] is not None):
         if target is None:
             for name, lg in logging.Logger.manager.loggerDict.items():
                 if isinstance(lg, logging.Logger) and name.startswith(ROOT_LOGGER + "."):

@@ -82,6 +82,22 @@ def _workload_labels(prefix: str, w: Workload | None, principal: str | None, clu
     return out
 
 
+def baggage(w: Workload, cluster_id: str = DEFAULT_CLUSTER_ID) -> str:
+    """W3C baggage for ``w`` in Istio's format (``k8s.cluster.name=...,k8s.namespace.name=...,
+    k8s.<type>.name=...,service.name=<canonical>,service.version=<revision>``): what the
+    destination puts on its HBONE 200 so the source's telemetry knows who answered. The mesh
+    model has pods, not their controllers, so the type is ``pod``."""
+    labels = _workload_labels("w", w, None, cluster_id)
+    items = (
+        ("k8s.cluster.name", cluster_id),
+        ("k8s.namespace.name", w.namespace),
+        ("k8s.pod.name", w.name),
+        ("service.name", labels["w_canonical_service"]),
+        ("service.version", labels["w_canonical_revision"]),
+    )
+    return ",".join(f"{k}={v}" for k, v in items)
+
+
 def decision_fields(d: Decision) -> dict[str, Any]:
     """A decision as the access log and status show it."""
     return {
@@ -206,4 +222,4 @@ class ConnectionRecord:
         self._pushed = (max(sent, ps), max(received, pr))
 
 
-__all__ = ["ConnectionRecord", "Direction", "Path", "Security", "decision_fields"]
+__all__ = ["ConnectionRecord", "Direction", "Path", "Security", "baggage", "decision_fields"]
