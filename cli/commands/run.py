@@ -89,6 +89,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--state-file", default=None, help="write bound addresses here (JSON) once serving")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument(
+        "--cluster-id",
+        default="Kubernetes",
+        help="the cluster ID in source_cluster/destination_cluster and workload UIDs (ztunnel's CLUSTER_ID; "
+        "default Kubernetes)",
+    )
+    p.add_argument(
         "--loop", choices=("uvloop", "asyncio"), default="uvloop", help="event loop (default uvloop)"
     )
     p.set_defaults(func=run)
@@ -115,7 +121,15 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
         drain_timeout=args.drain_timeout,
         state_file=args.state_file,
         namespace=args.namespace,
+        cluster_id=_cluster_id(args.cluster_id),
     )
+
+
+def _cluster_id(value: str) -> str:
+    # A label value and a UID segment: no '/' (it would split the UID), not empty.
+    if not value or "/" in value or value != value.strip():
+        raise ValueError(f"--cluster-id {value!r}: expected a non-empty name without '/' or spaces")
+    return value
 
 
 async def serve(options: AgentOptions) -> int:
