@@ -19,6 +19,7 @@ import sys
 from agent.capture import StaticCapture, parse_address
 from agent.supervisor import AgentOptions, NodeAgent, StartupError
 from serving.logging import setup_logging
+from sources.ztunnel_local import ZtunnelLocalSource
 
 log = logging.getLogger("ztagent.run")
 
@@ -89,6 +90,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--state-file", default=None, help="write bound addresses here (JSON) once serving")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument(
+        "--ztunnel-nodes",
+        default=None,
+        metavar="NODES",
+        help="read --config as ztunnel's local config (LOCAL_XDS_PATH: workloads, services, policies) "
+        "with this node map (nodes, trustDomain, rootNamespace) beside it",
+    )
+    p.add_argument(
         "--cluster-id",
         default="Kubernetes",
         help="the cluster ID in source_cluster/destination_cluster and workload UIDs (ztunnel's CLUSTER_ID; "
@@ -132,8 +140,15 @@ def _cluster_id(value: str) -> str:
     return value
 
 
-async def serve(options: AgentOptions) -> int:
-    agent = NodeAgent(options)
+async def serve(options: AgentOptions, ztunnel_nodes: str | None = None) -> int:
+    source = None
+    if ztunnel_nodes is not None:
+        if options.namespace is not None:
+            print("error: ztagent run: -n does not apply to ztunnel's local config", file=sys.stderr)
+            return 2
+        # ztunnel's local config, translated on every load (sources.ztunnel_local).
+        source = ZtunnelLocalSource(options.config, ztunnel_nodes, interval=options.config_interval)
+    agent = NodeAgent(options, source=source)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -190,5 +205,5 @@ def run(args: argparse.Namespace) -> int:
         with contextlib.suppress(ImportError):
             import uvloop
 
-            return int(uvloop.run(serve(options)))
-    return asyncio.run(serve(options))
+            return int(uvloop.run(serve(options, args.ztunnel_nodes)))
+    return asyncio.run(serve(options, args.ztunnel_nodes))
