@@ -159,6 +159,7 @@ class AgentMetrics:
         # (opened, closed, sent, received) series per label set: resolving a child takes a lock
         # and a 20-tuple of label values, four times per connection, for the same few pairs.
         self._series: dict[ConnectionLabels, tuple[Any, Any, Any, Any]] = {}
+        self._failed: dict[tuple[ConnectionLabels, str], tuple[Any, Any]] = {}
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
         if process:
@@ -270,9 +271,17 @@ class AgentMetrics:
         zero, then closed and failed with ``flag`` (``DENY``, ``CONNECT`` or ``-``)."""
         opened, _closed, _sent, _received = self.connection_series(labels)
         opened.inc()
-        flagged = dataclasses.replace(labels, response_flags=flag)
-        self.tcp_connections_closed.labels(*flagged.values()).inc()
-        self.tcp_connections_failed.labels(*flagged.values()).inc()
+        got = self._failed.get((labels, flag))
+        if got is None:
+            # Resolved once per (label set, flag): a flood of denied connections between the same
+            # two workloads must not cost a dataclass copy and two child lookups each.
+            v = dataclasses.replace(labels, response_flags=flag).values()
+            got = (self.tcp_connections_closed.labels(*v), self.tcp_connections_failed.labels(*v))
+            if len(self._failed) >= SERIES_CACHE_LIMIT:
+                self._failed.clear()
+            self._failed[(labels, flag)] = got
+        got[0].inc()
+        got[1].inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
