@@ -101,6 +101,8 @@ class Accept:
 
     upstream: socket.socket | None = None
     observer: StreamObserver | None = None
+    # Headers for the 200 (ztunnel answers with the destination's ``baggage``).
+    response_headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,7 +313,7 @@ class _ServerSession(H2Session):
                     st.abort()
                     return
             assert isinstance(self.core, hbone.ServerConnection)
-            self.core.respond(st.stream_id, Status.OK)
+            self.core.respond(st.stream_id, Status.OK, headers=outcome.response_headers)
             self.request_flush()
             server.stats["tunnels_opened"] += 1
             _safe(server.observer.tunnel_opened, st.info)

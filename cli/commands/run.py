@@ -22,6 +22,7 @@ from credentials.client import CaClient, CaClientError, TokenCaClient, TokenCred
 from serving.logging import setup_logging
 from sources.base import ConfigSource
 from sources.kubernetes import KubernetesConfigSource
+from sources.ztunnel_local import ZtunnelLocalSource
 
 log = logging.getLogger("ztagent.run")
 
@@ -130,6 +131,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--state-file", default=None, help="write bound addresses here (JSON) once serving")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument(
+        "--ztunnel-nodes",
+        default=None,
+        metavar="NODES",
+        help="read --config as ztunnel's local config (LOCAL_XDS_PATH: workloads, services, policies) "
+        "with this node map (nodes, trustDomain, rootNamespace) beside it",
+    )
+    p.add_argument(
+        "--cluster-id",
+        default="Kubernetes",
+        help="the cluster ID in source_cluster/destination_cluster and workload UIDs (ztunnel's CLUSTER_ID; "
+        "default Kubernetes)",
+    )
+    p.add_argument(
         "--loop", choices=("uvloop", "asyncio"), default="uvloop", help="event loop (default uvloop)"
     )
     p.set_defaults(func=run)
@@ -170,7 +184,15 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
         drain_timeout=args.drain_timeout,
         state_file=args.state_file,
         namespace=args.namespace,
+        cluster_id=_cluster_id(args.cluster_id),
     )
+
+
+def _cluster_id(value: str) -> str:
+    # A label value and a UID segment: no '/' (it would split the UID), not empty.
+    if not value or "/" in value or value != value.strip():
+        raise ValueError(f"--cluster-id {value!r}: expected a non-empty name without '/' or spaces")
+    return value
 
 
 def token_ca_client(args: argparse.Namespace) -> TokenCaClient:
@@ -263,6 +285,12 @@ def run(args: argparse.Namespace) -> int:
             except (OSError, ValueError) as exc:
                 print(f"error: ztagent run: {exc}", file=sys.stderr)
                 return 1
+        elif args.ztunnel_nodes is not None:
+            if options.namespace is not None:
+                print("error: ztagent run: -n does not apply to ztunnel's local config", file=sys.stderr)
+                return 2
+            # ztunnel's local config, translated on every load (sources.ztunnel_local).
+            source = ZtunnelLocalSource(options.config, args.ztunnel_nodes, interval=options.config_interval)
         return await serve(options, source=source, ca_client=ca_client)
 
     if args.loop == "uvloop":
