@@ -27,7 +27,9 @@ transport saves in copies, and the handshake's readiness waits cost more per con
 design note's faster prototype had one pump that reads, frames and writes in the same loop;
 this transport is the TLS half of that, so it stays off by default (``tls_on_fd``) until the
 pump around the new HTTP/2 core (``tunnel/h2``) uses it directly, and is tested on its own
-(``tests/tunnel/test_fdtls.py``).
+(``tests/tunnel/test_fdtls.py``). Open: a server on this transport with a client on uvloop's
+failed one handshake in a heavily loaded full-suite run (the client closed mid-handshake,
+UNEXPECTED_EOF); 24 repeated runs did not reproduce it.
 
 The protocol sees the usual transport API (write, writelines, pause/resume_reading, buffer
 limits with pause_writing/resume_writing, close, abort, get_extra_info("ssl_object"/"socket"/
