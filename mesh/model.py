@@ -116,7 +116,8 @@ class Service:
     vips: tuple[IPAddress, ...]
     ports: tuple[ServicePort, ...]
     selector: Mapping[str, str]
-    labels: Mapping[str, str] = field(default_factory=lambda: _NO_LABELS)  # the Service's own labels (istio.io/use-waypoint)
+    # The Service's own labels (istio.io/use-waypoint).
+    labels: Mapping[str, str] = field(default_factory=lambda: _NO_LABELS)
 
     @property
     def key(self) -> str:

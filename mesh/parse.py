@@ -31,11 +31,11 @@ from mesh.model import (
     DEFAULT_ROOT_NAMESPACE,
     GATEWAY_API_VERSIONS,
     HBONE_PORT,
-    WAYPOINT_FOR_LABEL,
-    WAYPOINT_GATEWAY_CLASS,
     MESH_KIND,
     POLICY_API_VERSIONS,
     POLICY_KINDS,
+    WAYPOINT_FOR_LABEL,
+    WAYPOINT_GATEWAY_CLASS,
     IPAddress,
     IPNetwork,
     Node,
@@ -382,7 +382,9 @@ def _parse_services(ctx: _Ctx, raw: Any, ip_owner: dict[IPAddress, str]) -> list
             if pname:
                 seen_names.add(pname)
             ports.append(ServicePort(port=port, target_port=target, name=pname, protocol="TCP"))
-        if len(ctx.issues) != n_issues or name is None or ns is None or selector is None or svc_labels is None:
+        if len(ctx.issues) != n_issues or name is None or ns is None or selector is None:
+            continue
+        if svc_labels is None:
             continue
         key = f"{ns}/{name}"
         if key in keys:
@@ -542,7 +544,7 @@ def _parse_gateway(ctx: _Ctx, doc: dict[str, Any], td: TrustDomain | None) -> Wa
             continue
         lport = _port(ctx, join_path(lp, "port"), lm["port"])
         if lm["protocol"] != "HBONE":
-            ctx.err(join_path(lp, "protocol"), f"a waypoint listens with protocol HBONE, got {lm['protocol']!r}")
+            ctx.err(join_path(lp, "protocol"), f"a waypoint listens with HBONE, got {lm['protocol']!r}")
         elif lport is not None:
             port = lport
     addrs: list[IPAddress] = []

@@ -35,6 +35,9 @@ from typing import Any
 
 from mesh.errors import ChangeRefused, ConfigIssue
 from mesh.model import (
+    USE_WAYPOINT_LABEL,
+    USE_WAYPOINT_NAMESPACE_LABEL,
+    USE_WAYPOINT_NONE,
     Delete,
     IPAddress,
     Kind,
@@ -47,9 +50,6 @@ from mesh.model import (
     ServicePort,
     Snapshot,
     Upsert,
-    USE_WAYPOINT_LABEL,
-    USE_WAYPOINT_NAMESPACE_LABEL,
-    USE_WAYPOINT_NONE,
     Waypoint,
     WaypointFor,
     Workload,
@@ -482,7 +482,9 @@ class WorkloadStore:
 
     # -- routing ------------------------------------------------------------------------------
 
-    def waypoint_for(self, workload: Workload | None, service: Service | None) -> Waypoint | MissingWaypoint | None:
+    def waypoint_for(
+        self, workload: Workload | None, service: Service | None
+    ) -> Waypoint | MissingWaypoint | None:
         """The waypoint that must see traffic to ``service`` (a VIP) or, when ``service`` is
         None, to ``workload`` addressed by its own IP; None when the traffic goes direct.
 

@@ -460,7 +460,9 @@ class PipeTransport(asyncio.Transport):
 
 
 def pipe(
-    loop: asyncio.AbstractEventLoop, extra_a: dict[str, Any] | None = None, extra_b: dict[str, Any] | None = None
+    loop: asyncio.AbstractEventLoop,
+    extra_a: dict[str, Any] | None = None,
+    extra_b: dict[str, Any] | None = None,
 ) -> tuple[PipeTransport, PipeTransport]:
     """Two connected :class:`PipeTransport` ends (give each a protocol, then call its
     ``connection_made``)."""
@@ -547,20 +549,24 @@ class TunnelStream:
         transport from a socket."""
         return _TcpSide(self)
 
-    def attach_protocol(self, protocol: asyncio.Protocol, extra: dict[str, Any] | None = None) -> None:
+    def attach_protocol(
+        self, protocol: asyncio.Protocol, extra: dict[str, Any] | None = None
+    ) -> PipeTransport:
         """Relay this stream to an in-process protocol instead of a socket (no socketpair, no
         kernel copies): ``protocol`` gets ``connection_made(transport)`` with a
         :class:`PipeTransport` whose writes go into the stream and whose ``pause_reading`` /
         ``pause_writing`` carry backpressure both ways, exactly as a TCP transport would (an
         ``asyncio.StreamReaderProtocol`` works as is). ``extra`` is what the protocol's
         ``get_extra_info`` answers (e.g. ``peername``). On the server, call before the 200
-        with :meth:`hold` so nothing is sent on the stream before its response headers."""
+        with :meth:`hold` so nothing is sent on the stream before its response headers.
+        Returns the protocol's transport."""
         ours, theirs = pipe(self.session.loop, None, extra)
         side = _TcpSide(self)
         ours.set_protocol(side)
         theirs.set_protocol(protocol)
         side.connection_made(ours)
         protocol.connection_made(theirs)
+        return theirs
 
     def hold(self) -> None:
         """Keep bytes from the local side out of the stream until :meth:`start_sending`."""

@@ -111,8 +111,9 @@ async def start_http(host: str, port: int) -> asyncio.Server:
 
 
 def start_grpc(host: str, port: int) -> Any:
-    import grpc
     from concurrent import futures
+
+    import grpc
 
     def say(request: bytes, context: Any) -> bytes:
         md = dict(context.invocation_metadata())

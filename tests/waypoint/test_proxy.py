@@ -1,3 +1,4 @@
+# ruff: noqa: E501
 """The waypoint end to end on loopback: real mTLS HBONE in and out, real clients (curl, nghttp,
 grpcio), a real backend speaking HTTP/1.1, h2c and gRPC.
 
