@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import threading
 from typing import Any
 
 import h2.config
@@ -138,8 +137,8 @@ def main() -> None:
     ap.add_argument("--grpc-port", type=int, default=None)
     ap.add_argument("--seconds", type=float, default=900.0, help="exit after this long (tests clean up)")
     args = ap.parse_args()
-    if args.grpc_port:
-        start_grpc(args.host, args.grpc_port)
+    # Keep the server object: grpcio stops a server that is garbage collected.
+    grpc_server = start_grpc(args.host, args.grpc_port) if args.grpc_port else None
 
     async def run() -> None:
         srv = await start_http(args.host, args.port)
@@ -148,7 +147,8 @@ def main() -> None:
             await asyncio.sleep(args.seconds)
 
     asyncio.run(run())
-    threading.Event().set()
+    if grpc_server is not None:
+        grpc_server.stop(0)
 
 
 if __name__ == "__main__":
