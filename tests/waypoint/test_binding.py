@@ -1,3 +1,4 @@
+# ruff: noqa: E501
 """Waypoint binding the Istio way: Gateway documents, Namespace documents, use-waypoint labels."""
 
 from __future__ import annotations

@@ -237,17 +237,25 @@ async def test_http2_allowed_and_denied_with_nghttp(mesh: Mesh) -> None:
 async def test_grpc_allowed_and_denied(mesh: Mesh) -> None:
     import grpc
 
-    def call(method: str) -> tuple[Any, Any, Any]:
+    def calls(*methods: str) -> list[tuple[Any, Any, Any]]:
+        # One channel: the allowed and the denied call share one HTTP/2 connection through the
+        # waypoint (a denied stream must not disturb the connection).
+        out = []
         with grpc.insecure_channel(f"127.0.0.1:{mesh.grpc_port}") as ch:
-            fn = ch.unary_unary(method, request_serializer=None, response_deserializer=None)
-            try:
-                resp, c = fn.with_call(b"world", timeout=10)
-                return grpc.StatusCode.OK, resp, dict(c.trailing_metadata() or ())
-            except grpc.RpcError as e:
-                return e.code(), None, e.details()
+            for method in methods:
+                fn = ch.unary_unary(method, request_serializer=None, response_deserializer=None)
+                try:
+                    resp, c = fn.with_call(b"world", timeout=10)
+                    out.append((grpc.StatusCode.OK, resp, dict(c.trailing_metadata() or ())))
+                except grpc.RpcError as e:
+                    out.append((e.code(), None, e.details()))
+        return out
 
-    code, resp, trailers = await asyncio.to_thread(call, "/test.Echo/Say")
+    (code, resp, trailers), (denied, _r, details), (again, resp2, _t) = await asyncio.to_thread(
+        calls, "/test.Echo/Say", "/test.Echo/Other", "/test.Echo/Say"
+    )
     assert code == grpc.StatusCode.OK and resp == b"hello world"
     assert trailers["seen-xfcc"] == f"By={WAYPOINT_ID};URI={SLEEP_ID}"
-    code, _resp, details = await asyncio.to_thread(call, "/test.Echo/Other")
-    assert code == grpc.StatusCode.PERMISSION_DENIED, details
+    assert denied == grpc.StatusCode.PERMISSION_DENIED, details
+    assert again == grpc.StatusCode.OK and resp2 == b"hello world"
+    assert [r["status"] for r in mesh.log[-3:]] == [200, 403, 200]
