@@ -19,6 +19,7 @@ removed) and in the ``baggage`` the source agent sent.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -298,6 +299,12 @@ class WaypointProxy:
                         response_headers=res.downstream_headers,
                     )
             out = decide(policies, ctx.target, facts, now, custom)
+            if out.allowed and client is not None:
+                # Envoy's ext_authz on allow: set headersToUpstreamOnAllow, drop
+                # x-envoy-auth-headers-to-remove (interpret_response collected both).
+                drop = {n.lower() for n, _ in res.upstream_set} | set(res.upstream_remove)
+                hdrs = tuple((n, v) for n, v in out.upstream_headers if n not in drop) + res.upstream_set
+                out = dataclasses.replace(out, upstream_headers=hdrs)
         return out
 
     # -- upstream -----------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from identity.bundle import TrustBundleSet
 from identity.ca import CertificateAuthority
@@ -33,6 +34,7 @@ from tunnel.client import HboneClient, OutboundTarget
 from tunnel.hbone import Authority
 from tunnel.server import AuthzDecision, AuthzRequest, HboneServer
 from waypoint.decide import WaypointPolicies
+from waypoint.extauthz import ExtAuthzHttpClient, ExtAuthzHttpProvider
 from waypoint.metrics import WaypointMetrics
 from waypoint.proxy import WaypointProxy
 
@@ -78,6 +80,15 @@ spec:
   rules:
     - from: [{{source: {{principals: ["cluster.local/ns/frontend/sa/sleep"]}}}}]
       to: [{{operation: {{methods: [GET, POST], paths: ["/get", "/anything/*", "/test.Echo/Say"]}}}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: httpbin-ext, namespace: backend}}
+spec:
+  targetRefs: [{{kind: Service, group: "", name: httpbin}}]
+  action: CUSTOM
+  provider: {{name: ext}}
+  rules: [{{to: [{{operation: {{paths: ["/anything/custom*"]}}}}]}}]
 """
 
 
@@ -94,6 +105,7 @@ class Mesh:
     other_port: int  # VIP:8000 as frontend/other
     peers: list[str] = field(default_factory=list)  # who the destination agent saw
     log: list[dict[str, Any]] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)  # paths the ext_authz authorizer was asked about
     metrics: WaypointMetrics = field(default_factory=WaypointMetrics)
 
 
@@ -127,6 +139,26 @@ async def mesh(ca: CertificateAuthority) -> AsyncIterator[Mesh]:
     wp_cred, httpbin = issue(ca, "backend", "waypoint"), issue(ca, "backend", "httpbin")
 
     backend = await start_http(HTTPBIN_IP, http_port)
+    checks: list[str] = []
+
+    async def authz(request: web.Request) -> web.Response:
+        checks.append(request.raw_path)
+        if request.headers.get("x-allow") == "yes":
+            return web.Response(status=200, headers={"x-user": "checked"})
+        return web.Response(status=403, text="denied by ext")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", authz)
+    authz_runner = web.AppRunner(app)
+    await authz_runner.setup()
+    authz_site = web.TCPSite(authz_runner, "127.0.0.1", 0)
+    await authz_site.start()
+    authz_port = authz_site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    provider = ExtAuthzHttpProvider.from_mesh_config(
+        {"name": "ext", "envoyExtAuthzHttp": {"service": "authz.backend.svc.cluster.local", "port": 9000,
+                                              "includeRequestHeadersInCheck": ["x-allow"],
+                                              "headersToUpstreamOnAllow": ["x-user"]}}
+    )
     grpc_server = start_grpc(HTTPBIN_IP, grpc_port)
     out = Mesh(0, 0, 0)
 
@@ -139,7 +171,9 @@ async def mesh(ca: CertificateAuthority) -> AsyncIterator[Mesh]:
     wp_client = HboneClient(bundles=bundles)
     proxy = WaypointProxy(waypoint=wp, store=lambda: store, policies=lambda: policies,
                           credential=lambda: wp_cred, client=wp_client, metrics=out.metrics,
-                          access_log=_ListLog(out.log), upstream_hbone_port=dest_port)
+                          access_log=_ListLog(out.log), upstream_hbone_port=dest_port,
+                          ext_authz={"ext": ExtAuthzHttpClient(provider, address=("127.0.0.1", authz_port))})
+    out.checks = checks
     wps = HboneServer(credentials=lambda _ip: wp_cred, bundles=bundles, admit=proxy.admit)
     wp_port = (await wps.start(WAYPOINT_IP, 0)).port
     src = HboneClient(bundles=bundles)
@@ -170,6 +204,7 @@ async def mesh(ca: CertificateAuthority) -> AsyncIterator[Mesh]:
         await wp_client.close()
         await dest.drain(1)
         backend.close()
+        await authz_runner.cleanup()
         grpc_server.stop(0)
 
 
@@ -259,3 +294,14 @@ async def test_grpc_allowed_and_denied(mesh: Mesh) -> None:
     assert denied == grpc.StatusCode.PERMISSION_DENIED, details
     assert again == grpc.StatusCode.OK and resp2 == b"hello world"
     assert [r["status"] for r in mesh.log[-3:]] == [200, 403, 200]
+
+
+async def test_custom_policy_asks_the_ext_authz_provider(mesh: Mesh) -> None:
+    code, body = await _curl(mesh.http_port, "/anything/custom1", "-H", "x-allow: yes")
+    assert code == 200, body
+    assert [v for n, v in json.loads(body)["headers"] if n.lower() == "x-user"] == ["checked"]
+    code, body = await _curl(mesh.http_port, "/anything/custom2")
+    assert (code, body) == (403, "denied by ext")
+    assert mesh.checks == ["/anything/custom1", "/anything/custom2"]
+    code, _body = await _curl(mesh.http_port, "/anything/other")  # CUSTOM does not match: not asked
+    assert code == 200 and len(mesh.checks) == 2
