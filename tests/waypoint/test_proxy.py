@@ -13,11 +13,14 @@ import asyncio
 import json
 import shutil
 import socket
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import jwt as pyjwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 from aiohttp import web
 
 from identity.bundle import TrustBundleSet
@@ -43,6 +46,7 @@ SLEEP_IP, OTHER_IP, HTTPBIN_IP, WAYPOINT_IP = "127.0.0.2", "127.0.0.4", "127.0.0
 WAYPOINT_ID = "spiffe://cluster.local/ns/backend/sa/waypoint"
 SLEEP_ID = "spiffe://cluster.local/ns/frontend/sa/sleep"
 DENY_BODY = "RBAC: access denied"
+JWT_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 CONFIG = """\
 apiVersion: ztagent.io/v1alpha1
@@ -89,6 +93,21 @@ spec:
   action: CUSTOM
   provider: {{name: ext}}
   rules: [{{to: [{{operation: {{paths: ["/anything/custom*"]}}}}]}}]
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: jwt, namespace: backend}}
+spec:
+  targetRefs: [{{kind: Service, group: "", name: httpbin}}]
+  jwtRules: [{{issuer: "https://issuer.example", jwks: '{jwks}', outputClaimToHeaders: [{{header: x-sub, claim: sub}}]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: httpbin-jwt, namespace: backend}}
+spec:
+  targetRefs: [{{kind: Service, group: "", name: httpbin}}]
+  action: ALLOW
+  rules: [{{from: [{{source: {{requestPrincipals: ["https://issuer.example/alice"]}}}}], to: [{{operation: {{paths: ["/jwt/*"]}}}}]}}]
 """
 
 
@@ -123,8 +142,10 @@ class _ListLog(AccessLog):
 @pytest.fixture
 async def mesh(ca: CertificateAuthority) -> AsyncIterator[Mesh]:
     http_port, grpc_port = _free_port(HTTPBIN_IP), _free_port(HTTPBIN_IP)
+    jwk = json.loads(pyjwt.algorithms.RSAAlgorithm.to_jwk(JWT_KEY.public_key()))
+    jwk["kid"] = "k1"
     text = CONFIG.format(sleep=SLEEP_IP, other=OTHER_IP, httpbin=HTTPBIN_IP, wp=WAYPOINT_IP, vip=VIP,
-                         http_port=http_port, grpc_port=grpc_port)
+                         http_port=http_port, grpc_port=grpc_port, jwks=json.dumps({"keys": [jwk]}))
     snap = parse_config(text, file="test.yaml")
     wp = next(w for w in snap.waypoints if w.key == "backend/waypoint")
     assert isinstance(wp, Waypoint) and str(wp.spiffe_id) == WAYPOINT_ID
@@ -241,7 +262,7 @@ async def test_http1_allowed_denied_and_forged_identity(mesh: Mesh) -> None:
     assert (code, body) == (403, DENY_BODY)
     denied = [r for r in mesh.log if r["decision"] == "DENY"]
     assert denied and denied[-1]["source_principal"].endswith("/sa/other") and denied[-1]["status"] == 403
-    assert denied[-1]["policy"] == "backend/httpbin-l7"
+    assert "backend/httpbin-l7" in denied[-1]["policy"].split(",")
     fam = {m.name: m for m in mesh.metrics.registry.collect()}
     samples = [s for s in fam["istio_requests"].samples if s.name == "istio_requests_total"]
     assert {s.labels["response_code"] for s in samples} == {"200", "403"}
@@ -305,3 +326,18 @@ async def test_custom_policy_asks_the_ext_authz_provider(mesh: Mesh) -> None:
     assert mesh.checks == ["/anything/custom1", "/anything/custom2"]
     code, _body = await _curl(mesh.http_port, "/anything/other")  # CUSTOM does not match: not asked
     assert code == 200 and len(mesh.checks) == 2
+
+
+async def test_request_authentication_through_the_waypoint(mesh: Mesh) -> None:
+    now = int(time.time())
+    good = pyjwt.encode({"iss": "https://issuer.example", "sub": "alice", "exp": now + 300}, JWT_KEY,
+                        algorithm="RS256", headers={"kid": "k1"})
+    code, body = await _curl(mesh.http_port, "/jwt/x", "-H", f"authorization: Bearer {good}",
+                             "-H", "x-sub: forged")
+    assert code == 200, body
+    hdrs = {n.lower(): v for n, v in json.loads(body)["headers"]}
+    assert "authorization" not in hdrs  # forwardOriginalToken is false: the token stays here
+    assert hdrs["x-sub"] == "alice"  # outputClaimToHeaders, the forged value removed first
+    assert (await _curl(mesh.http_port, "/jwt/x"))[0] == 403  # no token: no request principal
+    assert (await _curl(mesh.http_port, "/jwt/x", "-H", f"authorization: Bearer {good[:-4]}AAAA"))[0] == 401
+    assert mesh.log[-3]["request_principal"] == "https://issuer.example/alice"
