@@ -275,6 +275,11 @@ def describe(state: LabState, cfg: Any | None = None) -> str:
         mode = "" if ref not in enrolled else "enrolled" if enrolled[ref] else "not enrolled"
         lines.append(f"  pod  {ref:<24} {','.join(info['ips']):<15} on {info['node']:<8} {mode}")
     if cfg is not None:
+        for wp in getattr(cfg, "waypoints", ()):
+            proc = next((p for p in state.processes if p.role == f"waypoint-{wp.namespace}-{wp.name}"), None)
+            where = f"pid {proc.pid}" if proc else "not started"
+            addrs = ",".join(map(str, wp.addresses))
+            lines.append(f"  waypoint {wp.key:<20} {addrs:<15} {wp.spiffe_id}  {where}")
         for svc in cfg.services:
             ports = ",".join(str(p.port) for p in svc.ports)
             vips = ",".join(map(str, svc.vips))

@@ -20,8 +20,8 @@ from typing import Any
 
 import jwt as pyjwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from identity.bundle import TrustBundleSet
 from identity.ca import CertificateAuthority
