@@ -156,16 +156,20 @@ class WaypointRole:
                     seen[uri] = a.stores[uri]
         return tuple(seen.items())
 
-    async def _watch_config(self) -> None:
+    def _stamp(self) -> tuple[int, int, int] | None:
+        # mtime alone misses a rewrite within the file system's timestamp granularity.
+        try:
+            st = os.stat(self.options.config)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    async def _watch_config(self, last: tuple[int, int, int] | None) -> None:
         path = self.options.config
-        last = os.stat(path).st_mtime_ns if os.path.exists(path) else 0
         while True:
             await asyncio.sleep(self.options.config_interval)
-            try:
-                st = os.stat(path).st_mtime_ns
-            except OSError:
-                continue
-            if st == last:
+            st = self._stamp()
+            if st is None or st == last:
                 continue
             last = st
             try:
@@ -185,6 +189,7 @@ class WaypointRole:
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
         o = self.options
+        stamp = self._stamp()  # before reading: a change made meanwhile is seen by the watcher
         try:
             snap = load_config(o.config, default_namespace=o.namespace)
         except ConfigError as exc:
@@ -232,7 +237,7 @@ class WaypointRole:
         self.sites.append(await serve(build_metrics_app(self.metrics), *o.metrics))
         self.sites.append(await serve(build_readiness_app(self.ready), *o.readiness))
         self.sites.append(await serve(self._admin_app(), *o.admin))
-        self._tasks.append(asyncio.get_running_loop().create_task(self._watch_config()))
+        self._tasks.append(asyncio.get_running_loop().create_task(self._watch_config(stamp)))
         log.info(
             f"waypoint {self.waypoint.key} serving HBONE on {bound} as {self.waypoint.spiffe_id}",
             extra={"event": "waypoint_ready"},
