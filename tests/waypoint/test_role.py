@@ -1,3 +1,4 @@
+# ruff: noqa: E501
 """`ztagent waypoint`'s role object: start-up checks, readiness, and config reload (a bad update is
 refused and the last good version keeps serving)."""
 
@@ -88,7 +89,7 @@ async def test_credentials_for_another_identity_refuse_to_start(tmp_path: Path, 
     cfg = tmp_path / "mesh.yaml"
     cfg.write_text(CONFIG)
     role = WaypointRole(_options(cfg, _creds(tmp_path, issue(ca, "backend", "a"), ca)))
-    with pytest.raises(StartupError, match="runs as spiffe://cluster.local/ns/backend/sa/waypoint"):
+    with pytest.raises(StartupError, match=r"runs as spiffe://cluster\.local/ns/backend/sa/waypoint"):
         await role.start()
     await role.stop()
 
@@ -98,5 +99,5 @@ async def test_unknown_waypoint_name_refuses_to_start(tmp_path: Path, ca: Certif
     cfg.write_text(CONFIG)
     opts = _options(cfg, _creds(tmp_path, issue(ca, "backend", "waypoint"), ca))
     opts.name = "backend/nope"
-    with pytest.raises(StartupError, match="no waypoint backend/nope"):
+    with pytest.raises(StartupError, match=r"no waypoint backend/nope"):
         await WaypointRole(opts).start()
