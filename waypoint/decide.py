@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from mesh.model import Snapshot, Waypoint
+from policy.authz import CompiledPolicy, Connection, Decision
+from policy.authz import decide as decide_l4
 from policy.jwt import AuthResult, JwksStore, JwtAuthenticator, rules_from_policy
 from policy.l7 import (
     CustomOutcome,
@@ -29,7 +31,7 @@ from policy.l7 import (
     applies_to_waypoint,
     bad_request,
 )
-from policy.model import RequestAuthentication
+from policy.model import AuthorizationPolicy, IPAddress, RequestAuthentication
 
 # Headers that claim who the caller is. A client must never be able to set them: the waypoint
 # removes whatever arrives and sets its own from the verified mTLS peer (Envoy's
@@ -118,8 +120,11 @@ class WaypointPolicies:
     index: L7PolicyIndex
     request_authentications: tuple[RequestAuthentication, ...]
     root_namespace: str
+    # Required (no default): an empty tuple here would let every TCP connection through.
+    authorization: tuple[AuthorizationPolicy, ...]
     stores: dict[str, JwksStore] = field(default_factory=dict)
     _auth: dict[WaypointTarget, JwtAuthenticator] = field(default_factory=dict)
+    _l4: dict[WaypointTarget, tuple[CompiledPolicy, ...]] = field(default_factory=dict)
 
     @classmethod
     def from_snapshot(
@@ -133,6 +138,7 @@ class WaypointPolicies:
             L7PolicyIndex(authz, snap.root_namespace),
             ras,
             snap.root_namespace,
+            authz,
             stores if stores is not None else {},
         )
         out.authenticator(out.target(None, None), now)  # build the waypoint-wide one eagerly
@@ -158,6 +164,37 @@ class WaypointPolicies:
 
     def all_authenticators(self) -> Iterable[JwtAuthenticator]:
         return tuple(self._auth.values())
+
+    def decide_tcp(self, target: WaypointTarget, conn: Connection) -> Decision:
+        """Non-HTTP traffic at the waypoint: the policies bound to the target, read as L4
+        policies (policy.authz, the node agent's evaluator: an ALLOW rule with HTTP fields
+        matches nothing, a DENY with only HTTP fields denies everything it selects, CUSTOM
+        fails closed), as Istio's waypoint applies its RBAC network filter to TCP."""
+        sel = self._l4.get(target)
+        if sel is None:
+            sel = tuple(
+                CompiledPolicy.compile(p)
+                for p in self.authorization
+                if p.target_refs and applies_to_waypoint(p, target, self.root_namespace)
+            )
+            self._l4[target] = sel
+        return decide_l4(conn, sel)
+
+
+def tcp_connection(
+    source_principal: str | None,
+    source_ip: IPAddress | None,
+    namespace: str,
+    port: int,
+    destination_ip: IPAddress | None,
+) -> Connection:
+    return Connection(
+        source_principal=source_principal,
+        source_ip=source_ip,
+        destination_namespace=namespace,
+        destination_port=port,
+        destination_ip=destination_ip,
+    )
 
 
 def _split_target(target: str) -> tuple[str, str | None]:
@@ -266,4 +303,5 @@ __all__ = [
     "forwarded_headers",
     "header",
     "headers_of",
+    "tcp_connection",
 ]

@@ -36,7 +36,7 @@ from tunnel.client import HboneClient, OutboundTarget, TunnelError
 from tunnel.hbone import Authority, Status
 from tunnel.relay import TunnelStream
 from tunnel.server import Accept, Refuse, StreamRequest
-from waypoint.decide import Outcome, RequestFacts, WaypointPolicies, decide
+from waypoint.decide import Outcome, RequestFacts, WaypointPolicies, decide, tcp_connection
 from waypoint.extauthz import BodyTooLarge, ExtAuthzHttpClient
 from waypoint.metrics import RequestLabels, WaypointMetrics
 
@@ -235,18 +235,23 @@ class WaypointProxy:
     async def _l4(
         self, ctx: StreamContext, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bytes
     ) -> None:
-        """Non-HTTP traffic: Istio's waypoint applies only the L4 part of the policies bound to
-        the target. That evaluation is not built here yet, so the waypoint relays such traffic
-        only when no AuthorizationPolicy binds to the target (there is nothing to enforce), and
-        refuses it otherwise (fail closed)."""
-        selected = self.policies().index.select(ctx.target)
-        if selected:
-            log.warning(
-                f"{ctx.caller} -> {ctx.destination}: non-HTTP traffic to a target with L7 policies "
-                f"({', '.join(p.key for p in selected)}): refused (fail closed)",
-                extra={"event": "waypoint_l4_refused"},
-            )
-            self.metrics.refused.labels("l4-with-l7-policy").inc()
+        """Non-HTTP traffic: the policies bound to the target, read as L4 policies (Istio's
+        waypoint applies its RBAC network filter to TCP), then a plain relay to an endpoint."""
+        ns = ctx.service.namespace if ctx.service else (ctx.workload.namespace if ctx.workload else "")
+        conn = tcp_connection(ctx.peer.principal, ctx.source.ip, ns, ctx.destination.port, ctx.destination.ip)
+        d = self.policies().decide_tcp(ctx.target, conn)
+        self.access_log.write(
+            "waypoint_tcp",
+            source_principal=str(ctx.peer),
+            source_ip=str(ctx.source.ip),
+            destination=str(ctx.destination),
+            decision=d.verdict.value,
+            policy=",".join(d.policies) or None,
+            reason=d.reason,
+            code=d.code,
+        )
+        if not d.allowed:
+            self.metrics.refused.labels("tcp-denied").inc()
             return
         up = await self.open_upstream(ctx)
         if up is None:

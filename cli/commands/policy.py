@@ -529,7 +529,8 @@ def run_check_l7(args: argparse.Namespace) -> int:
                 except JwksError as exc:
                     raise BadInput(f"--jwks {item}: {exc}") from None
         pols = WaypointPolicies(wp, L7PolicyIndex(inputs.policy_set.authorization, root),
-                                inputs.policy_set.request_authentication, root, stores)  # fmt: skip
+                                inputs.policy_set.request_authentication, root,
+                                inputs.policy_set.authorization, stores)  # fmt: skip
         sref = _ns_name("--service", args.service) if args.service else (None, None)
         target = pols.target(sref[0], sref[1])
         port = args.port or (svc.ports[0].port if svc and svc.ports else 80)

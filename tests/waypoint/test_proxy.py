@@ -341,3 +341,16 @@ async def test_request_authentication_through_the_waypoint(mesh: Mesh) -> None:
     assert (await _curl(mesh.http_port, "/jwt/x"))[0] == 403  # no token: no request principal
     assert (await _curl(mesh.http_port, "/jwt/x", "-H", f"authorization: Bearer {good[:-4]}AAAA"))[0] == 401
     assert mesh.log[-3]["request_principal"] == "https://issuer.example/alice"
+
+
+async def test_non_http_traffic_gets_the_l4_reading_of_the_bound_policies(mesh: Mesh) -> None:
+    # Every policy bound to httpbin has HTTP fields (ALLOW rules that match nothing at L4) or is
+    # CUSTOM (fail closed at L4): raw TCP from sleep is refused at the waypoint.
+    reader, writer = await asyncio.open_connection("127.0.0.1", mesh.http_port)
+    writer.write(b"\x16\x03\x01 not http\r\n\r\n")
+    await writer.drain()
+    got = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert got == b""
+    tcp = [r for r in mesh.log if r["event"] == "waypoint_tcp"]
+    assert tcp and tcp[-1]["decision"] == "DENY" and tcp[-1]["source_principal"] == SLEEP_ID, tcp[-1]["reason"]
