@@ -24,7 +24,7 @@ from types import MappingProxyType
 from typing import Any
 
 from identity.spiffe import SpiffeId, SpiffeIdError, TrustDomain
-from mesh import names
+from kube import names
 from mesh.errors import ConfigError, ConfigIssue
 from mesh.model import (
     API_VERSION,

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kube.names import NAMESPACE
 from mesh.errors import ChangeRefused, ConfigIssue
 from mesh.model import (
     USE_WAYPOINT_LABEL,
@@ -56,7 +57,6 @@ from mesh.model import (
     kind_of,
     parse_ip,
 )
-from mesh.names import NAMESPACE
 from mesh.parse import PolicyParser, default_policy_parser
 from policy import PolicyIndex, PolicySet
 

@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, Final, TypeVar
 
+from kube import names
 from policy.model import (
     Action,
     AuthorizationPolicy,
@@ -69,8 +70,6 @@ NO_NAMESPACE_HINT: Final = "no namespace: set metadata.namespace or pass -n / a 
 NO_NAMESPACE_MESSAGE: Final = (
     f"{NO_NAMESPACE_HINT} (until then the policy is enforced mesh-wide, failing closed)"
 )
-# RFC 1123 label, as Kubernetes requires of namespace names.
-_DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 KINDS: Final = ("AuthorizationPolicy", "PeerAuthentication", "RequestAuthentication")
 
 _T = TypeVar("_T")
@@ -104,10 +103,6 @@ _REPLACED_KEYS: Final = {
     "destination.user": "is deprecated (only supported in v1alpha1)",
 }
 
-_LABEL_KEY = re.compile(
-    r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
-)
-_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
 
 
 class PolicyParseError(ValueError):
@@ -392,7 +387,7 @@ def _timestamp(ctx: _Ctx, path: str, v: Any) -> datetime | None:
 
 def valid_namespace(ns: str) -> bool:
     """A Kubernetes namespace name: an RFC 1123 label of at most 63 characters."""
-    return len(ns) <= 63 and _DNS1123_LABEL.fullmatch(ns) is not None
+    return names.NAMESPACE.check(ns) is None
 
 
 def _meta(ctx: _Ctx, doc: Mapping[str, Any]) -> Meta:
@@ -478,10 +473,10 @@ def _selector(ctx: _Ctx, path: str, v: Any) -> Selector | None:
         elif "*" in k or "*" in val:
             ctx.err(p, f"wildcard is not supported in selector: {_q(f'{k}={val}')}")
             bad = True
-        elif not _LABEL_KEY.fullmatch(k) or len(k.rsplit("/", 1)[-1]) > 63:
+        elif not names.is_label_key(k):
             ctx.err(p, f"invalid label key {_q(k)}")
             bad = True
-        elif len(val) > 63 or not _LABEL_VALUE.fullmatch(val):
+        elif not names.is_label_value(val):
             ctx.err(p, f"invalid label value {_q(val)}")
             bad = True
         else:
