@@ -206,6 +206,37 @@ def _start_processes(state: LabState, cfg: Any, opts: UpOptions) -> None:
         ns, addr = str(info["netns"]), str(info["address"])
         _wait(lambda: _ready(ns, addr), opts.ready_timeout,  # noqa: B023 (called before the next loop)
               f"agent on {node} to be ready (/healthz/ready on {addr}:{READY_PORT})", watched)
+    _start_waypoints(state, cfg, opts, zt, config, ca_dir, watched)
+
+
+def waypoint_pod(state: LabState, wp: Any) -> tuple[str, str]:
+    """(pod ref, address) of the lab pod a waypoint runs in: the pod that owns one of the
+    Gateway's addresses (declare it as a workload, ``enrolled: false``, as Istio's waypoint pod
+    is not captured). A waypoint without one cannot run in the lab: say so."""
+    for ref, info in state.pods.items():
+        for a in wp.addresses:
+            if str(a) in info["ips"]:
+                return ref, str(a)
+    raise LabError(f"waypoint {wp.key}: none of its addresses ({', '.join(map(str, wp.addresses))}) is a "
+                   "pod of the lab; declare a workload with that IP (enrolled: false) for it to run in")
+
+
+def _start_waypoints(state: LabState, cfg: Any, opts: UpOptions, zt: list[str], config: str, ca_dir: str,
+                     watched: list[tuple[str, subprocess.Popen[bytes], str | None]]) -> None:  # fmt: skip
+    """One `ztagent waypoint` per Gateway, in its pod's namespace, with a certificate for its
+    identity issued from the lab CA's files (12 h: a lab's lifetime; no rotation yet)."""
+    for wp in getattr(cfg, "waypoints", ()):
+        ref, addr = waypoint_pod(state, wp)
+        creds = os.path.join(state.dir, "waypoints", f"{wp.namespace}-{wp.name}")
+        _run_step([*zt, "ca", "issue", "--dir", ca_dir, "--id", str(wp.spiffe_id), "--ttl", "12h",
+                   "--out", creds], f"ca issue {wp.spiffe_id}")  # fmt: skip
+        ns = str(state.pods[ref]["netns"])
+        argv = ["ip", "netns", "exec", ns, *zt, "waypoint", "--config", config, "--name", wp.key,
+                "--credentials", creds, "--log-level", opts.log_level]  # fmt: skip
+        proc = _spawn(state, f"waypoint-{wp.namespace}-{wp.name}", argv)
+        watched.append((f"waypoint {wp.key}", proc, state.processes[-1].log))
+        _wait(lambda: _ready(ns, addr), opts.ready_timeout,  # noqa: B023 (called before the next loop)
+              f"waypoint {wp.key} to be ready (/healthz/ready on {addr}:{READY_PORT})", watched)
 
 
 def restart_agent(state: LabState, node: str, ready_timeout: float = 90.0) -> int:
@@ -262,6 +293,11 @@ def describe(state: LabState, cfg: Any | None = None) -> str:
         mode = "" if ref not in enrolled else "enrolled" if enrolled[ref] else "not enrolled"
         lines.append(f"  pod  {ref:<24} {','.join(info['ips']):<15} on {info['node']:<8} {mode}")
     if cfg is not None:
+        for wp in getattr(cfg, "waypoints", ()):
+            proc = next((p for p in state.processes if p.role == f"waypoint-{wp.namespace}-{wp.name}"), None)
+            where = f"pid {proc.pid}" if proc else "not started"
+            addrs = ",".join(map(str, wp.addresses))
+            lines.append(f"  waypoint {wp.key:<20} {addrs:<15} {wp.spiffe_id}  {where}")
         for svc in cfg.services:
             ports = ",".join(str(p.port) for p in svc.ports)
             vips = ",".join(map(str, svc.vips))

@@ -36,6 +36,9 @@ from typing import Any
 from kube.names import NAMESPACE
 from mesh.errors import ChangeRefused, ConfigIssue
 from mesh.model import (
+    USE_WAYPOINT_LABEL,
+    USE_WAYPOINT_NAMESPACE_LABEL,
+    USE_WAYPOINT_NONE,
     Delete,
     IPAddress,
     Kind,
@@ -49,6 +52,7 @@ from mesh.model import (
     Snapshot,
     Upsert,
     Waypoint,
+    WaypointFor,
     Workload,
     kind_of,
     parse_ip,
@@ -83,6 +87,25 @@ class DestinationKind(enum.Enum):
 
 
 @dataclass(frozen=True)
+class MissingWaypoint:
+    """A ``istio.io/use-waypoint`` label names a waypoint the mesh does not have."""
+
+    namespace: str
+    name: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def _use_waypoint(labels: Mapping[str, str], namespace: str) -> tuple[str, str] | None:
+    name = labels.get(USE_WAYPOINT_LABEL)
+    if name is None:
+        return None
+    return labels.get(USE_WAYPOINT_NAMESPACE_LABEL, namespace), name
+
+
+@dataclass(frozen=True)
 class Route:
     """Where an outbound connection goes, decided from its original destination."""
 
@@ -92,7 +115,7 @@ class Route:
     node: Node | None = None  # destination workload's node (HBONE goes to its agent)
     service: Service | None = None
     service_port: ServicePort | None = None
-    waypoint: Any = None  # seam: set when traffic must go through a waypoint (later issue)
+    waypoint: Waypoint | MissingWaypoint | None = None  # traffic must go through this waypoint
 
 
 @dataclass(frozen=True)
@@ -323,6 +346,7 @@ class WorkloadStore:
                 parsed_policies=self._parsed_policies,
                 policy_errors=self._policy_errors,
                 waypoints=tuple(self._waypoints.values()),
+                namespace_labels=self._settings.namespace_labels,
             )
         return self._snapshot
 
@@ -458,13 +482,36 @@ class WorkloadStore:
 
     # -- routing ------------------------------------------------------------------------------
 
-    def waypoint_for(self, workload: Workload | None, service: Service | None) -> Any:
-        """Seam for the waypoint issue: the waypoint that must see this traffic, or None.
+    def waypoint_for(
+        self, workload: Workload | None, service: Service | None
+    ) -> Waypoint | MissingWaypoint | None:
+        """The waypoint that must see traffic to ``service`` (a VIP) or, when ``service`` is
+        None, to ``workload`` addressed by its own IP; None when the traffic goes direct.
 
-        Waypoints are in the model (``waypoints:``) but not yet bound to workloads or services
-        (``istio.io/use-waypoint``): until that lands, no traffic goes through one.
+        Istio's binding: the ``istio.io/use-waypoint`` label on the addressed object (the
+        Service for service traffic, the pod for pod-IP traffic) wins over its namespace's; the
+        value ``none`` opts the object out of its namespace's waypoint;
+        ``istio.io/use-waypoint-namespace`` names the waypoint's namespace (default: the
+        object's). A waypoint is only used for the traffic its ``istio.io/waypoint-for`` takes
+        (service, workload, all; none takes nothing). A label naming a waypoint that does not
+        exist yields :class:`MissingWaypoint`: the caller must refuse, since going direct would
+        skip the L7 policy someone asked for (fail closed; istiod would leave it unbound).
         """
-        return None
+        if service is not None:
+            labels, ns, wanted = service.labels, service.namespace, (WaypointFor.SERVICE, WaypointFor.ALL)
+        elif workload is not None:
+            labels, ns, wanted = workload.labels, workload.namespace, (WaypointFor.WORKLOAD, WaypointFor.ALL)
+        else:
+            return None
+        ref = _use_waypoint(labels, ns)
+        if ref is None:
+            ref = _use_waypoint(self._settings.namespace_labels.get(ns, {}), ns)
+        if ref is None or ref[1] == USE_WAYPOINT_NONE:
+            return None
+        wp = self._waypoints.get(f"{ref[0]}/{ref[1]}")
+        if wp is None:
+            return MissingWaypoint(ref[0], ref[1])
+        return wp if wp.traffic_for in wanted else None
 
     def route(
         self,

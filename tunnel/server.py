@@ -103,6 +103,9 @@ class Accept:
     observer: StreamObserver | None = None
     # Headers for the 200 (ztunnel answers with the destination's ``baggage``).
     response_headers: tuple[tuple[str, str], ...] = ()
+    # In-process hand-off (the waypoint): the stream is relayed to this protocol through a
+    # tunnel.relay.PipeTransport instead of a socket; ``upstream`` must then be None.
+    protocol: Callable[[], asyncio.Protocol] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,7 +303,10 @@ class _ServerSession(H2Session):
                     sock.close()
                 st.abort()
                 return
-            if sock is None:
+            if outcome.protocol is not None:
+                st.hold()  # nothing on the stream before the 200
+                st.attach_protocol(outcome.protocol(), {"peername": (str(source.ip), source.port)})
+            elif sock is None:
                 try:
                     async with asyncio.timeout(server.config.upstream_connect_timeout):
                         await st.connect(req.authority)  # connect + attach in one step
