@@ -304,14 +304,15 @@ def test_reconciliation_adopts_running_pods_it_has_no_record_of(lab: Lab, app: E
     assert exchange(lab.ns(OTHER), (IPS[HTTPBIN], APP_PORT), b"adopted") == b"adopted"
 
 
-def test_bridge_same_node_traffic_goes_through_the_agent(lab: Lab) -> None:
-    if lab.shape != "bridge":
-        pytest.skip("routed veths (ptp) always cross the node's IP layer")
-    ns = lab.node_ns()
-    links = {link["ifname"]: link for link in json.loads(subprocess.run(["ip", "-j", "-n", ns, "link"], capture_output=True, text=True).stdout)}
-    for ref in (SLEEP, OTHER):
-        assert links[lab.state.find_pod(ref)["host_ifname"]].get("master") is None  # routed off the bridge
-    assert links[lab.state.find_pod(LEGACY)["host_ifname"]].get("master") == lab_cni.BRIDGE_NAME  # not enrolled: stays
+def test_same_node_traffic_goes_through_the_agent(lab: Lab) -> None:
+    """Both shapes: same-node pod-to-pod traffic is captured (on the bridge because enrolled veths
+    are routed off it; routed veths always cross the node's IP layer)."""
+    if lab.shape == "bridge":
+        ns = lab.node_ns()
+        links = {link["ifname"]: link for link in json.loads(subprocess.run(["ip", "-j", "-n", ns, "link"], capture_output=True, text=True).stdout)}
+        for ref in (SLEEP, OTHER):
+            assert links[lab.state.find_pod(ref)["host_ifname"]].get("master") is None  # routed off the bridge
+        assert links[lab.state.find_pod(LEGACY)["host_ifname"]].get("master") == lab_cni.BRIDGE_NAME  # not enrolled: stays
     app = EchoApp(lab.ns(OTHER), 9090)
     try:
         before = lab.status()["capture"]["kernel"]["counters"]
