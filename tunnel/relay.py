@@ -709,6 +709,11 @@ class H2Session(asyncio.Protocol):
         try:
             events = self.core.receive_data(data, now)
         except h2.ProtocolViolation as exc:
+            # Every tunnel on the connection is about to be aborted: of what the same read did
+            # before the violation, only the refusals matter (each one is counted).
+            for ev in exc.events:
+                if isinstance(ev, h2.StreamRefused | h2.RequestRejected):
+                    self.handle_role_event(ev)
             if exc.abuse is not None:
                 self.abuse(exc.abuse)
             else:
