@@ -34,6 +34,7 @@ from .h2 import ErrorCode
 from .relay import (
     KEEPALIVE_INTERVAL,
     KEEPALIVE_TIMEOUT,
+    SETTINGS_ACK_TIMEOUT,
     STREAM_IDLE_TIMEOUT,
     H2Session,
     HeldConnection,
@@ -76,6 +77,7 @@ class ClientConfig:
     response_timeout: float = 30.0  # server answers after authz + upstream connect (itself <= 10 s)
     keepalive_interval: float = KEEPALIVE_INTERVAL
     keepalive_timeout: float = KEEPALIVE_TIMEOUT
+    settings_ack_timeout: float = SETTINGS_ACK_TIMEOUT  # then GOAWAY(SETTINGS_TIMEOUT)
     pool_idle_timeout: float = POOL_IDLE_TIMEOUT
     stream_idle_timeout: float = STREAM_IDLE_TIMEOUT
     max_streams_per_connection: int = CLIENT_MAX_STREAMS_PER_CONNECTION
@@ -120,6 +122,7 @@ class _ClientSession(H2Session):
             client.loop,
             keepalive_interval=cfg.keepalive_interval,
             keepalive_timeout=cfg.keepalive_timeout,
+            settings_ack_timeout=cfg.settings_ack_timeout,
             stream_idle_timeout=cfg.stream_idle_timeout,
         )
         self.client = client

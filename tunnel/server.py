@@ -42,6 +42,7 @@ from .authority import (
 from .relay import (
     KEEPALIVE_INTERVAL,
     KEEPALIVE_TIMEOUT,
+    SETTINGS_ACK_TIMEOUT,
     STREAM_IDLE_TIMEOUT,
     H2Session,
     NullObserver,
@@ -164,6 +165,7 @@ class ServerConfig:
     drain_timeout: float = 30.0
     keepalive_interval: float = KEEPALIVE_INTERVAL
     keepalive_timeout: float = KEEPALIVE_TIMEOUT
+    settings_ack_timeout: float = SETTINGS_ACK_TIMEOUT  # then GOAWAY(SETTINGS_TIMEOUT)
     stream_idle_timeout: float = STREAM_IDLE_TIMEOUT
     max_concurrent_streams: int = SERVER_MAX_CONCURRENT_STREAMS
     # OpenSSL on the socket's fd (tunnel.fdtls) instead of the loop's memory-BIO SSL transport.
@@ -212,6 +214,7 @@ class _ServerSession(H2Session):
             server.loop,
             keepalive_interval=cfg.keepalive_interval,
             keepalive_timeout=cfg.keepalive_timeout,
+            settings_ack_timeout=cfg.settings_ack_timeout,
             stream_idle_timeout=cfg.stream_idle_timeout,
         )
         self.server = server

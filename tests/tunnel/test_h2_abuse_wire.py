@@ -114,3 +114,33 @@ async def test_stream_flood_gets_goaway_and_refusals_are_logged_once(
     # The streams it had opened were torn down with the connection; a good client still works.
     await wait_for_condition(lambda: mesh.server.open_tunnels == 0, 10)
     await good_roundtrip(mesh)
+
+
+async def test_a_peer_that_never_acknowledges_our_settings_gets_settings_timeout(
+    client_cred, server_cred, bundles, ca
+) -> None:
+    from bench.abuse_bench import PREFACE, SETTINGS, frame, parse_frames
+    from tunnel.server import ServerConfig
+
+    cfg = ServerConfig(settings_ack_timeout=0.3)
+    async with running_mesh(
+        client_cred=client_cred, server_cred=server_cred, bundles=bundles, server_config=cfg
+    ) as mesh:
+        ctx = client_context(issue(ca, "ns3", "mallory"), bundles)
+        addr = mesh.server_addr
+        t0 = asyncio.get_running_loop().time()
+        r, w = await asyncio.open_connection(str(addr.ip), addr.port, ssl=ctx, server_hostname="")
+        w.write(PREFACE + frame(SETTINGS, 0, 0))  # our SETTINGS, but never an ACK of the server's
+        got = await asyncio.wait_for(r.read(-1), 5)  # until the server closes
+        elapsed = asyncio.get_running_loop().time() - t0
+        w.close()
+        goaways = [p for t, _f, _s, p in parse_frames(got) if t == GOAWAY]
+        assert len(goaways) == 1 and int.from_bytes(goaways[0][4:8]) == ErrorCode.SETTINGS_TIMEOUT
+        assert 0.25 <= elapsed < 3, elapsed
+        await wait_for_condition(lambda: mesh.server.stats["settings-timeout"] == 1)
+        # A peer that does acknowledge (our own client) is not affected.
+        await good_roundtrip(mesh)
+        await asyncio.sleep(0.5)  # past the timeout, on the same pooled connection
+        await good_roundtrip(mesh)
+        assert mesh.server.stats["settings-timeout"] == 1
+        assert mesh.server.stats["connections_accepted"] == 2
