@@ -890,8 +890,14 @@ class H2Session(asyncio.Protocol):
             self.flush()
         self.keepalive_tick()
         if not self.is_closed:
+            # Wake when the next PING falls due (interval after the last byte), or at the
+            # timeout while one is outstanding. A fixed step from the previous wake-up landed
+            # a hair before the interval when the PING ACK was the last byte, skipped that PING
+            # and next woke at the timeout: a peer that answers PINGs but sends none of its own
+            # (nghttpd; Envoy without connection keepalive) was dropped after 2 x interval.
+            limit = self.keepalive_timeout if self._ping_outstanding else self.keepalive_interval
             self._keepalive_handle = self.loop.call_later(
-                min(self.keepalive_interval, max(0.05, self.keepalive_timeout - silent)), self._keepalive
+                max(0.05, min(limit, self.keepalive_timeout) - silent), self._keepalive
             )
 
     def keepalive_tick(self) -> None:

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import re
 import shutil
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -175,3 +176,56 @@ async def test_h2load_many_concurrent_streams(mesh: Mesh, client_cred, bundles) 
     assert stats["bad-request"] == 2000 and stats["connections_accepted"] == 4
     assert stats["protocol-error"] == 0 and stats["h2-abuse"] == 0 and stats["stream-refused"] == 0
     await still_tunnels(mesh)
+
+
+@pytest.mark.skipif(not shutil.which("nghttpd"), reason="nghttp2-server not installed")
+async def test_our_client_against_nghttpd(client_cred, server_cred, bundles, tmp_path: Path) -> None:
+    """nghttp2's server as the peer of our client: SETTINGS and ACKs both ways, our PINGs
+    answered, our CONNECT decoded (nghttpd -v prints it). nghttpd answers a request only after
+    its END_STREAM, which a CONNECT tunnel never sends before the 200, so the CONNECT gets no
+    answer: our client must give up on that stream alone (response timeout) and keep the
+    connection alive on PINGs, although nghttpd sends none of its own."""
+    from tunnel.client import ClientConfig, HboneClient, OutboundTarget, TunnelError
+
+    crt, key = tmp_path / "server.crt", tmp_path / "server.key"
+    crt.write_bytes(server_cred.chain_pem())
+    key.write_bytes(server_cred.key_pem())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = await asyncio.create_subprocess_exec(
+        "nghttpd", "-v", "-a", "127.0.0.1", str(port), str(key), str(crt),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    cfg = ClientConfig(response_timeout=1.0, keepalive_interval=0.25, keepalive_timeout=0.5)
+    client = HboneClient(bundles=lambda: bundles, config=cfg)
+    target = OutboundTarget(
+        client_cred, Authority.parse("10.0.0.1:80"), Authority.of("127.0.0.1", port), (server_cred.spiffe_id,)
+    )
+    try:
+        for _ in range(50):  # nghttpd is starting
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            await asyncio.sleep(0.05)
+        resets = []
+        with pytest.raises(TunnelError) as info:
+            await client.establish(target, lambda: resets.append(1))
+        assert info.value.kind == "response-timeout" and resets == [1]
+        # 1 s of waiting and 1.5 s more: three keepalive timeouts; the connection lived on PINGs.
+        await asyncio.sleep(1.5)
+        assert client.connections == 1
+        assert client.stats["connection-lost"] == 0
+    finally:
+        await client.close()
+        await asyncio.sleep(0.3)  # nghttpd reads our GOAWAY
+        proc.terminate()
+        out = (await proc.communicate())[0].decode("utf-8", "replace")
+    assert "[SETTINGS_INITIAL_WINDOW_SIZE(0x04):4194304]" in out
+    assert "[SETTINGS_MAX_FRAME_SIZE(0x05):1048576]" in out
+    assert "recv (stream_id=1) :method: CONNECT" in out
+    assert "recv (stream_id=1) :authority: 10.0.0.1:80" in out
+    assert ":path" not in out.split("recv (stream_id=1) :method: CONNECT", 1)[1].split("HEADERS frame")[0]
+    assert out.count("send PING frame") >= 4, out  # nghttpd's ACKs to our PINGs
+    assert "RST_STREAM frame" in out and "error_code=CANCEL" in out  # the timed-out stream, alone
+    assert "GOAWAY" in out  # our close
