@@ -249,13 +249,14 @@ def _attacker_main(
         for _ in range(waves):
             left = pairs
             while left > 0:
-                r = await attack_connection(server, ctx, rapid_reset_pairs(target, left))
+                # A last connection under the burst allowance gets no GOAWAY: stop waiting soon.
+                r = await attack_connection(server, ctx, rapid_reset_pairs(target, left), timeout=2)
                 done = (r.goaway_last + 1) // 2 if r.goaway_last else r.frames_sent
                 conns.append(
                     {"kind": "rapid-reset", "streams": done, "goaway": r.goaway_code, "closed": r.closed}
                 )
                 left -= max(done, 1)
-        r = await attack_connection(server, ctx, stream_flood(target, 1000))
+        r = await attack_connection(server, ctx, stream_flood(target, 1000), timeout=2)
         done = (r.goaway_last + 1) // 2 if r.goaway_last else r.frames_sent
         conns.append({"kind": "stream-flood", "streams": done, "goaway": r.goaway_code, "closed": r.closed})
         return {"seconds": time.monotonic() - t0, "connections": conns}
@@ -360,14 +361,14 @@ def main() -> int:
                 )
                 att.start()
                 await asyncio.sleep(0.3)  # the attacker process is importing; start probing once it attacks
-                lat, to = [], 0  # probes while the attack runs
-                while att.is_alive() or not lat:
+                lat, to = [], 0  # probes for as long as the attack runs
+                deadline = time.monotonic() + 120
+                while (att.is_alive() or not lat) and time.monotonic() < deadline:
                     part, t = await _probe_set(client, target, 10, args.timeout)
                     lat += part
                     to += t
-                    if len(lat) >= 10 * args.probes:
-                        break
-                att.join(60)
+                # Never block this loop: a client that stops answering PINGs is rightly dropped.
+                await asyncio.get_running_loop().run_in_executor(None, att.join, 60)
                 attacked_sets.append((lat, to))
                 attacks.append(out_r.recv() if out_r.poll(5) else {"error": "no report"})
             await client.close()

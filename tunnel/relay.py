@@ -653,6 +653,9 @@ class TunnelStream:
             self.session.watch_idle()
 
 
+_NO_RESETS: frozenset[int] = frozenset()
+
+
 # --- one HTTP/2 connection ---------------------------------------------------------------------
 class H2Session(asyncio.Protocol):
     """asyncio protocol on an mTLS transport, driving a sans-IO HTTP/2 core (``tunnel.h2``).
@@ -689,6 +692,7 @@ class H2Session(asyncio.Protocol):
         self._ping_outstanding = False
         self._flush_pending = False
         self.withheld = 0  # stream credit held back by stalled local readers (bytes)
+        self.reset_in_batch: frozenset[int] | set[int] = _NO_RESETS  # see data_received
         # uvloop sets TCP_NODELAY on every TCP transport itself; asyncio not on all of them.
         self.loop_sets_nodelay = type(loop).__module__.startswith("uvloop")
 
@@ -719,8 +723,14 @@ class H2Session(asyncio.Protocol):
             else:
                 self.protocol_error(str(exc))
             return
+        if len(events) > 2:
+            # Streams opened and reset within one read (rapid reset, or an app that gave up at
+            # once) need no tunnel at all: the role skips them instead of building a stream and
+            # an admission task only to tear both down a moment later.
+            self.reset_in_batch = {ev.stream_id for ev in events if type(ev) is h2.StreamReset}
         for ev in events:
             self.handle_event(ev)
+        self.reset_in_batch = _NO_RESETS
         self.flush()
 
     def eof_received(self) -> bool:

@@ -268,6 +268,9 @@ class _ServerSession(H2Session):
     def handle_role_event(self, ev: h2.Event) -> None:
         if isinstance(ev, h2.ConnectRequest):
             assert self.conn is not None
+            if ev.stream_id in self.reset_in_batch:
+                self.server.stats["reset-before-admission"] += 1
+                return  # its RST_STREAM came in the same read: nothing to admit
             fwd = ev.headers.get("forwarded")
             forwarded = parse_forwarded_for(fwd) if fwd else None
             source = forwarded or self.peer
