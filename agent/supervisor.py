@@ -31,18 +31,21 @@ from dataclasses import dataclass, field
 from importlib.metadata import version as pkg_version
 from typing import TYPE_CHECKING, Any
 
+from agent import views
 from agent.admin import build_admin_app
 from agent.capture import Capture, StaticCapture, make_capture, parse_address
-from agent.metrics import AgentMetrics
+from agent.cni import CniEnrollment, state_path_for
+from agent.metrics import DEFAULT_CLUSTER_ID, AgentMetrics
 from agent.tracking import ConnectionTracker
 from agent.worker import DataPlaneWorker, NodeServices
+from cni.server import CniServer
 from credentials.client import CaClient, NodeCredentials
 from credentials.manager import CertificateManager
 from identity.spiffe import SpiffeId
-from mesh.config import ConfigError, ConfigIssue, MeshConfig, thaw
+from mesh.config import ConfigError, ConfigIssue, MeshConfig
 from mesh.errors import ChangeRefused
-from mesh.store import AppliedChanges, WorkloadStore, describe_workloads
-from policy import PolicyIndex, PolicySet
+from mesh.store import AppliedChanges, WorkloadStore
+from policy import PolicyIndex
 from serving.accesslog import AccessLog
 from serving.http import RunningSite, build_metrics_app, build_readiness_app, serve
 from sources.base import ConfigRefused as SourceRefused
@@ -87,6 +90,8 @@ class AgentOptions:
     drain_timeout: float = 5.0
     state_file: str | None = None  # JSON with the bound addresses, written once serving
     namespace: str | None = None  # as kubectl -n: the namespace of documents that name none
+    cluster_id: str = DEFAULT_CLUSTER_ID  # source_cluster/destination_cluster (ztunnel's CLUSTER_ID)
+    cni_socket: str | None = None  # serve ztagent-cni here (agent/cni.py): pods enrolled as they are made
 
 
 @dataclass
@@ -115,11 +120,12 @@ class NodeAgent:
         *,
         capture_backend: CaptureBackend | None = None,
         source: ConfigSource | None = None,
+        ca_client: CaClient | None = None,
     ) -> None:
         self.options = options
         self.node_name = options.node
         self.hbone_port = options.hbone_port
-        self.metrics = AgentMetrics()
+        self.metrics = AgentMetrics(cluster_id=options.cluster_id, version=self.version)
         self.access_log = AccessLog(options.access_log)
         self.capture: Capture = make_capture(
             options.capture, options.node, backend=capture_backend, hbone_port=options.hbone_port
@@ -135,10 +141,11 @@ class NodeAgent:
         self._stale_reported: dict[str, tuple[ConfigIssue, ...]] = {}
         self._certs: CertificateManager | None = None
         self._node_identity: SpiffeId | None = None
-        self._ca_client: CaClient | None = None
+        self._ca_client: CaClient | None = ca_client  # injected: token mode (credentials.client)
         self.worker: DataPlaneWorker | None = None
         self._sites: dict[str, RunningSite] = {}
         self._config_task: asyncio.Task[None] | None = None
+        self.cni_server: CniServer | None = None
         self._stopping = False
         self._stopped = asyncio.Event()
 
@@ -203,30 +210,36 @@ class NodeAgent:
         self._report_policies()
 
         # 2. certificates for every enrolled local workload
-        if not o.ca or not o.node_credentials:
-            raise StartupError(
-                "--ca and --node-credentials are required (workload certificates come from the CA)"
-            )
-        try:
-            # The bootstrap credential plus the renewed one persisted beside it; at least one must
-            # be valid now. The client presents the newest valid one on every new connection.
-            node_creds = NodeCredentials.from_dir(o.node_credentials, now=dt.datetime.now(dt.UTC))
-            self._ca_client = CaClient(o.ca, node_creds)
-        except Exception as exc:
-            raise StartupError(f"node credentials in {o.node_credentials}: {exc}") from None
+        if self._ca_client is None:
+            if not o.ca or not o.node_credentials:
+                raise StartupError(
+                    "--ca and --node-credentials are required (workload certificates come from the CA)"
+                )
+            try:
+                # The bootstrap credential plus the renewed one persisted beside it; at least one
+                # must be valid now. The client presents the newest valid one on every connection.
+                node_creds = NodeCredentials.from_dir(o.node_credentials, now=dt.datetime.now(dt.UTC))
+                self._ca_client = CaClient(o.ca, node_creds)
+            except Exception as exc:
+                raise StartupError(f"node credentials in {o.node_credentials}: {exc}") from None
         self._ca_client.register_metrics(self.metrics.registry)
-        self._node_identity = node_creds.spiffe_id
+        self._node_identity = self._ca_client.node_identity  # None in token mode
         self._certs = CertificateManager(
             self._ca_client, self._ca_client.bundles(), registry=self.metrics.registry, ttl=o.cert_ttl
         )
         # The node's own credential is renewed like a workload's; the client picks it up.
         self._certs.on_rotate(self._ca_client.on_rotate)
         try:
-            await self._certs.start([self._node_identity, *self._local_identities()])
+            own = [self._node_identity] if self._node_identity is not None else []
+            await self._certs.start([*own, *self._local_identities()])
         except Exception as exc:
             raise StartupError(str(exc)) from None
 
         # 3. the data plane: listeners, HBONE server and client
+        cni = None
+        if o.cni_socket:  # pods come from the runtime: capture enrolls only those it has made
+            cni = CniEnrollment(self, state_path=state_path_for(o.cni_socket))
+            self.capture = cni.capture
         certs = self._certs
         self.worker = DataPlaneWorker(
             NodeServices(
@@ -252,9 +265,14 @@ class NodeAgent:
         try:
             self.capture.install()
             self.capture.set_listeners(out_sock, in_sock, hbone_sock)
+            if cni is not None:
+                cni.reconcile()  # before the socket is served and readiness can turn green
             self.capture.sync(self.store.local_enrolled)
         except Exception as exc:
             raise StartupError(f"capture ({o.capture}): {exc}") from None
+        if cni is not None and o.cni_socket:
+            self.cni_server = CniServer(cni, o.cni_socket)
+            await self.cni_server.start()
 
         # 5. admin, metrics, readiness; config watch
         self._sites["admin"] = await serve(build_admin_app(self), *parse_address(o.admin, "--admin"))
@@ -280,6 +298,8 @@ class NodeAgent:
             return
         self._stopping = True
         try:
+            if self.cni_server is not None:  # first: ADDs now fail "try again later" (fail closed)
+                await self.cni_server.close()
             if self._config_task is not None:
                 self._config_task.cancel()
             if self.worker is not None:
@@ -448,6 +468,11 @@ class NodeAgent:
             counts = worker.tunnel_counts()
             self.metrics.open_tunnels.labels("inbound").set(counts["inbound"])
             self.metrics.open_tunnels.labels("outbound").set(counts["outbound"])
+            if self._store is not None:
+                held = {st.spiffe_id for st in self.cert_manager.status() if st.credential is not None}
+                pending = sum(1 for w in self._store.local_enrolled if w.spiffe_id not in held)
+                self.metrics.active_proxies.set(len(self._store.local_enrolled) - pending)
+                self.metrics.pending_proxies.set(pending)
 
         return build_metrics_app(self.metrics, before_scrape=before_scrape)
 
@@ -459,164 +484,69 @@ class NodeAgent:
             out.update({"hbone": [], "listeners": []})
         return out
 
-    def status(self) -> dict[str, Any]:
-        ready, reasons = self.ready()
-        problems = list(reasons)
+    # The views themselves are pure functions in agent.views; these gather their inputs.
+
+    def _view_config_state(self) -> views.ConfigState | None:
         cs = self._config_state
+        if cs is None:
+            return None
         stale = self._store.stale_policies if self._store is not None else {}
-        for key, issues in sorted(stale.items()):
-            problems.append(f"policy {key}: update refused, last good version in force: {issues[0]}")
-        if cs is not None and cs.refused:
-            problems.append(
-                f"last config update refused ({len(cs.refused)} errors); serving the previous config"
-            )
-        certs = {c["identity"]: c for c in self.certs_list()}
-        workloads = []
-        for w in self.store.local_enrolled if self._store is not None else ():
-            workloads.append(
-                {
-                    "name": w.name,
-                    "namespace": w.namespace,
-                    "spiffeId": str(w.spiffe_id),
-                    "ips": [str(i) for i in w.ips],
-                    "cert": certs.get(str(w.spiffe_id)),
-                }
-            )
-        for c in certs.values():
-            if c.get("consecutiveFailures"):
-                problems.append(f"certificate renewal failing for {c['identity']}: {c.get('lastError')}")
+        return views.ConfigState(cs.source, cs.digest, cs.loaded_at, cs.refused, cs.refused_at, stale)
+
+    def status(self) -> dict[str, Any]:
         worker = self.worker
-        return {
-            "version": self.version,
-            "node": self.node_name,
-            "startedAt": dt.datetime.fromtimestamp(self.started_at, dt.UTC).isoformat(),
-            "uptimeSeconds": round(time.time() - self.started_at, 1),
-            "healthy": not problems,
-            "ready": ready,
-            "problems": problems,
-            "capture": self.capture.status(),
-            "config": {
-                "source": cs.source if cs else None,
-                "digest": cs.digest if cs else None,
-                "loadedAt": _iso(cs.loaded_at) if cs else None,
-                "errors": cs.refused if cs else [],
-                "stalePolicies": {k: [str(i) for i in v] for k, v in sorted(stale.items())},
-                "refusedAt": _iso(cs.refused_at) if cs and cs.refused_at else None,
-            },
-            "workloads": workloads,
-            "tunnels": (
-                worker.tunnel_counts()
-                if worker is not None
-                else {"inbound": 0, "outbound": 0, "pooledConnections": 0}
-            ),
-            "connections": (
-                {"open": len(worker.connections.open), **worker.connections.totals}
-                if worker is not None
-                else {"open": 0, "opened": 0, "closed": 0, "denied": 0}
-            ),
-            "recentDenials": list(worker.connections.recent_denials) if worker is not None else [],
-            "addresses": self.addresses(),
-        }
+        return views.status(
+            version=self.version,
+            node=self.node_name,
+            started_at=self.started_at,
+            now=time.time(),
+            ready=self.ready(),
+            config=self._view_config_state(),
+            store=self._store,
+            certs=self.certs_list(),
+            capture=self.capture.status(),
+            tunnels=worker.tunnel_counts() if worker is not None else None,
+            tracker=worker.connections if worker is not None else None,
+            recent_denials=worker.connections.recent_denials if worker is not None else (),
+            addresses=self.addresses(),
+        )
 
     def certs_list(self) -> list[dict[str, Any]]:
         if self._certs is None:
             return []
-        now = dt.datetime.now(dt.UTC)
-        out = []
-        for st in self._certs.status():
-            c = st.credential
-            entry: dict[str, Any] = {
-                "identity": str(st.spiffe_id),
-                "nextAction": st.next_action.isoformat(),
-                "consecutiveFailures": st.consecutive_failures,
-                "lastError": st.last_error or None,
-                "lastErrorReason": st.last_error_reason or None,
-                "failingSince": st.failing_since.isoformat() if st.failing_since else None,
-            }
-            if c is not None:
-                leaf = c.chain[0]
-                entry.update(
-                    {
-                        "serial": format(leaf.serial_number, "x"),
-                        "notBefore": c.not_before.isoformat(),
-                        "notAfter": c.not_after.isoformat(),
-                        "expiresInSeconds": round((c.not_after - now).total_seconds(), 1),
-                        "issuer": leaf.issuer.rfc4514_string(),
-                    }
-                )
-            out.append(entry)
-        return out
+        return views.certs_list(self._certs.status(), dt.datetime.now(dt.UTC))
 
     def certs(self) -> list[dict[str, Any]]:
         return self.certs_list()
 
     def config_dump(self) -> dict[str, Any]:
-        cfg = self.config
-        if cfg is None:
-            return {}
-        return {
-            "source": cfg.source,
-            "digest": cfg.digest,
-            "trustDomain": cfg.trust_domain.name,
-            "rootNamespace": cfg.root_namespace,
-            "nodes": [
-                {
-                    "name": n.name,
-                    "address": str(n.address),
-                    "podCIDR": str(n.pod_cidr) if n.pod_cidr else None,
-                }
-                for n in cfg.nodes
-            ],
-            "workloads": describe_workloads(self.store),
-            "services": [
-                {
-                    "name": s.name,
-                    "namespace": s.namespace,
-                    "vips": [str(v) for v in s.vips],
-                    "ports": [
-                        {"port": p.port, "targetPort": p.target_port, "name": p.name, "protocol": p.protocol}
-                        for p in s.ports
-                    ],
-                    "selector": dict(s.selector),
-                    "endpoints": [w.key for w in self.store.endpoints(s)],
-                }
-                for s in cfg.services
-            ],
-            "policies": [thaw(p.raw) for p in cfg.policies],
-        }
+        """ztunnel's ``/config_dump`` keys, plus ztagent's own (source, digest, nodes, documents)."""
+        certs = self._certs
+        worker = self.worker
+        dump = views.ztunnel_dump(
+            self.config,
+            self._store,
+            cluster_id=self.metrics.cluster_id,
+            statuses=certs.status() if certs is not None else [],
+            bundles=certs.bundles() if certs is not None else None,
+            tracker=worker.connections if worker is not None else None,
+            now=dt.datetime.now(dt.UTC),
+        )
+        if dump:
+            dump.update(views.config_dump(self.config, self._store))
+        return dump
 
     def workloads(self) -> list[dict[str, Any]]:
-        return describe_workloads(self.store)
+        return views.workloads(self._store)
 
     def policies(self) -> list[dict[str, Any]]:
-        cfg = self.config
-        if cfg is None:
-            return []
-        local = self.store.local_enrolled
-        index = self.policy_index
-        out = []
-        for doc in cfg.policies:
-            selects = []
-            if doc.kind == "AuthorizationPolicy":
-                for w in local:
-                    if any(
-                        p.key == f"{doc.namespace}/{doc.name}" for p in index.select(w.namespace, w.labels)
-                    ):
-                        selects.append(w.key)
-            out.append(
-                {
-                    "kind": doc.kind,
-                    "namespace": doc.namespace,
-                    "name": doc.name,
-                    "source": {"file": doc.file, "document": doc.document, "path": doc.path or None},
-                    "selectsLocal": selects,
-                    "spec": thaw(doc.raw.get("spec")),
-                }
-            )
-        ps = cfg.parsed_policies
-        if isinstance(ps, PolicySet) and ps.warnings:
-            out.append({"warnings": [str(w) for w in ps.warnings]})
-        return out
+        return views.policies(self.config, self._store)
+
+    def connections(self) -> list[dict[str, Any]]:
+        worker = self.worker
+        if worker is not None:
+            worker.connections.sync_all()
+        return views.connections(worker.connections if worker is not None else None, time.monotonic())
 
 
 def _iso(ts: float) -> str:

@@ -52,6 +52,7 @@ class UpOptions:
     ready_timeout: float = 90.0
     log_level: str = "info"
     extra_agent_args: tuple[str, ...] = ()
+    cni: str | None = None  # "ptp" | "bridge": pods made by the real CNI plugins (lab/cni.py)
 
 
 def ztagent_argv() -> list[str]:
@@ -146,10 +147,25 @@ def up(opts: UpOptions) -> LabState:
 
     cfg = load_config(opts.config)  # ConfigError names file, document and field
     spec = LabSpec.from_config(opts.name, cfg)
-    state = build(spec, opts.root, config=os.path.abspath(opts.config))
+    if opts.cni is not None and not opts.agents:
+        raise LabError("--cni needs the agents: the CNI plugin holds every pod back until one enrolls it")
+    # With --cni the topology has nodes only; the runtime makes the pods once the agents serve.
+    state = build(spec if opts.cni is None else LabSpec(spec.name, spec.nodes, ()), opts.root,
+                  config=os.path.abspath(opts.config))
     try:
+        if opts.cni is not None:
+            from lab import cni
+
+            for node in spec.nodes:
+                info = state.nodes[node.name]
+                info["cni"] = cni.prepare_node(state.dir, node.name, str(info["netns"]), opts.cni,
+                                               node.pod_cidr)
+            state.save()
         if opts.agents:
             _start_processes(state, cfg, opts)
+        if opts.cni is not None:
+            for pod in spec.pods:
+                cni.add_pod(state, pod)
     except BaseException:
         teardown(state)
         raise
@@ -181,6 +197,8 @@ def _start_processes(state: LabState, cfg: Any, opts: UpOptions) -> None:
         argv = ["nsenter", f"--net=/run/netns/{info['netns']}", *zt, "run", "--config", config,
                 "--node", node, "--ca", f"unix:{sock}", "--node-credentials", creds[node],
                 "--log-level", opts.log_level, *opts.extra_agent_args]
+        if info.get("cni"):
+            argv += ["--cni-socket", str(info["cni"]["socket"])]
         proc = _spawn(state, f"agent-{node}", argv, env={PIN_ROOT_ENV: pins})
         agents.append((f"agent {node}", proc, state.processes[-1].log))
     watched = [("ca", ca, state.processes[0].log), *agents]

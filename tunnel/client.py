@@ -82,7 +82,9 @@ class ClientConfig:
     stream_idle_timeout: float = STREAM_IDLE_TIMEOUT
     max_streams_per_connection: int = CLIENT_MAX_STREAMS_PER_CONNECTION
     # OpenSSL on the socket's fd (tunnel.fdtls) instead of the loop's memory-BIO SSL transport.
-    tls_on_fd: bool = True
+    # Off by default: measured slower as a Python transport under the asyncio protocol layering
+    # (bench/ab.py, tunnel/fdtls.py's docstring); kept, tested, for the integrated pump.
+    tls_on_fd: bool = False
 
 
 PoolKey = tuple[SpiffeId, frozenset[SpiffeId], Authority]

@@ -109,6 +109,8 @@ class Accept:
 
     upstream: socket.socket | None = None
     observer: StreamObserver | None = None
+    # Headers for the 200 (ztunnel answers with the destination's ``baggage``).
+    response_headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +171,9 @@ class ServerConfig:
     stream_idle_timeout: float = STREAM_IDLE_TIMEOUT
     max_concurrent_streams: int = SERVER_MAX_CONCURRENT_STREAMS
     # OpenSSL on the socket's fd (tunnel.fdtls) instead of the loop's memory-BIO SSL transport.
-    tls_on_fd: bool = True
+    # Off by default: measured slower as a Python transport under the asyncio protocol layering
+    # (bench/ab.py, tunnel/fdtls.py's docstring); kept, tested, for the integrated pump.
+    tls_on_fd: bool = False
 
 
 def _callback_admission(server: HboneServer) -> Admission:
@@ -342,7 +346,9 @@ class _ServerSession(H2Session):
                     st.abort()
                     return
             assert isinstance(self.core, h2.ServerConnection)
-            self.core.respond(st.stream_id, Status.OK)
+            # The core's literal header encoder validates the names and values (RFC 9113 §8.2.1).
+            extra = dict(outcome.response_headers) if outcome.response_headers else None
+            self.core.respond(st.stream_id, Status.OK, extra)
             self.request_flush()
             server.stats["tunnels_opened"] += 1
             _safe(server.observer.tunnel_opened, st.info)

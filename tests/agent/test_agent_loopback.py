@@ -132,7 +132,8 @@ async def test_service_vip_over_hbone_with_identity_metrics_and_logs(mesh: Mesh)
     wl = await mesh.admin("node-b", "/workloads")
     assert {w["name"]: w["enrolled"] for w in wl}["legacy"] is False
     dump = await mesh.admin("node-b", "/config_dump")
-    assert dump["services"][0]["endpoints"] == ["ns2/httpbin"]
+    # ztunnel's config_dump shape (issue 17): endpoints keyed by workload UID.
+    assert list(dump["services"][0]["endpoints"]) == ["Kubernetes//Pod/ns2/httpbin"]
     status = await mesh.admin("node-a", "/status")
     assert status["healthy"] and status["ready"] and status["tunnels"]["pooledConnections"] >= 1
 
@@ -396,9 +397,12 @@ async def test_closed_port_on_the_pod_resets_and_is_logged(mesh: Mesh) -> None:
         and failed[-1]["destination_workload"] == "ns2/httpbin"
     )
     m = await mesh.metrics_text("node-b")
-    assert samples(m, "ztagent_handshake_failures_total", direction="inbound", reason="upstream-failed") == [
-        1
-    ]
+    # Issue 17: an upstream connect failure is ztunnel's response_flags="CONNECT", not a handshake
+    # failure.
+    assert samples(m, "ztagent_handshake_failures_total", direction="inbound", reason="upstream-failed") == []
+    flagged = dict(reporter="destination", destination_workload="httpbin", response_flags="CONNECT")
+    assert samples(m, "istio_tcp_connections_failed_total", **flagged) == [1]
+    assert samples(m, "istio_tcp_connections_closed_total", **flagged) == [1]
 
 
 async def test_a_broken_policy_update_keeps_its_last_good_version_and_traffic_flows(mesh: Mesh) -> None:

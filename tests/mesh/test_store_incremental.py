@@ -206,7 +206,7 @@ def test_refused_changes_name_the_field_and_leave_the_store_unchanged(
     msgs = [str(i) for i in ei.value.issues]
     assert any(m.startswith("mesh.yaml: ") and expected in m for m in msgs), msgs
     assert answers(store) == before and store.policy_index is index_before
-    assert isinstance(ei.value, KeyError)  # today's agent still catches KeyError (transition)
+    assert not isinstance(ei.value, KeyError)  # a domain error, not a lookup failure
 
 
 def test_moves_and_swaps_in_one_batch_need_no_ordering() -> None:
