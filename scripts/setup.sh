@@ -12,7 +12,7 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 APT_PACKAGES=(
   python3-bpfcc bpfcc-tools bpftool linux-headers-amd64   # eBPF capture (BCC compiles at load)
   iproute2 nftables iptables tcpdump                      # lab networking
-  iperf3 wrk nghttp2-client curl openssl                  # real peers / load tools for tests and bench
+  iperf3 wrk nghttp2-client nghttp2-server curl openssl   # real peers / load tools for tests and bench
   nginx-light                                             # 1 KB HTTP responder behind wrk in bench/
   prometheus                                              # real scraper for the metrics test
   containernetworking-plugins                             # real CNI plugins (ptp, bridge, host-local) for cni/

@@ -28,11 +28,13 @@ from identity.bundle import TrustBundleSet
 from identity.spiffe import SpiffeId
 from identity.svid import WorkloadCredential
 
-from . import fdtls, hbone
-from .hbone import Authority, ErrorCode
+from . import fdtls, h2
+from .authority import CLIENT_MAX_STREAMS_PER_CONNECTION, Authority, HboneError, format_forwarded
+from .h2 import ErrorCode
 from .relay import (
     KEEPALIVE_INTERVAL,
     KEEPALIVE_TIMEOUT,
+    SETTINGS_ACK_TIMEOUT,
     STREAM_IDLE_TIMEOUT,
     H2Session,
     HeldConnection,
@@ -75,9 +77,10 @@ class ClientConfig:
     response_timeout: float = 30.0  # server answers after authz + upstream connect (itself <= 10 s)
     keepalive_interval: float = KEEPALIVE_INTERVAL
     keepalive_timeout: float = KEEPALIVE_TIMEOUT
+    settings_ack_timeout: float = SETTINGS_ACK_TIMEOUT  # then GOAWAY(SETTINGS_TIMEOUT)
     pool_idle_timeout: float = POOL_IDLE_TIMEOUT
     stream_idle_timeout: float = STREAM_IDLE_TIMEOUT
-    max_streams_per_connection: int = hbone.CLIENT_MAX_STREAMS_PER_CONNECTION
+    max_streams_per_connection: int = CLIENT_MAX_STREAMS_PER_CONNECTION
     # OpenSSL on the socket's fd (tunnel.fdtls) instead of the loop's memory-BIO SSL transport.
     # Off by default: measured slower as a Python transport under the asyncio protocol layering
     # (bench/ab.py, tunnel/fdtls.py's docstring); kept, tested, for the integrated pump.
@@ -117,10 +120,11 @@ class _ClientSession(H2Session):
     def __init__(self, client: HboneClient, key: PoolKey, credential: WorkloadCredential) -> None:
         cfg = client.config
         super().__init__(
-            hbone.ClientConnection(),
+            h2.ClientConnection(),
             client.loop,
             keepalive_interval=cfg.keepalive_interval,
             keepalive_timeout=cfg.keepalive_timeout,
+            settings_ack_timeout=cfg.settings_ack_timeout,
             stream_idle_timeout=cfg.stream_idle_timeout,
         )
         self.client = client
@@ -131,7 +135,7 @@ class _ClientSession(H2Session):
         self.ready: asyncio.Future[None] = client.loop.create_future()
         self.peer_identity: SpiffeId | None = None
         self.verify_error: PeerVerificationError | None = None
-        self.responses: dict[int, asyncio.Future[hbone.ConnectResponse]] = {}
+        self.responses: dict[int, asyncio.Future[h2.ConnectResponse]] = {}
         self._idle_since = client.loop.time()
 
     @property
@@ -163,7 +167,7 @@ class _ClientSession(H2Session):
     def has_room(self) -> bool:
         limit = self.client.config.max_streams_per_connection
         if self.ready.done() and not self.is_closed:
-            limit = min(limit, self.core.remote_max_concurrent_streams)
+            limit = min(limit, self.core.peer_max_concurrent_streams)
         return self.reserved < limit
 
     def retire(self, reason: str) -> None:
@@ -175,13 +179,13 @@ class _ClientSession(H2Session):
         if self.reserved == 0 and self.ready.done():
             self.close(reason)
 
-    def handle_role_event(self, ev: hbone.Event) -> None:
-        if isinstance(ev, hbone.ConnectResponse):
+    def handle_role_event(self, ev: h2.Event) -> None:
+        if isinstance(ev, h2.ConnectResponse):
             fut = self.responses.pop(ev.stream_id, None)
             if fut is not None and not fut.done():
                 fut.set_result(ev)
 
-    def goaway_received(self, ev: hbone.ConnectionTerminated) -> None:
+    def goaway_received(self, ev: h2.ConnectionTerminated) -> None:
         self.retire(f"server sent GOAWAY (error {ev.error_code})")
         for sid, fut in list(self.responses.items()):
             if sid > ev.last_stream_id and not fut.done():
@@ -273,7 +277,7 @@ class HboneClient:
             try:
                 peer = sock.getpeername()
                 source_address = Authority.of(peer[0].split("%")[0], peer[1])
-            except (OSError, hbone.HboneError):
+            except (OSError, HboneError):
                 source_address = None
         target = OutboundTarget(
             source,
@@ -341,7 +345,7 @@ class HboneClient:
             if target.baggage:
                 headers["baggage"] = target.baggage
             if src is not None:
-                headers["forwarded"] = hbone.format_forwarded(src.ip, src.port)
+                headers["forwarded"] = format_forwarded(src.ip, src.port)
             headers["traceparent"] = traceparent(self.rng)
             headers.update(target.extra_headers or {})
             session = await self._acquire(key, target.source)
@@ -357,21 +361,21 @@ class HboneClient:
     async def _open_stream(
         self, session: _ClientSession, info: TunnelInfo, headers: dict[str, str]
     ) -> TunnelStream:
-        assert isinstance(session.core, hbone.ClientConnection)
+        assert isinstance(session.core, h2.ClientConnection)
         if session.is_closed or not session.core.can_open_stream():
             session.release()
             raise TunnelError(
                 "connection-lost", f"HBONE connection to {session.where} closed before the stream opened"
             )
-        assert isinstance(session.core, hbone.ClientConnection)
+        assert isinstance(session.core, h2.ClientConnection)
         try:
             sid = session.core.open_stream(info.destination, headers)
-        except hbone.HboneError as exc:
+        except HboneError as exc:
             session.release()
             raise TunnelError("bad-request", f"cannot build CONNECT {info.destination}: {exc}") from None
         info.destination_principal = str(session.peer_identity)
         stream = TunnelStream(session, sid, info, outbound=True)
-        fut: asyncio.Future[hbone.ConnectResponse] = self.loop.create_future()
+        fut: asyncio.Future[h2.ConnectResponse] = self.loop.create_future()
         session.responses[sid] = fut
         session.streams[sid] = stream
         stream.done.add_done_callback(lambda _f: session.release())

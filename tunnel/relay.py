@@ -1,9 +1,10 @@
 """Byte relay between plain TCP sockets and HBONE streams, plus the HTTP/2 session they share.
 
-One :class:`H2Session` is an asyncio protocol on an mTLS transport running a sans-IO core from
-``tunnel.hbone``; each proxied TCP connection is a :class:`TunnelStream` tying one HTTP/2 stream
-to one TCP transport. Transports and protocols (not streams) on the hot path: no per-chunk task
-switches, and backpressure is explicit.
+One :class:`H2Session` is an asyncio protocol on an mTLS transport (``tunnel.fdtls``: OpenSSL on
+the socket's fd) running the sans-IO HTTP/2 core of ``tunnel.h2``; each proxied TCP connection
+is a :class:`TunnelStream` tying one HTTP/2 stream to one TCP transport. Transports and
+protocols (not streams) on the hot path: no per-chunk task switches, and backpressure is
+explicit.
 
 Flow control and memory (the water marks are named so tests can assert them):
 
@@ -16,7 +17,7 @@ Flow control and memory (the water marks are named so tests can assert them):
   returned only while that transport's buffer is under ``TCP_WRITE_HIGH``; above it the credit is
   withheld (the peer's stream window runs dry and it stops sending) until the buffer drains below
   ``TCP_WRITE_LOW``. Buffered bytes per stream therefore stay under
-  ``TCP_WRITE_HIGH + hbone.STREAM_WINDOW`` whatever the local reader does. The connection's
+  ``TCP_WRITE_HIGH + authority.STREAM_WINDOW`` whatever the local reader does. The connection's
   credit for those bytes keeps flowing until ``SESSION_WITHHOLD_BUDGET`` is held back on the
   connection, so stalled readers do not starve the other tunnels sharing it.
 
@@ -37,8 +38,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
-from . import hbone
-from .hbone import Authority, ErrorCode
+from . import h2
+from .authority import CONNECTION_WINDOW, Authority, parse_ip
+from .h2 import ErrorCode
 
 log = logging.getLogger("ztagent.tunnel")
 
@@ -49,13 +51,17 @@ TLS_WRITE_LOW = 256 * 1024
 # Connection-level credit keeps flowing for stalled streams until this much is held back on one
 # connection (then it is withheld too): memory per connection stays bounded by this plus the
 # connection window, and it takes ~16 stalled readers, not 4, to stall a shared connection.
-SESSION_WITHHOLD_BUDGET = 4 * hbone.CONNECTION_WINDOW
+SESSION_WITHHOLD_BUDGET = 4 * CONNECTION_WINDOW
 # Bound on one TCP side's unsent bytes per stream: the read buffer size of either event loop.
 TCP_READ_CHUNK = 256 * 1024
 
 KEEPALIVE_INTERVAL = 10.0  # PING when the connection was silent this long (ztunnel)
 KEEPALIVE_TIMEOUT = 20.0  # drop a connection silent this long: half-open peers must not leak
 STREAM_IDLE_TIMEOUT = 3600.0  # reset a tunnel with no bytes either way for this long
+# RFC 9113 §6.5.3 leaves "a reasonable amount of time" for the peer to ACK our SETTINGS; until it
+# does, our windows and limits are only promises. ztunnel's connect timeout (10 s): a peer that
+# has not ACKed by then is not speaking HTTP/2 to us, and gets GOAWAY(SETTINGS_TIMEOUT).
+SETTINGS_ACK_TIMEOUT = 10.0
 
 
 # --- accounting --------------------------------------------------------------------------------
@@ -176,7 +182,7 @@ async def connect_numeric(
     thread hand-off, two futex calls and an extra loop wake-up. The wait for the connect is
     the same as its own: writability, then SO_ERROR. A name is refused: resolving it here would
     block the loop."""
-    hbone.parse_ip(address[0])  # ValueError for anything but an IP literal
+    parse_ip(address[0])  # ValueError for anything but an IP literal
     try:
         sock.connect(address)
         return
@@ -832,19 +838,24 @@ class TunnelStream:
             self.session.watch_idle()
 
 
+_NO_RESETS: frozenset[int] = frozenset()
+
+
 # --- one HTTP/2 connection ---------------------------------------------------------------------
 class H2Session(asyncio.Protocol):
-    """asyncio protocol on an mTLS transport, driving a sans-IO HBONE core. Subclassed by the
-    server and client connections, which decide what to do with requests and responses."""
+    """asyncio protocol on an mTLS transport, driving a sans-IO HTTP/2 core (``tunnel.h2``).
+    Subclassed by the server and client connections, which decide what to do with requests and
+    responses. The core reads no clock: the loop's time goes in with every read."""
 
     def __init__(
         self,
-        core: hbone.HboneConnection,
+        core: h2.H2Connection,
         loop: asyncio.AbstractEventLoop,
         *,
         keepalive_interval: float = KEEPALIVE_INTERVAL,
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
         stream_idle_timeout: float = STREAM_IDLE_TIMEOUT,
+        settings_ack_timeout: float = SETTINGS_ACK_TIMEOUT,
     ) -> None:
         self.core = core
         self.loop = loop
@@ -858,12 +869,15 @@ class H2Session(asyncio.Protocol):
         self.stream_idle_timeout = stream_idle_timeout
         self._last_rx = loop.time()
         self._keepalive_handle: asyncio.TimerHandle | None = None
+        self.settings_ack_timeout = settings_ack_timeout
+        self._settings_timer: asyncio.TimerHandle | None = None
         # One idle sweep per connection instead of a timer per stream: a uvloop timer costs
         # about 0.5 KB, which was a twentieth of an open tunnel's memory.
         self._idle_sweep: asyncio.TimerHandle | None = None
         self._ping_outstanding = False
         self._flush_pending = False
         self.withheld = 0  # stream credit held back by stalled local readers (bytes)
+        self.reset_in_batch: frozenset[int] | set[int] = _NO_RESETS  # see data_received
         # uvloop sets TCP_NODELAY on every TCP transport itself; asyncio not on all of them.
         self.loop_sets_nodelay = type(loop).__module__.startswith("uvloop")
 
@@ -874,18 +888,34 @@ class H2Session(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=TLS_WRITE_HIGH, low=TLS_WRITE_LOW)
         self._last_rx = self.loop.time()
         self.flush()
+        if self.settings_ack_timeout > 0 and not self.core.settings_acknowledged:
+            self._settings_timer = self.loop.call_later(self.settings_ack_timeout, self._settings_timeout)
         if self.keepalive_interval > 0:
             self._keepalive_handle = self.loop.call_later(self.keepalive_interval, self._keepalive)
 
     def data_received(self, data: bytes) -> None:
-        self._last_rx = self.loop.time()
+        self._last_rx = now = self.loop.time()
         try:
-            events = self.core.receive_data(data)
-        except hbone.ProtocolViolation as exc:
-            self.protocol_error(str(exc))
+            events = self.core.receive_data(data, now)
+        except h2.ProtocolViolation as exc:
+            # Every tunnel on the connection is about to be aborted: of what the same read did
+            # before the violation, only the refusals matter (each one is counted).
+            for ev in exc.events:
+                if isinstance(ev, h2.StreamRefused | h2.RequestRejected):
+                    self.handle_role_event(ev)
+            if exc.abuse is not None:
+                self.abuse(exc.abuse)
+            else:
+                self.protocol_error(str(exc))
             return
+        if len(events) > 2:
+            # Streams opened and reset within one read (rapid reset, or an app that gave up at
+            # once) need no tunnel at all: the role skips them instead of building a stream and
+            # an admission task only to tear both down a moment later.
+            self.reset_in_batch = {ev.stream_id for ev in events if type(ev) is h2.StreamReset}
         for ev in events:
             self.handle_event(ev)
+        self.reset_in_batch = _NO_RESETS
         self.flush()
 
     def eof_received(self) -> bool:
@@ -907,14 +937,14 @@ class H2Session(asyncio.Protocol):
             st.on_session_resumed()
 
     # -- events -----------------------------------------------------------------------------------
-    def handle_event(self, ev: hbone.Event) -> None:
-        if isinstance(ev, hbone.Data):
+    def handle_event(self, ev: h2.Event) -> None:
+        if isinstance(ev, h2.Data):
             st = self.streams.get(ev.stream_id)
             if st is not None:
                 st.on_data(ev.data, ev.flow_controlled_length)
             else:
                 self.core.acknowledge(ev.stream_id, ev.flow_controlled_length)
-        elif isinstance(ev, hbone.WindowOpened):
+        elif isinstance(ev, h2.WindowOpened):
             if ev.stream_id == 0:
                 for st in list(self.streams.values()):
                     st.on_window()
@@ -922,26 +952,30 @@ class H2Session(asyncio.Protocol):
                 st = self.streams.get(ev.stream_id)
                 if st is not None:
                     st.on_window()
-        elif isinstance(ev, hbone.StreamEnded):
+        elif isinstance(ev, h2.StreamEnded):
             st = self.streams.get(ev.stream_id)
             if st is not None:
                 st.on_end()
             else:
                 self.stream_ended_early(ev.stream_id)
-        elif isinstance(ev, hbone.StreamReset):
+        elif isinstance(ev, h2.StreamReset):
             st = self.streams.get(ev.stream_id)
             if st is not None:
                 st.on_reset(ev.error_code, ev.remote)
             else:
                 self.stream_reset_early(ev.stream_id, ev.error_code)
-        elif isinstance(ev, hbone.PingAcknowledged):
+        elif isinstance(ev, h2.PingAcknowledged):
             self._ping_outstanding = False
-        elif isinstance(ev, hbone.ConnectionTerminated):
+        elif isinstance(ev, h2.ConnectionTerminated):
             self.goaway_received(ev)
+        elif isinstance(ev, h2.SettingsAcknowledged):
+            if self._settings_timer is not None:
+                self._settings_timer.cancel()
+                self._settings_timer = None
         else:
             self.handle_role_event(ev)
 
-    def handle_role_event(self, ev: hbone.Event) -> None:
+    def handle_role_event(self, ev: h2.Event) -> None:
         pass
 
     def stream_ended_early(self, stream_id: int) -> None:
@@ -950,7 +984,7 @@ class H2Session(asyncio.Protocol):
     def stream_reset_early(self, stream_id: int, error_code: int) -> None:
         pass
 
-    def goaway_received(self, ev: hbone.ConnectionTerminated) -> None:
+    def goaway_received(self, ev: h2.ConnectionTerminated) -> None:
         # Streams the peer did not process will never complete: fail them now.
         for sid, st in list(self.streams.items()):
             if sid > ev.last_stream_id:
@@ -985,6 +1019,26 @@ class H2Session(asyncio.Protocol):
         self.flush()  # the core queued a GOAWAY naming the error
         self.close(reason)
 
+    def abuse(self, report: h2.AbuseReport) -> None:
+        """The peer flooded us (rapid reset, stream or control-frame flood): the core queued
+        GOAWAY(ENHANCE_YOUR_CALM) and wrote the connection's one log line; send it and close."""
+        self.flush()
+        self.close(f"HTTP/2 abuse: {report.reason}")
+
+    def _settings_timeout(self) -> None:
+        self._settings_timer = None
+        if self.is_closed or self.core.settings_acknowledged:
+            return
+        reason = f"peer did not acknowledge our SETTINGS within {self.settings_ack_timeout:g}s"
+        log.warning("HBONE connection error: %s", reason)
+        self.core.goaway(ErrorCode.SETTINGS_TIMEOUT, reason.encode())
+        self.flush()
+        self.settings_timed_out(reason)
+        self.close(reason)
+
+    def settings_timed_out(self, reason: str) -> None:
+        pass
+
     def close(self, reason: str = "closed") -> None:
         if self.transport is not None:
             self.core.goaway()
@@ -1003,6 +1057,8 @@ class H2Session(asyncio.Protocol):
         self.is_closed = True
         if self._keepalive_handle is not None:
             self._keepalive_handle.cancel()
+        if self._settings_timer is not None:
+            self._settings_timer.cancel()
         if self._idle_sweep is not None:
             self._idle_sweep.cancel()
         for st in list(self.streams.values()):
@@ -1029,8 +1085,14 @@ class H2Session(asyncio.Protocol):
             self.flush()
         self.keepalive_tick()
         if not self.is_closed:
+            # Wake when the next PING falls due (interval after the last byte), or at the
+            # timeout while one is outstanding. A fixed step from the previous wake-up landed
+            # a hair before the interval when the PING ACK was the last byte, skipped that PING
+            # and next woke at the timeout: a peer that answers PINGs but sends none of its own
+            # (nghttpd; Envoy without connection keepalive) was dropped after 2 x interval.
+            limit = self.keepalive_timeout if self._ping_outstanding else self.keepalive_interval
             self._keepalive_handle = self.loop.call_later(
-                min(self.keepalive_interval, max(0.05, self.keepalive_timeout - silent)), self._keepalive
+                max(0.05, min(limit, self.keepalive_timeout) - silent), self._keepalive
             )
 
     def keepalive_tick(self) -> None:

@@ -30,11 +30,19 @@ from identity.bundle import TrustBundleSet
 from identity.spiffe import SpiffeId
 from identity.svid import WorkloadCredential
 
-from . import fdtls, hbone
-from .hbone import Authority, IpAddress, Status
+from . import fdtls, h2
+from .authority import (
+    SERVER_MAX_CONCURRENT_STREAMS,
+    Authority,
+    HboneError,
+    IpAddress,
+    Status,
+    parse_forwarded_for,
+)
 from .relay import (
     KEEPALIVE_INTERVAL,
     KEEPALIVE_TIMEOUT,
+    SETTINGS_ACK_TIMEOUT,
     STREAM_IDLE_TIMEOUT,
     H2Session,
     NullObserver,
@@ -162,8 +170,9 @@ class ServerConfig:
     drain_timeout: float = 30.0
     keepalive_interval: float = KEEPALIVE_INTERVAL
     keepalive_timeout: float = KEEPALIVE_TIMEOUT
+    settings_ack_timeout: float = SETTINGS_ACK_TIMEOUT  # then GOAWAY(SETTINGS_TIMEOUT)
     stream_idle_timeout: float = STREAM_IDLE_TIMEOUT
-    max_concurrent_streams: int = hbone.SERVER_MAX_CONCURRENT_STREAMS
+    max_concurrent_streams: int = SERVER_MAX_CONCURRENT_STREAMS
     # OpenSSL on the socket's fd (tunnel.fdtls) instead of the loop's memory-BIO SSL transport.
     # Off by default: measured slower as a Python transport under the asyncio protocol layering
     # (bench/ab.py, tunnel/fdtls.py's docstring); kept, tested, for the integrated pump.
@@ -208,10 +217,11 @@ class _ServerSession(H2Session):
     ):
         cfg = server.config
         super().__init__(
-            hbone.ServerConnection(max_concurrent_streams=cfg.max_concurrent_streams),
+            h2.ServerConnection(max_concurrent_streams=cfg.max_concurrent_streams),
             server.loop,
             keepalive_interval=cfg.keepalive_interval,
             keepalive_timeout=cfg.keepalive_timeout,
+            settings_ack_timeout=cfg.settings_ack_timeout,
             stream_idle_timeout=cfg.stream_idle_timeout,
         )
         self.server = server
@@ -220,6 +230,7 @@ class _ServerSession(H2Session):
         self.credential = credential
         self.conn: ConnectionInfo | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._logged: set[str] = set()  # refusal kinds already logged on this connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         ssl_object = transport.get_extra_info("ssl_object")
@@ -231,6 +242,7 @@ class _ServerSession(H2Session):
             transport.abort()  # type: ignore[attr-defined]
             return
         self.conn = ConnectionInfo(self.local, self.peer, self.credential.spiffe_id, peer_id)
+        self.core.peer_label = f"{self.peer} ({peer_id})"
         self.server.sessions.add(self)
         super().connection_made(transport)
 
@@ -239,14 +251,35 @@ class _ServerSession(H2Session):
         self.server.sessions.discard(self)
 
     def protocol_error(self, reason: str) -> None:
-        self.server._reject("protocol-error", f"{self.peer}: {reason}")
-        super().protocol_error(reason)
+        self.server._reject("protocol-error", f"{self.peer}: {reason}")  # the one log line
+        self.flush()  # the core queued a GOAWAY naming the error
+        self.close(reason)
 
-    def handle_role_event(self, ev: hbone.Event) -> None:
-        if isinstance(ev, hbone.ConnectRequest):
+    def abuse(self, report: h2.AbuseReport) -> None:
+        # Counted here; the core logged the connection's one line (with its counts).
+        self.server._reject("h2-abuse", f"{self.peer}: {report.reason}", log_it=False)
+        super().abuse(report)
+
+    def settings_timed_out(self, reason: str) -> None:
+        self.server._reject("settings-timeout", f"{self.peer}: {reason}", log_it=False)
+
+    def _refusal(self, kind: str, detail: str) -> None:
+        """Count every refusal; log only the first of each kind on this connection: a peer
+        flooding streams must not turn into one warning line per stream."""
+        first = kind not in self._logged
+        self._logged.add(kind)
+        if first:
+            detail += " (more on this connection are counted, not logged)"
+        self.server._reject(kind, detail, log_it=first)
+
+    def handle_role_event(self, ev: h2.Event) -> None:
+        if isinstance(ev, h2.ConnectRequest):
             assert self.conn is not None
+            if ev.stream_id in self.reset_in_batch:
+                self.server.stats["reset-before-admission"] += 1
+                return  # its RST_STREAM came in the same read: nothing to admit
             fwd = ev.headers.get("forwarded")
-            forwarded = hbone.parse_forwarded_for(fwd) if fwd else None
+            forwarded = parse_forwarded_for(fwd) if fwd else None
             source = forwarded or self.peer
             info = TunnelInfo(
                 direction="inbound",
@@ -261,15 +294,15 @@ class _ServerSession(H2Session):
             task = self.loop.create_task(self._serve(st, ev, source, forwarded))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        elif isinstance(ev, hbone.RequestRejected):
-            self.server._reject("bad-request", f"{self.peer}: {ev.status}: {ev.reason}")
-        elif isinstance(ev, hbone.StreamRefused):
-            self.server._reject("stream-refused", f"{self.peer}: {ev.reason}")
+        elif isinstance(ev, h2.RequestRejected):
+            self._refusal("bad-request", f"{self.peer}: {ev.status}: {ev.reason}")
+        elif isinstance(ev, h2.StreamRefused):
+            self._refusal("stream-refused", f"{self.peer}: {ev.reason}")
 
     def _answer(self, st: TunnelStream, status: Status, kind: str, reason: str) -> None:
         self.server._reject(kind, f"{st.info.source} -> {st.info.destination}: {status.value}: {reason}")
         if not st.closed:
-            assert isinstance(self.core, hbone.ServerConnection)
+            assert isinstance(self.core, h2.ServerConnection)
             self.core.respond(st.stream_id, status)
             self.flush()
             st._finish(f"{status.value}: {reason}")
@@ -277,7 +310,7 @@ class _ServerSession(H2Session):
     async def _serve(
         self,
         st: TunnelStream,
-        req: hbone.ConnectRequest,
+        req: h2.ConnectRequest,
         source: Authority,
         forwarded: Authority | None,
     ) -> None:
@@ -318,8 +351,10 @@ class _ServerSession(H2Session):
                 if st.closed or self.is_closed:
                     st.abort()
                     return
-            assert isinstance(self.core, hbone.ServerConnection)
-            self.core.respond(st.stream_id, Status.OK, headers=outcome.response_headers)
+            assert isinstance(self.core, h2.ServerConnection)
+            # The core's literal header encoder validates the names and values (RFC 9113 §8.2.1).
+            extra = dict(outcome.response_headers) if outcome.response_headers else None
+            self.core.respond(st.stream_id, Status.OK, extra)
             self.request_flush()
             server.stats["tunnels_opened"] += 1
             _safe(server.observer.tunnel_opened, st.info)
@@ -389,9 +424,10 @@ class HboneServer:
         assert self._loop is not None, "server not started"
         return self._loop
 
-    def _reject(self, kind: str, detail: str) -> None:
+    def _reject(self, kind: str, detail: str, *, log_it: bool = True) -> None:
         self.stats[kind] += 1
-        log.warning("HBONE %s: %s", kind, detail)
+        if log_it:
+            log.warning("HBONE %s: %s", kind, detail)
         _safe(self.observer.rejected, kind, detail)
 
     async def start(
@@ -432,7 +468,7 @@ class HboneServer:
             local_addr, peer_addr = conn.getsockname(), conn.getpeername()
             local = Authority.of(ipaddress.ip_address(local_addr[0].split("%")[0]), local_addr[1])
             peer = Authority.of(ipaddress.ip_address(peer_addr[0].split("%")[0]), peer_addr[1])
-        except (OSError, hbone.HboneError):
+        except (OSError, HboneError):
             conn.close()
             return
         credential = self.credentials(local.ip)

@@ -336,7 +336,7 @@ async def test_hbone_200_carries_the_destinations_baggage(mesh: Mesh) -> None:
             await writer.drain()
             data = await asyncio.wait_for(reader.read(65536), 5)
             assert data, "node-b closed the HBONE connection"
-            for ev in core.receive_data(data):
+            for ev in core.receive_data(data, asyncio.get_running_loop().time()):
                 if isinstance(ev, hbone.ConnectResponse) and ev.stream_id == sid:
                     resp = ev
         assert resp.status == 200

@@ -1,7 +1,7 @@
 """Regression: a connection-level WINDOW_UPDATE and a RST_STREAM arriving in one read.
 
 The shell (tunnel.relay) handles a read's events only after the core consumed all its frames, so
-the WindowOpened(0) event reaches a stream whose reset h2 has already processed. Offering that
+the WindowOpened(0) event reaches a stream whose reset the core has already processed. Offering that
 stream's held bytes must take nothing, not raise (which killed the shared TLS connection and
 every tunnel on it under connection churn in the benchmark)."""
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from tunnel import hbone
 from tunnel.hbone import Authority, ClientConnection, ServerConnection, Status
 
-from .test_hbone_core import of, pump
+from .test_hbone_core import NOW, of, pump
 
 
 def test_window_update_then_reset_in_one_read_does_not_raise() -> None:
@@ -23,19 +23,19 @@ def test_window_update_then_reset_in_one_read_does_not_raise() -> None:
     # The client fills the stream window, so it holds bytes waiting for credit.
     window = c.send_window(sid)
     assert c.send_data(sid, b"x" * (window + 1000)) == window
-    ev_s = s.receive_data(c.data_to_send())
+    ev_s = s.receive_data(c.data_to_send(), NOW)
     consumed = sum(d.flow_controlled_length for d in of(ev_s, hbone.Data))
     # The server returns the credit (stream and connection), then resets the stream: one read
     # for the client.
     assert s.acknowledge(sid, consumed)
     s.reset_stream(sid, hbone.ErrorCode.CANCEL)
-    events = c.receive_data(s.data_to_send())
+    events = c.receive_data(s.data_to_send(), NOW)
     kinds = [type(e) for e in events]
     assert hbone.WindowOpened in kinds and hbone.StreamReset in kinds
     assert kinds.index(hbone.WindowOpened) < kinds.index(hbone.StreamReset)
-    # What the shell does for WindowOpened, with the reset already applied inside h2: the window
-    # h2 reports is open, yet the stream is closed.
-    assert c._h2.local_flow_control_window(sid) > 0
+    # What the shell does for WindowOpened, with the reset already applied in the core: the
+    # connection window is open, yet the stream is closed.
+    assert c.send_windows()[0] > 0 and not c.stream_is_open(sid)
     assert c.send_data(sid, b"held bytes") == 0
     assert c.data_to_send() == b""  # no DATA frame on a closed stream
     # the connection is still usable
@@ -63,7 +63,7 @@ def test_data_frame_is_delivered_as_it_arrives() -> None:
     c.end_stream(sid)
     wire = c.data_to_send()
     parts = [wire[:5], wire[5:100], wire[100:70000], wire[70000:]]  # header split, then payload
-    seen: list[list[hbone.Event]] = [s.receive_data(p) for p in parts]
+    seen: list[list[hbone.Event]] = [s.receive_data(p, NOW) for p in parts]
     assert of(seen[0], hbone.Data) == []
     assert b"".join(d.data for d in of(seen[1], hbone.Data)) == blob[: 100 - 9]
     assert b"".join(d.data for d in of(seen[2], hbone.Data)) == blob[100 - 9 : 70000 - 9]
@@ -80,22 +80,22 @@ def test_reset_mid_frame_returns_the_connection_window() -> None:
     blob = b"z" * (512 * 1024)
     assert c.send_data(sid, blob) == len(blob)
     wire = c.data_to_send()
-    first = of(s.receive_data(wire[:1000]), hbone.Data)  # the frame has started
+    first = of(s.receive_data(wire[:1000], NOW), hbone.Data)  # the frame has started
     assert sum(len(d.data) for d in first) == 1000 - 9
     s.reset_stream(sid, hbone.ErrorCode.CANCEL)
     for d in first:  # what was delivered is acknowledged by its reader, as the relay does
         s.acknowledge(sid, d.flow_controlled_length)
-    assert of(s.receive_data(wire[1000:]), hbone.Data) == []  # rest dropped, no error
+    assert of(s.receive_data(wire[1000:], NOW), hbone.Data) == []  # rest dropped, no error
     # Every byte the client sent is credited back on the connection (a 1/16-window step at a
     # time): send one more step's worth, consume it, and the update covers the dropped bytes too.
-    window_before = c._h2.outbound_flow_control_window
+    window_before = c.send_windows()[0]
     sid2 = _open(c, s)
     more = b"y" * hbone.CONNECTION_ACK_STEP
     sent = c.send_data(sid2, more)
-    ev = s.receive_data(c.data_to_send())
+    ev = s.receive_data(c.data_to_send(), NOW)
     for d in of(ev, hbone.Data):
         s.acknowledge(sid2, d.flow_controlled_length)
-    c.receive_data(s.data_to_send())
+    c.receive_data(s.data_to_send(), NOW)
     # the dropped 512 KiB were credited together with the new bytes
     assert sent == len(more)
-    assert c._h2.outbound_flow_control_window == window_before + len(blob)
+    assert c.send_windows()[0] == window_before + len(blob)

@@ -95,7 +95,11 @@ async def mesh(client_cred, server_cred, bundles):
 async def test_no_client_cert_refused(mesh: Mesh, bundles) -> None:
     r, w = await live_tunnel(mesh)
     exc = await asyncio.to_thread(expect_refused, mesh.server_addr, cred=None, bundles=bundles)
-    assert "CERTIFICATE_REQUIRED" in str(exc).upper() or isinstance(exc, EOFError | ConnectionError)
+    # The alert, or (the server closes right after it, with our preface unread) an EOF/reset
+    # that reaches the client first: both are a refusal, which the counter below pins.
+    assert "CERTIFICATE_REQUIRED" in str(exc).upper() or isinstance(
+        exc, EOFError | ConnectionError | ssl.SSLEOFError
+    )
     await wait_for_condition(lambda: mesh.server.stats["tls-handshake"] == 1)
     await still_live(r, w)
 

@@ -38,6 +38,17 @@ from typing import cast
 import hpack
 import hpack.exceptions
 
+from tunnel.authority import (
+    CLIENT_MAX_STREAMS_PER_CONNECTION,
+    CONNECTION_WINDOW,
+    MAX_FRAME_SIZE,
+    MAX_HEADER_LIST_SIZE,
+    SERVER_MAX_CONCURRENT_STREAMS,
+    STREAM_WINDOW,
+    Authority,
+    HboneError,
+    Status,
+)
 from tunnel.h2 import frames as fr
 from tunnel.h2 import headers as hd
 from tunnel.h2.events import (
@@ -75,17 +86,6 @@ from tunnel.h2.streams import (
     StreamState,
     StreamStateError,
     transition,
-)
-from tunnel.hbone import (
-    CLIENT_MAX_STREAMS_PER_CONNECTION,
-    CONNECTION_WINDOW,
-    MAX_FRAME_SIZE,
-    MAX_HEADER_LIST_SIZE,
-    SERVER_MAX_CONCURRENT_STREAMS,
-    STREAM_WINDOW,
-    Authority,
-    HboneError,
-    Status,
 )
 
 log = logging.getLogger("tunnel.h2")
@@ -259,6 +259,8 @@ class H2Connection:
         self.window_updates = 0
         self.data_frames_sent = 0
         self._abused = False
+        # Who the peer is (address, identity), set by the shell: named in the one abuse log line.
+        self.peer_label = ""
 
         settings = {
             fr.SettingCode.ENABLE_PUSH: 0,
@@ -341,6 +343,14 @@ class H2Connection:
         return self._settings_unacked == 0
 
     @property
+    def goaway_sent(self) -> bool:
+        return self.goaway_sent_last is not None
+
+    @property
+    def goaway_received(self) -> bool:
+        return self.goaway_received_last is not None
+
+    @property
     def drained(self) -> bool:
         """GOAWAY sent (or received) and no stream left: the shell may close."""
         return (
@@ -421,16 +431,22 @@ class H2Connection:
         self._out.append(fr.rst_stream_frame(stream_id, int(error_code)))
         self._forget(st, _LOCAL_RESET)
 
-    def acknowledge(self, stream_id: int, length: int) -> bool:
+    def acknowledge(
+        self, stream_id: int, length: int, *, connection: bool = True, stream: bool = True
+    ) -> bool:
         """Give ``length`` consumed bytes of window back (stream and connection).
 
         Credit goes back in 1/16-window steps rather than h2's half window: between two Python
         processes the TLS and socket buffers hold about half a stream window, so the sender would
-        idle until the update crossed them (tunnel.hbone measured this). Returns whether a
-        WINDOW_UPDATE was queued (there is something to send)."""
+        idle until the update crossed them (tunnel.hbone measured this). ``connection=False`` /
+        ``stream=False`` return only one of the two: the relay keeps a stalled reader's stream
+        credit back while the connection's keeps flowing (``tunnel.relay``'s water marks).
+        Returns whether a WINDOW_UPDATE was queued (there is something to send)."""
         if length <= 0:
             return False
-        queued = self._credit_connection(length)
+        queued = self._credit_connection(length) if connection else False
+        if not stream:
+            return queued
         st = self._streams.get(stream_id)
         if st is None or st.state == _S.HALF_CLOSED_REMOTE:
             return queued  # no more DATA can come on it: its window does not matter
@@ -523,8 +539,9 @@ class H2Connection:
                 self._abused = True
                 # The one log line for this connection, whatever the number of streams involved.
                 log.warning(
-                    "HTTP/2 abuse from peer (%s): GOAWAY %s after %d streams opened, %d reset early, "
+                    "HTTP/2 abuse from peer %s(%s): GOAWAY %s after %d streams opened, %d reset early, "
                     "%d refused, %d idle control frames, %d WINDOW_UPDATEs",
+                    self.peer_label + " " if self.peer_label else "",
                     exc.abuse,
                     exc.code.name,
                     report.streams_opened,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from tunnel.hbone import Authority, Status
+from tunnel.authority import Authority, Status
 
 
 @dataclass(slots=True)
