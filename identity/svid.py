@@ -3,7 +3,7 @@
 :func:`verify_svid` applies the X509-SVID spec (§3-§5) at an injected time:
 
 1. leaf rules (§5.2, §4.1, §4.3, §4.4): exactly one URI SAN holding a valid SPIFFE ID with a
-   non-root path; not a CA; keyUsage present with digitalSignature and without
+   non-root path; not a CA; keyUsage present, critical, with digitalSignature and without
    keyCertSign/cRLSign; if EKU is present it carries serverAuth and clientAuth;
 2. signing-certificate rules (§3.2): every other certificate in the presented chain is a CA
    with keyCertSign, and its SPIFFE ID, if any, has no path;
@@ -111,11 +111,16 @@ def leaf_spiffe_id(cert: x509.Certificate) -> SpiffeId:
     except x509.ExtensionNotFound:
         pass  # absent basicConstraints means cA=false (RFC 5280 §4.2.1.9 DEFAULT FALSE)
     try:
-        ku = exts.get_extension_for_class(x509.KeyUsage).value
+        ku_ext = exts.get_extension_for_class(x509.KeyUsage)
     except x509.ExtensionNotFound:
         raise SvidError(
             "leaf-no-key-usage", "leaf has no keyUsage extension (required on every SVID)"
         ) from None
+    if not ku_ext.critical:
+        # X509-SVID §4.3: "MUST be set on all SVIDs, and MUST be marked critical". A verifier
+        # that does not know the extension must refuse the certificate, not ignore the limits.
+        raise SvidError("leaf-key-usage-not-critical", "leaf keyUsage extension is not marked critical")
+    ku = ku_ext.value
     if not ku.digital_signature:
         raise SvidError("leaf-no-digital-signature", "leaf keyUsage lacks digitalSignature")
     if ku.key_cert_sign:

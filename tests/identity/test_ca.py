@@ -198,6 +198,32 @@ def test_requested_extensions_are_ignored(root_ca: CertificateAuthority) -> None
     assert kuse.digital_signature and not kuse.key_cert_sign and not kuse.crl_sign
 
 
+@pytest.mark.parametrize("which", ["root", "plug-in intermediate"])
+def test_issued_key_usage_is_always_critical(
+    which: str, root_ca: CertificateAuthority, plugin_ca: CertificateAuthority
+) -> None:
+    # X509-SVID §4.3: keyUsage MUST be critical on every SVID, and verify_svid now refuses a leaf
+    # without it (leaf-key-usage-not-critical). Whatever the CSR asks for (here a non-critical
+    # keyUsage of its own), what the CA issues carries a critical one and passes our own validator.
+    ca = root_ca if which == "root" else plugin_ca
+    req = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(WORKLOAD_ID)]), critical=True
+        )
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=False
+        )
+        .sign(key(22), hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+    )
+    issued = ca.sign_csr(req, allowed=allow_all, now=NOW)
+    for cert in (issued.certificate, ca.certificate):  # the leaf and the CA that signed it
+        assert cert.extensions.get_extension_for_class(x509.KeyUsage).critical
+    assert verify_svid(issued.chain, TrustBundleSet.of(ca.bundle), NOW) == SID
+
+
 def test_openssl_accepts_our_chain(tmp_path: Path, plugin_ca: CertificateAuthority) -> None:
     # An independent implementation agrees the CA's output is a valid X.509 chain.
     issued = plugin_ca.sign_csr(csr_for(), allowed=allow_all, ttl=HOUR, now=NOW)

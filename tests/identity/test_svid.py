@@ -98,6 +98,7 @@ LEAF_RULES = [
     ("leaf-is-ca", Spec(ca=True)),
     ("leaf-is-ca", Spec(ca=True, key_usage=ku(digital_signature=True, key_cert_sign=True))),
     ("leaf-no-key-usage", Spec(key_usage=None)),
+    ("leaf-key-usage-not-critical", Spec(key_usage_critical=False)),
     ("leaf-no-digital-signature", Spec(key_usage=ku(key_encipherment=True))),
     ("leaf-key-cert-sign", Spec(key_usage=ku(digital_signature=True, key_cert_sign=True))),
     ("leaf-crl-sign", Spec(key_usage=ku(digital_signature=True, crl_sign=True))),
