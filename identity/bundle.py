@@ -66,15 +66,24 @@ def _jwk_for(cert: x509.Certificate) -> dict[str, Any]:
     return jwk
 
 
+def _name(cert: x509.Certificate) -> str:
+    try:
+        return repr(cert.subject.rfc4514_string())
+    except ValueError:  # an undecodable subject still gets a name in the message
+        return f"serial {cert.serial_number:x}"
+
+
 def _check_root(cert: x509.Certificate) -> None:
     try:
         bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
+        raise BundleError("root-not-ca", f"bundle certificate {_name(cert)} has no basicConstraints") from None
+    except ValueError as exc:  # duplicate or undecodable extensions (cryptography parses them lazily)
         raise BundleError(
-            "root-not-ca", f"bundle certificate {cert.subject.rfc4514_string()!r} has no basicConstraints"
+            "malformed-certificate", f"bundle certificate {_name(cert)} has malformed extensions: {exc}"
         ) from None
     if not bc.ca:
-        raise BundleError("root-not-ca", f"bundle certificate {cert.subject.rfc4514_string()!r} is not a CA")
+        raise BundleError("root-not-ca", f"bundle certificate {_name(cert)} is not a CA")
 
 
 def load_pem_roots(pem: bytes) -> tuple[x509.Certificate, ...]:

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -279,9 +279,13 @@ class WorkloadCredential:
             raise SvidError("empty-chain", "a credential needs at least its leaf certificate")
         pub = serialization.PublicFormat.SubjectPublicKeyInfo
         der = serialization.Encoding.DER
-        if self.private_key.public_key().public_bytes(der, pub) != self.chain[0].public_key().public_bytes(
-            der, pub
-        ):
+        try:
+            leaf_key = self.chain[0].public_key().public_bytes(der, pub)
+        except (ValueError, UnsupportedAlgorithm) as exc:  # e.g. an EC point not on its curve (fuzz)
+            raise SvidError(
+                "malformed-certificate", f"the leaf's public key cannot be read: {exc}"
+            ) from None
+        if self.private_key.public_key().public_bytes(der, pub) != leaf_key:
             raise SvidError("key-mismatch", "the private key does not match the leaf certificate")
         leaf_id = leaf_spiffe_id(self.chain[0])
         if leaf_id != self.spiffe_id:

@@ -537,6 +537,22 @@ def test_bundle_refusals(pem: bytes | Callable[[], bytes], rule: str) -> None:
     assert info.value.rule == rule
 
 
+def _root_with_undecodable_san() -> bytes:
+    # Found by fuzz/targets/svid.py: cryptography parses extensions lazily, so a root whose URI
+    # SAN is not IA5 loads fine and raised a bare ValueError from the basicConstraints check.
+    der = bytearray(build_cert(ca_spec("odd root"), key(32)).public_bytes(serialization.Encoding.DER))
+    at = der.find(f"spiffe://{TD}".encode())
+    der[at] = 0xFF  # same length, so the DER stays well formed; the IA5String does not
+    cert = x509.load_der_x509_certificate(bytes(der))
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def test_bundle_root_with_malformed_extensions_is_a_bundle_error() -> None:
+    with pytest.raises(BundleError) as info:
+        TrustBundle.from_pem(TD, _root_with_undecodable_san())
+    assert info.value.rule == "malformed-certificate"
+
+
 _seg = st.text(st.sampled_from("abcXYZ019._-"), min_size=1, max_size=40).filter(
     lambda s: s not in (".", "..")
 )

@@ -312,3 +312,20 @@ def test_leaf_spiffe_id_alone_applies_leaf_rules() -> None:
     assert leaf_spiffe_id(leaf()) == SpiffeId.parse(WORKLOAD_ID)
     with pytest.raises(SvidError, match="leaf-is-ca"):
         leaf_spiffe_id(build(Spec(ca=True, key_usage=CA_KU), LEAF_KEY))
+
+
+def test_credential_with_an_unreadable_leaf_key_is_an_svid_error() -> None:
+    # Found by fuzz/targets/svid.py: a leaf whose EC point is not on the curve made
+    # WorkloadCredential raise cryptography's bare ValueError instead of an SvidError.
+    good = leaf()
+    der = bytearray(good.public_bytes(serialization.Encoding.DER))
+    point = LEAF_KEY.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    at = der.find(point)
+    assert at > 0
+    der[at + len(point) - 1] ^= 1  # last byte of Y: no longer a point on P-256
+    broken = x509.load_der_x509_certificate(bytes(der))
+    with pytest.raises(SvidError) as info:
+        WorkloadCredential.from_chain(LEAF_KEY, [broken, PKI.inter])
+    assert info.value.rule == "malformed-certificate"
