@@ -94,7 +94,7 @@ def load_pem_roots(pem: bytes) -> tuple[x509.Certificate, ...]:
         raise BundleError("pem", "a PEM certificate block is truncated (BEGIN without END)")
     try:
         certs = tuple(x509.load_pem_x509_certificates(pem))
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError (fuzz)
         raise BundleError("pem", f"bad PEM certificate data: {exc}") from None
     if len(certs) > MAX_ROOTS:
         raise BundleError("too-many-roots", f"{len(certs)} certificates, at most {MAX_ROOTS}")
@@ -152,7 +152,7 @@ class TrustBundle:
                 continue
             try:
                 roots.append(x509.load_der_x509_certificate(base64.b64decode(x5c[0], validate=True)))
-            except (ValueError, TypeError) as exc:
+            except (ValueError, TypeError, x509.InvalidVersion) as exc:
                 raise BundleError("jwks", f"keys[{i}].x5c[0] is not a DER certificate: {exc}") from None
         seq = doc.get("spiffe_sequence", 0)
         hint = doc.get("spiffe_refresh_hint", 300)

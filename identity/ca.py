@@ -279,7 +279,7 @@ class CertificateAuthority:
             raise CaError("ca-chain-pem", "no PEM certificate in the CA chain")
         try:
             certs = x509.load_pem_x509_certificates(chain_pem)
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
             raise CaError("ca-chain-pem", f"cannot read the CA chain: {exc}") from None
         key_der = _pub_der(key)
         signing = [c for c in certs if _pub_der(c) == key_der]
@@ -500,7 +500,7 @@ def _parse_csr(csr_pem: bytes | str) -> x509.CertificateSigningRequest:
     try:
         csr = x509.load_pem_x509_csr(csr_pem)
         csr.extensions  # noqa: B018 - force parsing now so malformed extensions fail here
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # a CSR "version 5" raises the latter (fuzz)
         raise CaError("csr-malformed", f"the CSR cannot be parsed: {exc}") from None
     return csr
 

@@ -66,7 +66,7 @@ def load_pem_chain(data: bytes) -> list[x509.Certificate]:
         raise SvidError("pem", "a PEM certificate block is truncated (BEGIN without END)")
     try:
         certs = x509.load_pem_x509_certificates(data)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError (fuzz)
         raise SvidError("pem", f"cannot parse PEM certificate: {exc}") from None
     return certs
 

@@ -565,3 +565,34 @@ def test_any_valid_id_round_trips_through_issuance_and_verification(segments: li
     ca = CertificateAuthority.create_root(TD, NOW - HOUR, key=key(20))
     issued = ca.sign_csr(build_csr(key(22), sid), allowed=lambda i: i == sid, now=NOW)
     assert verify_svid(issued.chain, TrustBundleSet.of(ca.bundle), NOW) == sid
+
+
+def _bump_version(der: bytes, tlv: bytes, to: int) -> bytes:
+    out = bytearray(der)
+    at = out.find(tlv)
+    assert at > 0
+    out[at + len(tlv) - 1] = to
+    return bytes(out)
+
+
+def _armor(der: bytes, label: str) -> bytes:
+    return f"-----BEGIN {label}-----\n".encode() + base64.encodebytes(der) + f"-----END {label}-----\n".encode()
+
+
+def test_unknown_x509_and_csr_versions_are_typed_refusals(root_ca: CertificateAuthority) -> None:
+    # Found by the fuzz targets: cryptography raises x509.InvalidVersion (not a ValueError) for a
+    # certificate or CSR with an unknown version; it escaped the bundle loader, the plug-in CA
+    # loader and sign_csr, where the CA server turned it into UNKNOWN with a traceback.
+    root_der = root_ca.certificate.public_bytes(serialization.Encoding.DER)
+    bad_root = _armor(_bump_version(root_der, bytes([0xA0, 0x03, 0x02, 0x01, 0x02]), 3), "CERTIFICATE")
+    with pytest.raises(BundleError) as binfo:
+        TrustBundle.from_pem(TD, bad_root)
+    assert binfo.value.rule == "pem"
+    with pytest.raises(CaError) as linfo:
+        CertificateAuthority.load(bad_root, root_ca.key_pem())
+    assert linfo.value.rule == "ca-chain-pem"
+    csr_der = x509.load_pem_x509_csr(csr_for()).public_bytes(serialization.Encoding.DER)
+    bad_csr = _armor(_bump_version(csr_der, bytes([0x02, 0x01, 0x00]), 5), "CERTIFICATE REQUEST")
+    with pytest.raises(CaError) as cinfo:
+        root_ca.sign_csr(bad_csr, allowed=allow_all, now=NOW)
+    assert cinfo.value.rule == "csr-malformed"

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime as dt
 from collections.abc import Callable
@@ -329,3 +330,15 @@ def test_credential_with_an_unreadable_leaf_key_is_an_svid_error() -> None:
     with pytest.raises(SvidError) as info:
         WorkloadCredential.from_chain(LEAF_KEY, [broken, PKI.inter])
     assert info.value.rule == "malformed-certificate"
+
+
+def test_a_certificate_with_an_unknown_x509_version_is_a_pem_error() -> None:
+    # Found by fuzz/targets/svid.py: cryptography raises x509.InvalidVersion, which is not a
+    # ValueError, so it escaped load_pem_chain untyped.
+    der = bytearray(leaf().public_bytes(serialization.Encoding.DER))
+    at = der.find(bytes([0xA0, 0x03, 0x02, 0x01, 0x02]))  # [0] EXPLICIT INTEGER 2 (= v3)
+    der[at + 4] = 3  # "v4": no such version
+    pem = b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(bytes(der)) + b"-----END CERTIFICATE-----\n"
+    with pytest.raises(SvidError) as info:
+        load_pem_chain(pem)
+    assert info.value.rule == "pem"
