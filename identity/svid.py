@@ -49,7 +49,10 @@ class SvidError(Exception):
 
 
 def _describe(cert: x509.Certificate) -> str:
-    subject = cert.subject.rfc4514_string()
+    try:
+        subject = cert.subject.rfc4514_string()
+    except ValueError:  # cryptography decodes names lazily; a bad one must not hide the real refusal
+        subject = ""
     return f"certificate {subject!r}" if subject else f"certificate serial {cert.serial_number:x}"
 
 

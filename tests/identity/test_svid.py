@@ -342,3 +342,15 @@ def test_a_certificate_with_an_unknown_x509_version_is_a_pem_error() -> None:
     with pytest.raises(SvidError) as info:
         load_pem_chain(pem)
     assert info.value.rule == "pem"
+
+
+def test_an_intermediate_with_an_undecodable_subject_is_an_svid_error() -> None:
+    # Found by fuzz/targets/svid.py: naming the certificate in a message decoded its subject,
+    # and cryptography's ValueError escaped verify_svid instead of the chain's real refusal.
+    der = bytearray(PKI.inter.public_bytes(serialization.Encoding.DER))
+    at = der.find(f"{TD} intermediate".encode())
+    der[at] = 0xFF  # not UTF-8 any more; same length, so the DER stays well formed
+    bad_inter = x509.load_der_x509_certificate(bytes(der))
+    with pytest.raises(SvidError) as info:
+        verify_svid([leaf(), bad_inter], bundles(PKI), NOW)
+    assert info.value.rule in ("foreign-signer", "path-validation")
