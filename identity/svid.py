@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from identity.bundle import TrustBundleSet
+from identity.bundle import CERT_PARSE_ERRORS, TrustBundleSet
 from identity.spiffe import SpiffeId, SpiffeIdError
 
 MAX_CHAIN_LENGTH = 8  # leaf + intermediates; deeper chains are not something a mesh issues
@@ -51,7 +51,7 @@ class SvidError(Exception):
 def _describe(cert: x509.Certificate) -> str:
     try:
         subject = cert.subject.rfc4514_string()
-    except ValueError:  # cryptography decodes names lazily; a bad one must not hide the real refusal
+    except CERT_PARSE_ERRORS:  # names are decoded lazily; a bad one must not hide the real refusal
         subject = ""
     return f"certificate {subject!r}" if subject else f"certificate serial {cert.serial_number:x}"
 
@@ -69,7 +69,7 @@ def load_pem_chain(data: bytes) -> list[x509.Certificate]:
         raise SvidError("pem", "a PEM certificate block is truncated (BEGIN without END)")
     try:
         certs = x509.load_pem_x509_certificates(data)
-    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError (fuzz)
+    except CERT_PARSE_ERRORS as exc:
         raise SvidError("pem", f"cannot parse PEM certificate: {exc}") from None
     return certs
 
@@ -77,7 +77,7 @@ def load_pem_chain(data: bytes) -> list[x509.Certificate]:
 def _extensions(cert: x509.Certificate) -> x509.Extensions:
     try:
         return cert.extensions
-    except ValueError as exc:  # duplicate or undecodable extensions
+    except CERT_PARSE_ERRORS as exc:  # duplicate or undecodable extensions
         raise SvidError(
             "malformed-certificate", f"{_describe(cert)} has malformed extensions: {exc}"
         ) from None

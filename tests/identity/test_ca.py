@@ -596,3 +596,22 @@ def test_unknown_x509_and_csr_versions_are_typed_refusals(root_ca: CertificateAu
     with pytest.raises(CaError) as cinfo:
         root_ca.sign_csr(bad_csr, allowed=allow_all, now=NOW)
     assert cinfo.value.rule == "csr-malformed"
+
+
+def test_a_csr_with_two_san_extensions_is_malformed(root_ca: CertificateAuthority) -> None:
+    # Same class as the svid fuzz finding: DuplicateExtension is not a ValueError, so it escaped
+    # sign_csr and the CA server answered UNKNOWN. SAN + issuerAltName, then the OID patched.
+    uri = x509.UniformResourceIdentifier(WORKLOAD_ID)
+    der = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(x509.SubjectAlternativeName([uri]), critical=True)
+        .add_extension(x509.IssuerAlternativeName([uri]), critical=False)
+        .sign(key(22), hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+    ian_oid = bytes([0x06, 0x03, 0x55, 0x1D, 0x12])
+    dup = _armor(der.replace(ian_oid, ian_oid[:-1] + b"\x11"), "CERTIFICATE REQUEST")
+    with pytest.raises(CaError) as info:
+        root_ca.sign_csr(dup, allowed=allow_all, now=NOW)
+    assert info.value.rule == "csr-malformed"

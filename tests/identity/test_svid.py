@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from identity.bundle import TrustBundle, TrustBundleSet
@@ -354,3 +354,30 @@ def test_an_intermediate_with_an_undecodable_subject_is_an_svid_error() -> None:
     with pytest.raises(SvidError) as info:
         verify_svid([leaf(), bad_inter], bundles(PKI), NOW)
     assert info.value.rule in ("foreign-signer", "path-validation")
+
+
+def test_a_leaf_with_two_san_extensions_is_malformed() -> None:
+    # Found by fuzz/targets/svid.py: cryptography's DuplicateExtension is not a ValueError and
+    # escaped verify_svid. Built as SAN + issuerAltName (same value, so same length), then the
+    # second extension's OID is turned into the SAN's (2.5.29.18 -> 2.5.29.17).
+    uri = x509.UniformResourceIdentifier(WORKLOAD_ID)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(PKI.inter.subject)
+        .public_key(LEAF_KEY.public_key())
+        .serial_number(7)
+        .not_valid_before(NOW - dt.timedelta(minutes=2))
+        .not_valid_after(NOW + dt.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([uri]), critical=True)
+        .add_extension(x509.IssuerAlternativeName([uri]), critical=False)
+        .add_extension(ku(digital_signature=True), critical=True)
+        .sign(PKI.inter_key, hashes.SHA256())
+    )
+    der = cert.public_bytes(serialization.Encoding.DER)
+    ian_oid = bytes([0x06, 0x03, 0x55, 0x1D, 0x12])
+    assert der.count(ian_oid) == 1
+    dup = x509.load_der_x509_certificate(der.replace(ian_oid, ian_oid[:-1] + b"\x11"))
+    with pytest.raises(SvidError) as info:
+        verify_svid([dup, PKI.inter], bundles(PKI), NOW)
+    assert info.value.rule == "malformed-certificate"
