@@ -648,10 +648,14 @@ def parse_config(
     issues: list[ConfigIssue] = []
     try:
         docs = list(yaml.load_all(text, Loader=_StrictLoader))
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        # PyYAML's constructors raise plain ValueError (`2024-02-30`, `!!int x`) and its composer
+        # recurses per nesting level; both must be a refusal, not kill the reload (fuzz finding).
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
+        if isinstance(exc, RecursionError):
+            problem = "nested too deeply"
         # The index of the failing document is the number of '---' separators before the mark.
         doc_index: int | None = None
         if mark is not None:
