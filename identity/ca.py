@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -378,7 +378,14 @@ class CertificateAuthority:
         return self._issue(csr, spiffe_id, ttl=ttl, now=now)
 
     def _check_csr_identity(self, csr: x509.CertificateSigningRequest) -> SpiffeId:
-        pub = csr.public_key()
+        try:
+            pub = csr.public_key()
+        except UnsupportedAlgorithm as exc:  # an algorithm OID cryptography does not know (fuzz)
+            raise CaError(
+                "csr-key-type", f"CSR key is of an unknown type ({exc}); workload keys must be ECDSA P-256"
+            ) from None
+        except ValueError as exc:  # e.g. an EC point that is not on its curve
+            raise CaError("csr-malformed", f"the CSR's public key cannot be read: {exc}") from None
         if isinstance(pub, rsa.RSAPublicKey):
             raise CaError("csr-key-type", f"CSR key is RSA-{pub.key_size}; workload keys must be ECDSA P-256")
         if isinstance(pub, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):

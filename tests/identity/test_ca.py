@@ -615,3 +615,15 @@ def test_a_csr_with_two_san_extensions_is_malformed(root_ca: CertificateAuthorit
     with pytest.raises(CaError) as info:
         root_ca.sign_csr(dup, allowed=allow_all, now=NOW)
     assert info.value.rule == "csr-malformed"
+
+
+def test_a_csr_with_an_unknown_key_algorithm_is_a_key_type_refusal(root_ca: CertificateAuthority) -> None:
+    # Found by fuzz/targets/ca_request.py: cryptography raises UnsupportedAlgorithm for a key
+    # OID it does not know; it escaped sign_csr and the CA server answered UNKNOWN.
+    der = x509.load_pem_x509_csr(csr_for()).public_bytes(serialization.Encoding.DER)
+    ec_oid = bytes([0x06, 0x07, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x02, 0x01])  # id-ecPublicKey
+    assert der.count(ec_oid) == 1
+    odd = _armor(der.replace(ec_oid, ec_oid[:-2] + b"\x42\x01"), "CERTIFICATE REQUEST")  # ...10045.66.1
+    with pytest.raises(CaError) as info:
+        root_ca.sign_csr(odd, allowed=allow_all, now=NOW)
+    assert info.value.rule == "csr-key-type"
