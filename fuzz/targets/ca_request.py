@@ -130,6 +130,7 @@ SEEDS: list[bytes] = [
     b"\x00" + _request(_GOOD_CSR, ttl=3600, impersonate=_SLEEP).SerializeToString(),
     b"\x00" + _request(_GOOD_CSR, ttl=-1).SerializeToString(),
     b"\x00" + _request(_GOOD_CSR, ttl=10**12).SerializeToString(),
+    b"\x00" + _request(_GOOD_CSR, ttl=2**63 - 1).SerializeToString(),  # regression: overflowed timedelta
     b"\x00" + _request(_GOOD_CSR, impersonate="spiffe://cluster.local/ns/backend/sa/httpbin").SerializeToString(),
     b"\x00"
     + _request(
