@@ -11,8 +11,8 @@ from fuzz import runner
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_worker"]:  # the child process libFuzzer takes over (runner.run_target)
-        _, name, runs, seconds = argv
-        runner.worker(name, int(runs), int(seconds))
+        _, name, runs, seconds, seed = argv
+        runner.worker(name, int(runs), int(seconds), int(seed))
         return 0  # not reached: libFuzzer exits the process
 
     p = argparse.ArgumentParser(prog="python -m fuzz", description="coverage-guided fuzzing (atheris)")
@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
             sp.add_argument("target")
         sp.add_argument("--runs", type=int, default=1_000_000, help="inputs to run (-1: until stopped)")
         sp.add_argument("--seconds", type=int, default=0, help="stop after this many seconds (0: no limit)")
+        sp.add_argument("--seed", type=int, default=0, help="libFuzzer's random seed (0: a fresh one)")
         sp.add_argument("-q", "--quiet", action="store_true", help="only the summary (the log is kept)")
     rp = sub.add_parser("replay", help="run saved inputs (e.g. crash files) through a target, no fuzzer")
     rp.add_argument("target")
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     echo = None if args.quiet else sys.stderr.buffer
     results = []
     for n in names:
-        r = runner.run_target(n, runs=args.runs, seconds=args.seconds, echo=echo)
+        r = runner.run_target(n, runs=args.runs, seconds=args.seconds, echo=echo, seed=args.seed)
         results.append(r)
         print(r.line(), file=sys.stderr, flush=True)
     runner.summarize(results)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import os
 import pkgutil
 import re
 import subprocess
@@ -22,9 +23,13 @@ from types import ModuleType
 from typing import IO, Any
 
 FUZZ_DIR = Path(__file__).resolve().parent
-CORPUS_DIR = FUZZ_DIR / "corpus"
-CRASH_DIR = FUZZ_DIR / "crashes"
-LOG_DIR = FUZZ_DIR / "logs"
+# corpus/, crashes/ and logs/ live here; ZTAGENT_FUZZ_WORKDIR moves them (the CI smoke test starts
+# from the seeds alone in a temporary directory).
+WORKDIR_ENV = "ZTAGENT_FUZZ_WORKDIR"
+
+
+def workdir() -> Path:
+    return Path(os.environ.get(WORKDIR_ENV) or FUZZ_DIR)
 
 # Instrumented for coverage feedback: our packages and the pure-Python parsers underneath them
 # (cryptography's parser is Rust and protobuf's is C: opaque to the fuzzer, but their Python
@@ -70,7 +75,7 @@ def load_target(name: str) -> ModuleType:
 
 
 def write_seeds(name: str, seeds: Sequence[bytes]) -> Path:
-    corpus = CORPUS_DIR / name
+    corpus = workdir() / "corpus" / name
     corpus.mkdir(parents=True, exist_ok=True)
     for seed in seeds:
         path = corpus / f"seed-{hashlib.sha1(seed).hexdigest()[:16]}"
@@ -79,7 +84,7 @@ def write_seeds(name: str, seeds: Sequence[bytes]) -> Path:
     return corpus
 
 
-def worker(name: str, runs: int, seconds: int) -> None:
+def worker(name: str, runs: int, seconds: int, seed: int = 0) -> None:
     """Inside the child: instrument, seed the corpus, hand the process to libFuzzer."""
     import atheris
 
@@ -89,7 +94,7 @@ def worker(name: str, runs: int, seconds: int) -> None:
     # Seeds must pass: a seed that "crashes" means the target or its seeds are wrong, and
     # libFuzzer would report it as a finding.
     corpus = write_seeds(name, mod.SEEDS)
-    crashes = CRASH_DIR / name
+    crashes = workdir() / "crashes" / name
     crashes.mkdir(parents=True, exist_ok=True)
     args = [
         sys.argv[0],
@@ -102,6 +107,8 @@ def worker(name: str, runs: int, seconds: int) -> None:
     ]
     if seconds > 0:
         args.append(f"-max_total_time={seconds}")
+    if seed:
+        args.append(f"-seed={seed}")
     args.append(str(corpus))
     atheris.Setup(args, fuzz_one)
     atheris.Fuzz()
@@ -136,19 +143,20 @@ _EXECUTED = re.compile(rb"stat::number_of_executed_units: (\d+)")
 
 
 def _artifacts(name: str) -> set[Path]:
-    d = CRASH_DIR / name
+    d = workdir() / "crashes" / name
     if not d.is_dir():
         return set()
     return {p for p in d.iterdir() if p.name.startswith(_ARTIFACT_PREFIXES)}
 
 
-def run_target(name: str, *, runs: int, seconds: int, echo: IO[bytes] | None) -> Result:
+def run_target(name: str, *, runs: int, seconds: int, echo: IO[bytes] | None, seed: int = 0) -> Result:
     """Run one target in a child; ``echo`` gets libFuzzer's output as it comes (None: quiet)."""
     load_target(name)  # fail fast on a typo, in the parent
     before = _artifacts(name)
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    log_path = LOG_DIR / f"{name}.log"
-    cmd = [sys.executable, "-m", "fuzz", "_worker", name, str(runs), str(seconds)]
+    log_dir = workdir() / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    cmd = [sys.executable, "-m", "fuzz", "_worker", name, str(runs), str(seconds), str(seed)]
     started = time.monotonic()
     out = bytearray()
     with log_path.open("wb") as log, subprocess.Popen(
