@@ -31,6 +31,7 @@ WORKDIR_ENV = "ZTAGENT_FUZZ_WORKDIR"
 def workdir() -> Path:
     return Path(os.environ.get(WORKDIR_ENV) or FUZZ_DIR)
 
+
 # Instrumented for coverage feedback: our packages and the pure-Python parsers underneath them
 # (cryptography's parser is Rust and protobuf's is C: opaque to the fuzzer, but their Python
 # callers and our checks after them are not).
@@ -59,9 +60,7 @@ _ARTIFACT_PREFIXES = ("crash-", "timeout-", "oom-", "leak-", "slow-unit-")
 def target_names() -> list[str]:
     import fuzz.targets
 
-    return sorted(
-        m.name for m in pkgutil.iter_modules(fuzz.targets.__path__) if not m.name.startswith("_")
-    )
+    return sorted(m.name for m in pkgutil.iter_modules(fuzz.targets.__path__) if not m.name.startswith("_"))
 
 
 def load_target(name: str) -> ModuleType:
@@ -159,9 +158,10 @@ def run_target(name: str, *, runs: int, seconds: int, echo: IO[bytes] | None, se
     cmd = [sys.executable, "-m", "fuzz", "_worker", name, str(runs), str(seconds), str(seed)]
     started = time.monotonic()
     out = bytearray()
-    with log_path.open("wb") as log, subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=FUZZ_DIR.parent
-    ) as proc:
+    with (
+        log_path.open("wb") as log,
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=FUZZ_DIR.parent) as proc,
+    ):
         assert proc.stdout is not None
         for chunk in iter(lambda: proc.stdout.readline(), b""):  # type: ignore[union-attr]
             out += chunk

@@ -87,7 +87,9 @@ def _check_root(cert: x509.Certificate) -> None:
     try:
         bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
-        raise BundleError("root-not-ca", f"bundle certificate {_name(cert)} has no basicConstraints") from None
+        raise BundleError(
+            "root-not-ca", f"bundle certificate {_name(cert)} has no basicConstraints"
+        ) from None
     except CERT_PARSE_ERRORS as exc:  # duplicate or undecodable extensions (parsed lazily)
         raise BundleError(
             "malformed-certificate", f"bundle certificate {_name(cert)} has malformed extensions: {exc}"

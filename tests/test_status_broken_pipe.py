@@ -32,8 +32,16 @@ async def test_status_into_a_closed_pipe_exits_quietly_with_the_status_code(outp
     os.close(r)  # the reader is gone before we write a byte
     try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "cli.main", "status", "--admin", f"127.0.0.1:{site.port}", "-o", output,
-            stdout=w, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "cli.main",
+            "status",
+            "--admin",
+            f"127.0.0.1:{site.port}",
+            "-o",
+            output,
+            stdout=w,
+            stderr=asyncio.subprocess.PIPE,
         )
         os.close(w)
         w = -1

@@ -129,8 +129,9 @@ def fuzz_one(data: bytes) -> None:
         raise AssertionError("wrote after closing the connection")
     heads = out.split(b"\r\n\r\n")
     head0 = heads[0].lower()
-    if b"\r\ncontent-length:" in body.lower().split(b"\r\n\r\n")[0] and b"\r\ntransfer-encoding:" in (
-        body.lower().split(b"\r\n\r\n")[0]
+    if (
+        b"\r\ncontent-length:" in body.lower().split(b"\r\n\r\n")[0]
+        and b"\r\ntransfer-encoding:" in (body.lower().split(b"\r\n\r\n")[0])
     ):
         # The first request framed two ways: a 400 and a close, or a refusal of something earlier.
         if out and not out.startswith((b"HTTP/1.1 4", b"HTTP/1.1 5")):  # h11's 501 for "ch2nked" too

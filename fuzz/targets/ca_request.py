@@ -131,7 +131,8 @@ SEEDS: list[bytes] = [
     b"\x00" + _request(_GOOD_CSR, ttl=-1).SerializeToString(),
     b"\x00" + _request(_GOOD_CSR, ttl=10**12).SerializeToString(),
     b"\x00" + _request(_GOOD_CSR, ttl=2**63 - 1).SerializeToString(),  # regression: overflowed timedelta
-    b"\x00" + _request(_GOOD_CSR, impersonate="spiffe://cluster.local/ns/backend/sa/httpbin").SerializeToString(),
+    b"\x00"
+    + _request(_GOOD_CSR, impersonate="spiffe://cluster.local/ns/backend/sa/httpbin").SerializeToString(),
     b"\x00"
     + _request(
         build_csr(_pki.LEAF_KEY, SpiffeId.parse("spiffe://cluster.local/ns/backend/sa/httpbin")).decode()
@@ -144,7 +145,7 @@ SEEDS: list[bytes] = [
 
 
 def _call(req: ca_pb2.IstioCertificateRequest) -> ca_pb2.IstioCertificateResponse | None:
-    coro = SERVER.CreateCertificate(req, Context())  # type: ignore[arg-type]
+    coro = SERVER.CreateCertificate(req, Context())  # type: ignore[arg-type,unused-ignore]  # grpc stubs may be absent
     try:
         coro.send(None)  # the handler awaits nothing but abort: it runs to the end here
     except StopIteration as done:

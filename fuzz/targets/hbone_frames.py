@@ -37,7 +37,8 @@ CLIENT_PREFACE = _raw_client().data_to_send()
 
 
 def _connect(raw: h2.connection.H2Connection, sid: int, authority: bytes = b"10.0.0.2:8080") -> None:
-    raw.send_headers(sid, [(b":method", b"CONNECT"), (b":authority", authority), (b"forwarded", b'for="1.2.3.4:5"')])
+    headers = [(b":method", b"CONNECT"), (b":authority", authority), (b"forwarded", b'for="1.2.3.4:5"')]
+    raw.send_headers(sid, headers)
 
 
 def _server_seeds() -> list[bytes]:
@@ -60,7 +61,8 @@ def _server_seeds() -> list[bytes]:
     out.append(raw.data_to_send())
     raw = _raw_client()
     raw.data_to_send()
-    raw.send_headers(1, [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/"), (b":authority", b"x")])
+    get = [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/"), (b":authority", b"x")]
+    raw.send_headers(1, get)
     _connect(raw, 3, b"svc.ns:80")
     _connect(raw, 5, b"10.0.0.2")
     raw.close_connection()

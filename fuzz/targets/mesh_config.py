@@ -22,27 +22,44 @@ trustDomain: cluster.local
 nodes:
 - {name: node-a, address: 10.250.0.1, podCIDR: 10.244.1.0/24}
 workloads:
-- {name: sleep, namespace: default, serviceAccount: sleep, node: node-a, ips: [10.244.1.2], labels: {app: sleep}}
+- name: sleep
+  namespace: default
+  serviceAccount: sleep
+  node: node-a
+  ips: [10.244.1.2]
+  labels: {app: sleep}
 services:
-- {name: svc, namespace: default, vips: [10.96.0.1, "fd00::1"], ports: [{port: 80, targetPort: 8080}], selector: {app: sleep}}
+- name: svc
+  namespace: default
+  vips: [10.96.0.1, "fd00::1"]
+  ports: [{port: 80, targetPort: 8080}]
+  selector: {app: sleep}
 """
 
 SEEDS = [
     _EXAMPLE.read_bytes(),
     _MINIMAL.encode(),
-    (_MINIMAL + "policies:\n- {apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, "
-     "metadata: {name: p}, spec: {action: DENY}}\n").encode(),
-    (_MINIMAL + "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
-     "metadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n").encode(),
-    (_MINIMAL + "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
-     "metadata: {name: bad}\nspec: {action: ALOW}\n").encode(),
+    (
+        _MINIMAL + "policies:\n- {apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, "
+        "metadata: {name: p}, spec: {action: DENY}}\n"
+    ).encode(),
+    (
+        _MINIMAL + "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
+        "metadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n"
+    ).encode(),
+    (
+        _MINIMAL + "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+        "metadata: {name: bad}\nspec: {action: ALOW}\n"
+    ).encode(),
     (_MINIMAL + "rootNamespace: Bad_NS\n").encode(),
     (_MINIMAL + "trustDomain: dup\n").encode(),
     b"kind: MeshConfig\n---\nkind: MeshConfig\n",
     b"a: &x [1, 2]\nb: *x\n",
     # Regression seeds (tests/agent/test_config_yaml_errors.py): PyYAML's non-YAMLError refusals.
     (_MINIMAL + "---\nmetadata: {creationTimestamp: 2024-02-30}\n").encode(),
-    (_MINIMAL + "---\nv: [!!int x, !!float y, !!binary AAAA, !!timestamp 2001-12-14t21:59:43.10-05:00]\n").encode(),
+    (
+        _MINIMAL + "---\nv: [!!int x, !!float y, !!binary AAAA, !!timestamp 2001-12-14t21:59:43.1-05:00]\n"
+    ).encode(),
     b"v: " + b"[" * 400 + b"]" * 400 + b"\n",
     b"",
 ]
@@ -57,7 +74,7 @@ def fuzz_one(data: bytes) -> None:
             raise AssertionError("ConfigError without issues") from exc
         for issue in exc.issues:
             if issue.file != "fuzz.yaml" or not str(issue):
-                raise AssertionError(f"issue does not name the file: {issue!r}")
+                raise AssertionError(f"issue does not name the file: {issue!r}") from exc
         return
     again = parse_config(text, file="fuzz.yaml")
     if again.digest != cfg.digest or again.trust_domain != cfg.trust_domain:

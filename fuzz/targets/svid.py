@@ -57,7 +57,8 @@ SVID_RULES = frozenset(
     }
 )
 BUNDLE_RULES = frozenset(
-    {"pem", "empty", "root-not-ca", "root-key-type", "too-many-roots", "trust-domain", "jwks", "malformed-certificate"}
+    {"pem", "empty", "root-not-ca", "root-key-type", "too-many-roots", "trust-domain", "jwks"}
+    | {"malformed-certificate"}
 )
 
 BUNDLES = TrustBundleSet.of(TrustBundle(TrustDomain(_pki.TD), (_pki.ROOT,)))
@@ -106,7 +107,7 @@ SEEDS: list[bytes] = [
 
 
 def _parse_der_chain(blob: bytes) -> list[x509.Certificate] | None:
-    certs = []
+    certs: list[x509.Certificate] = []
     pos = 0
     while pos + 2 <= len(blob) and len(certs) < 10:
         (n,) = struct.unpack_from(">H", blob, pos)

@@ -23,7 +23,7 @@ SMOKE_SECONDS = 7  # cap per target, so the whole pass stays under a minute on a
 
 
 def test_every_parser_has_a_target() -> None:
-    assert EXPECTED <= set(runner.target_names())
+    assert set(runner.target_names()) >= EXPECTED
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -39,8 +39,20 @@ def test_seeds_pass_the_target(name: str) -> None:
 def test_short_fuzz_run_finds_nothing(name: str, tmp_path: Path) -> None:
     env = {**os.environ, runner.WORKDIR_ENV: str(tmp_path), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "fuzz", "run", name, "--runs", str(SMOKE_RUNS),
-         "--seconds", str(SMOKE_SECONDS), "--seed", "1", "-q"],
+        [
+            sys.executable,
+            "-m",
+            "fuzz",
+            "run",
+            name,
+            "--runs",
+            str(SMOKE_RUNS),
+            "--seconds",
+            str(SMOKE_SECONDS),
+            "--seed",
+            "1",
+            "-q",
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -576,7 +576,8 @@ def _bump_version(der: bytes, tlv: bytes, to: int) -> bytes:
 
 
 def _armor(der: bytes, label: str) -> bytes:
-    return f"-----BEGIN {label}-----\n".encode() + base64.encodebytes(der) + f"-----END {label}-----\n".encode()
+    body = base64.encodebytes(der)
+    return f"-----BEGIN {label}-----\n".encode() + body + f"-----END {label}-----\n".encode()
 
 
 def test_unknown_x509_and_csr_versions_are_typed_refusals(root_ca: CertificateAuthority) -> None:
