@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup lab lab-down test lint bench fuzz clean
+.PHONY: setup lab lab-down test lint bench soak fuzz clean
 
 setup:
 	bash scripts/setup.sh
@@ -18,11 +18,14 @@ test: setup lint
 
 lint:
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy agent bpf caserver cli credentials identity lab mesh policy serving tunnel waypoint
+	$(VENV)/bin/mypy agent bpf caserver cli cni credentials identity lab mesh policy serving sources tunnel waypoint
 	$(VENV)/bin/lint-imports
 
 bench: setup
 	$(PY) -m bench
+
+soak: setup
+	$(PY) -m bench.soak
 
 # Coverage-guided fuzzing (atheris) of every parser, >= 1 000 000 inputs each, one target after
 # another; prints inputs run and crashes per target (crashing inputs in fuzz/crashes/<target>/).

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from bpf import abi, syscall
+from bpf.guard import Guard, GuardError
 from bpf.pinned import PinnedCapture, StalePins, detach_stale_link, remove_pins
 from bpf.routing import Routing, check_ipv4, pod_rules
 
@@ -65,6 +66,9 @@ class CaptureStatus:
     counters: dict[str, int] = field(default_factory=dict)
     rules: list[str] = field(default_factory=list)
     table_route: bool = False
+    # The fast-reset guard (bpf/guard.py): installed, this process marks SYNs as served, and how
+    # many SYNs it has reset while no agent served.
+    guard: dict[str, object] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -138,6 +142,7 @@ class Capture:
         self.netns = netns
         self.hbone_port = hbone_port
         self.routing = Routing(table, netns)
+        self.guard = Guard(None if netns is None else self._netns_path())
         self._pinned: PinnedCapture | None = None
 
     @property
@@ -175,6 +180,10 @@ class Capture:
             pinned = self._load_fresh(netns_ino)
         self._pinned = pinned
         self.routing.ensure_table()
+        try:
+            self.guard.install()
+        except GuardError as e:
+            raise CaptureError(f"fast-reset guard (nftables table ip ztagent): {e}") from e
 
     def _load_fresh(self, netns_ino: int) -> PinnedCapture:
         detach_stale_link(self.pin_dir, netns_ino)
@@ -203,14 +212,21 @@ class Capture:
         return self._pinned
 
     def close(self) -> None:
-        """Drop this process's fds; pins, link and rules stay (what a crash leaves)."""
+        """Drop this process's fds; pins, link and rules stay (what a crash leaves). The guard's
+        owned table goes with its socket, so captured SYNs are reset from now on."""
+        self.guard.close()
         if self._pinned is not None:
             self._pinned.close()
             self._pinned = None
 
     def detach(self) -> None:
         """Clean stop: detach the program and remove the pins and maps. Routing rules stay, so
-        enrolled pods' TCP keeps ending locally with no listener: it fails instead of leaking."""
+        enrolled pods' TCP keeps ending locally with no listener: it fails instead of leaking, and
+        the guard resets new connections at once."""
+        try:
+            self.guard.unmark_serving()
+        except GuardError:
+            self.guard.close()  # closing the socket removes the owned table all the same
         if self._pinned is None:
             try:
                 self._pinned = PinnedCapture.open(self.pin_dir, self._netns_ino())
@@ -225,6 +241,12 @@ class Capture:
         traffic flows uncaptured afterwards; use only to take capture off the node."""
         self.detach()
         self.routing.remove_all()
+        try:
+            self.guard.remove()
+        except GuardError as e:
+            raise CaptureError(f"cannot remove the fast-reset guard: {e}") from e
+        finally:
+            self.guard.close()
 
     # --- listeners and pods ----------------------------------------------------------------------
 
@@ -244,11 +266,22 @@ class Capture:
         for slot, fd in slots:  # validate all before changing any
             if fd is not None:
                 check_listener(fd, abi.SLOT_NAMES[slot])
+        serving = any(fd is not None for _, fd in slots)
+        if not serving:
+            # Every slot is being emptied: reset new connections instead of dropping them.
+            self.guard.unmark_serving()
         for slot, fd in slots:
             try:
                 pinned.set_listener(slot, fd)
             except syscall.BpfError as e:
                 raise CaptureError(f"{abi.SLOT_NAMES[slot]} listener: {e}") from e
+        if serving:
+            # This process feeds the capture: SYNs pass the guard until it exits (or empties the
+            # slots). A slot it leaves empty drops its traffic, as before.
+            try:
+                self.guard.mark_serving()
+            except GuardError as e:
+                raise CaptureError(f"fast-reset guard: cannot mark this agent as serving: {e}") from e
 
     def enroll(self, pod: EnrolledPod) -> None:
         """Capture a pod's TCP; idempotent. Live connections of the pod are reset by this."""
@@ -277,6 +310,10 @@ class Capture:
         for old in stale - still_used:
             pinned.del_iface(old)
         self.routing.add(pod_rules(self.table, pod.host_ifname, ips))
+        try:
+            self.guard.add_pods(ips)
+        except GuardError as e:
+            raise CaptureError(f"pod {pod.name}: captured, but the fast-reset guard refused it: {e}") from e
 
     def unenroll(self, pod: EnrolledPod) -> None:
         """Stop capturing a pod (its traffic flows directly afterwards); idempotent."""
@@ -286,6 +323,10 @@ class Capture:
         except ValueError as e:
             raise CaptureError(str(e)) from e
         self.routing.delete(pod_rules(self.table, pod.host_ifname, ips))
+        try:
+            self.guard.remove_pods(ips)
+        except GuardError as e:
+            raise CaptureError(f"pod {pod.name}: cannot remove it from the fast-reset guard: {e}") from e
         ifindex = self.routing.ifindex(pod.host_ifname)
         for ip in ips:
             owner = pinned.pod_ip_ifindex(ip)
@@ -299,6 +340,8 @@ class Capture:
         st = CaptureStatus(attached=False, pin_dir=self.pin_dir, table=self.table)
         st.rules = [str(r) for r in self.routing.rules()]
         st.table_route = self.routing.has_table_route()
+        st.guard = {"installed": self.guard.installed(), "serving": self.guard.serving,
+                    "resetSyns": self.guard.rejected()}
         pinned = self._pinned
         opened = False
         if pinned is None:

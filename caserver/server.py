@@ -10,7 +10,9 @@ Per request, in order (each failure is one gRPC status with a message naming wha
    chain during the handshake; a client without one never gets a connection). Then the caller's
    certificate is checked again as an X509-SVID and must carry a node identity
    (credentials.identities) -> else ``UNAUTHENTICATED``.
-2. Request shape: ``validity_duration`` in [0, max TTL] (0 = default TTL); ``metadata``'s
+2. Request shape: the body must decode as an ``IstioCertificateRequest`` (else
+   ``INVALID_ARGUMENT`` and a one-line warning, not grpcio's ``UNKNOWN`` and traceback);
+   ``validity_duration`` in [0, max TTL] (0 = default TTL); ``metadata``'s
    ``ImpersonatedIdentity`` (what ztunnel sends) must, if present, be a SPIFFE ID equal to the
    CSR's; the CSR must be PEM P-256 with exactly one SPIFFE URI SAN (identity.ca) ->
    ``INVALID_ARGUMENT``.
@@ -43,6 +45,7 @@ from typing import Any, NoReturn
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from google.protobuf.message import DecodeError
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from caserver.authz import Decision, Placement, authorize
@@ -53,7 +56,8 @@ from identity.bundle import TrustBundleSet
 from identity.ca import DEFAULT_WORKLOAD_TTL, CaError
 from identity.spiffe import SpiffeId, SpiffeIdError
 from identity.svid import SvidError, verify_svid
-from mesh.config import ConfigError, FileConfigSource, MeshConfig
+from mesh.config import ConfigError, MeshConfig
+from sources.file import FileConfigSource
 
 log = logging.getLogger("ztagent.ca.server")
 
@@ -64,6 +68,7 @@ MAX_REQUEST_BYTES = 64 * 1024
 Clock = Callable[[], dt.datetime]
 # Verified node certificates remembered (one or two per node: current and renewed).
 AUTHN_CACHE_SIZE = 4096
+SERVICE = "istio.v1.auth.IstioCertificateService"
 
 
 def utc_now() -> dt.datetime:
@@ -208,7 +213,17 @@ class CaServer(ca_pb2_grpc.IstioCertificateServiceServicer):
                 ("grpc.so_reuseport", 0),
             ]
         )
-        ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(self, server)  # type: ignore[no-untyped-call]
+        # Not the generated add_..._to_server: its request deserializer runs inside grpcio, which
+        # answers an undecodable body with UNKNOWN and logs a traceback at error level. Taking the
+        # raw bytes and decoding them ourselves makes that an INVALID_ARGUMENT like any bad request.
+        handlers = {
+            "CreateCertificate": grpc.unary_unary_rpc_method_handler(
+                self._create_certificate_wire,
+                request_deserializer=None,  # the raw message bytes
+                response_serializer=ca_pb2.IstioCertificateResponse.SerializeToString,
+            )
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         if listen.startswith("unix:"):
             path = Path(listen[len("unix:") :])
             if not path.is_absolute():
@@ -288,6 +303,31 @@ class CaServer(ca_pb2_grpc.IstioCertificateServiceServicer):
                 f"(spiffe://{td}/ns/{NODE_NAMESPACE}/sa/{NODE_SERVICE_ACCOUNT}/node/<node>)"
             )
         return node, ""
+
+    async def _create_certificate_wire(
+        self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> ca_pb2.IstioCertificateResponse:
+        try:
+            request = ca_pb2.IstioCertificateRequest.FromString(raw)
+        except DecodeError as exc:
+            # Who sent it decides the answer: a stranger learns nothing beyond UNAUTHENTICATED.
+            node, why = self._authenticate(context, self._clock())
+            if node is None:
+                log.warning(
+                    f"CSR refused, caller not authenticated: {why}",
+                    extra={"event": "ca_unauthenticated", "peer": context.peer()},
+                )
+                await self._fail(context, grpc.StatusCode.UNAUTHENTICATED, why)
+            log.warning(
+                f"undecodable CreateCertificate request ({len(raw)} bytes) from node {node!r}: {exc}",
+                extra={"event": "ca_bad_request", "node": node, "rule": "undecodable"},
+            )
+            await self._fail(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the request is not a protobuf IstioCertificateRequest: {exc}",
+            )
+        return await self.CreateCertificate(request, context)
 
     async def CreateCertificate(  # the gRPC method name is the wire name
         self,

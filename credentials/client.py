@@ -9,9 +9,17 @@ the workload's SPIFFE ID, the same ID in the ``ImpersonatedIdentity`` metadata.
 Nothing from the answer is trusted until checked: the leaf must be for our key and our SPIFFE
 ID and must verify, with the intermediates sent, against the trust bundle we already hold.
 
+Node credentials (credentials.node): the bootstrap credential is read from ``--node-credentials``
+and never written; renewals of the node identity (through the certificate manager) are kept in
+memory and persisted beside it (``node-renewed.pem``). Every new connection presents the newest
+credential valid at that instant, so once a renewed credential has expired during a CA outage
+the next dial uses the bootstrap one and the node heals when the CA is back.
+
 Every failure is a :class:`CaClientError` whose ``kind`` says what class of problem it is
 (``unreachable``, ``unauthenticated``, ``denied``, ``rejected``, ``malformed-answer``,
-``ca-error``) and whose message names the CA address and the identity.
+``ca-error``), whose ``reason`` is the cause an operator acts on (credentials.causes: node
+credential expired, CA unreachable, refused by the CA, ...) and whose message starts with that
+cause and names the CA address and the identity.
 """
 
 from __future__ import annotations
@@ -30,10 +38,31 @@ from typing import Any
 from cryptography import x509
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
-from credentials.files import CredentialFileError, CredentialFiles, read_credentials, write_credentials
-from credentials.grpc_unary import GrpcError, Status, UnaryChannel
-from credentials.identities import CA_SERVER_NAME, IMPERSONATED_IDENTITY
+from credentials import causes
+from credentials.files import (
+    CredentialFileError,
+    CredentialFiles,
+    read_credentials,
+    read_renewed,
+    write_renewed,
+)
+from credentials.grpc_unary import CLOSED_BEFORE_HTTP2, GrpcError, Status, UnaryChannel
+from credentials.identities import CA_SERVER_NAME, IMPERSONATED_IDENTITY, node_of
+from credentials.node import (
+    BOOTSTRAP,
+    RENEWED,
+    Choice,
+    NoValidNodeCredential,
+    describe_window,
+    is_valid_at,
+    newest,
+    select_node_credential,
+    validity_window,
+)
 from credentials.proto import ca_pb2
 from identity.bundle import BundleError, TrustBundle, TrustBundleSet
 from identity.ca import is_self_signed
@@ -57,20 +86,32 @@ def utc_now() -> dt.datetime:
 
 
 class CaClientError(Exception):
-    def __init__(self, kind: str, message: str, identity: SpiffeId | None = None) -> None:
+    def __init__(
+        self, kind: str, message: str, identity: SpiffeId | None = None, *, reason: str = causes.OTHER
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.identity = identity
+        self.reason = reason  # a credentials.causes reason (the metric label)
+
+
+def _chain_checks(cred: WorkloadCredential, bundles: TrustBundleSet, now: dt.datetime) -> None:
+    """The X509-SVID checks for a node credential, at an instant inside its validity window, so
+    an expired one is still known to be ours (selection then decides by time alone)."""
+    start, end = validity_window(cred)
+    verify_svid(cred.chain, bundles, min(max(now, start), end))
 
 
 @dataclass(frozen=True)
 class NodeCredentials:
-    """The node's own credential for talking to the CA, checked on load."""
+    """The node's credentials for talking to the CA: the bootstrap one and, once the node has
+    renewed its identity, the renewed one (credentials.node says which is presented when)."""
 
-    credential: WorkloadCredential
+    bootstrap: WorkloadCredential
     bundles: TrustBundleSet
-    files: CredentialFiles
-    directory: Path | None = None  # where it was read from (renewals are written back there)
+    files: CredentialFiles  # the bootstrap credential's files (never rewritten by the agent)
+    directory: Path | None = None  # where they were read from (renewals are persisted beside)
+    renewed: WorkloadCredential | None = None
 
     @classmethod
     def from_files(cls, files: CredentialFiles, *, now: dt.datetime | None = None) -> NodeCredentials:
@@ -79,36 +120,94 @@ class NodeCredentials:
             bundle = TrustBundle.from_pem(cred.spiffe_id.trust_domain, files.roots_pem)
         except (SvidError, BundleError) as exc:
             raise CaClientError("bad-credentials", f"node credential unusable: {exc}") from None
-        bundles = TrustBundleSet.of(bundle)
+        node = cls(cred, TrustBundleSet.of(bundle), files)
         if now is not None:
-            try:
-                verify_svid(cred.chain, bundles, now)
-            except SvidError as exc:
-                raise CaClientError(
-                    "bad-credentials", f"node credential {cred.spiffe_id} is not valid: {exc}"
-                ) from None
-        return cls(cred, bundles, files)
+            node._check_usable(now)
+        return node
 
     @classmethod
     def from_dir(
         cls, directory: str | os.PathLike[str], *, now: dt.datetime | None = None
     ) -> NodeCredentials:
+        """The bootstrap credential of ``directory`` plus the renewed one persisted beside it
+        (ignored, with a warning, if it is unreadable or not this node's). With ``now``, raise
+        unless one of them is valid then (the message names both and why)."""
         try:
             files = read_credentials(directory)
         except CredentialFileError as exc:
             raise CaClientError("bad-credentials", str(exc)) from None
-        return dataclasses.replace(cls.from_files(files, now=now), directory=Path(directory))
+        node = dataclasses.replace(cls.from_files(files), directory=Path(directory))
+        renewed = node._load_renewed(now or utc_now())
+        if renewed is not None:
+            node = dataclasses.replace(node, renewed=renewed)
+        if now is not None:
+            node._check_usable(now)
+        return node
+
+    def _load_renewed(self, now: dt.datetime) -> WorkloadCredential | None:
+        assert self.directory is not None
+        try:
+            pems = read_renewed(self.directory)
+            if pems is None:
+                return None
+            cred = WorkloadCredential.from_pem(pems[1], pems[0])
+            if cred.spiffe_id != self.bootstrap.spiffe_id:
+                raise SvidError("id-mismatch", f"it is for {cred.spiffe_id}, not {self.bootstrap.spiffe_id}")
+            _chain_checks(cred, self.bundles, now)
+        except (CredentialFileError, SvidError) as exc:
+            log.warning(
+                f"renewed node credential in {self.directory} ignored: {exc}",
+                extra={"event": "node_credential_renewed_ignored", "identity": str(self.bootstrap.spiffe_id)},
+            )
+            return None
+        return cred
+
+    def _check_usable(self, now: dt.datetime) -> None:
+        try:
+            _chain_checks(self.bootstrap, self.bundles, now)
+            self.select(now)
+        except SvidError as exc:
+            raise CaClientError(
+                "bad-credentials", f"node credential {self.spiffe_id} is not valid: {exc}"
+            ) from None
+        except NoValidNodeCredential as exc:
+            raise CaClientError(
+                "bad-credentials", f"node credential {self.spiffe_id} is not valid: {exc}", reason=exc.reason
+            ) from None
+
+    def select(self, now: dt.datetime) -> Choice:
+        """The credential to present at ``now``, or NoValidNodeCredential."""
+        return select_node_credential(self.bootstrap, self.renewed, now)
 
     def with_credential(self, cred: WorkloadCredential) -> NodeCredentials:
-        """The same node with a renewed certificate and key."""
+        """The same node with a renewed certificate and key (the bootstrap one is kept)."""
         if cred.spiffe_id != self.spiffe_id:
             raise ValueError(f"{cred.spiffe_id} is not this node's identity {self.spiffe_id}")
-        files = CredentialFiles(cred.key_pem(), cred.chain_pem(), self.files.roots_pem)
-        return NodeCredentials(cred, self.bundles, files, self.directory)
+        return dataclasses.replace(self, renewed=cred)
+
+    @property
+    def credential(self) -> WorkloadCredential:
+        """The most recently issued node credential (valid or not; see :meth:`select`)."""
+        return newest(self.bootstrap, self.renewed).credential
 
     @property
     def spiffe_id(self) -> SpiffeId:
-        return self.credential.spiffe_id
+        return self.bootstrap.spiffe_id
+
+    @property
+    def node_name(self) -> str:
+        return node_of(self.spiffe_id, self.spiffe_id.trust_domain) or "<node>"
+
+
+@dataclass(frozen=True)
+class NodeCredentialStatus:
+    """What the CA client presents and what it holds, at one instant (for status and tests)."""
+
+    in_use: str | None  # BOOTSTRAP | RENEWED, or None when neither is valid
+    bootstrap_not_after: dt.datetime
+    renewed_not_after: dt.datetime | None
+    problem: str  # "" when the newest credential is valid, else what is wrong and what to do
+    reason: str  # a credentials.causes reason for ``problem``, "" when there is none
 
 
 def _kind_for(code: Status) -> str:
@@ -123,15 +222,53 @@ def _kind_for(code: Status) -> str:
     }.get(code, "ca-error")
 
 
-def ca_client_context(node: NodeCredentials) -> ssl.SSLContext:
-    """TLS 1.3 with the node's credential, trusting the node's bundle for the CA's certificate,
-    which must carry :data:`CA_SERVER_NAME` (checked as a DNS name, like any gRPC client)."""
+def ca_client_context(node: NodeCredentials, credential: WorkloadCredential | None = None) -> ssl.SSLContext:
+    """TLS 1.3 with a node credential (default: the newest), trusting the node's bundle for the
+    CA's certificate, which must carry :data:`CA_SERVER_NAME` (checked as a DNS name, like any
+    gRPC client)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_verify_locations(cadata=node.bundles.all_roots_pem().decode("ascii"))
     ctx.set_alpn_protocols([ALPN_H2])
-    load_credential(ctx, node.credential)
+    load_credential(ctx, credential if credential is not None else node.credential)
     return ctx
+
+
+class _NodeCredentialCollector(Collector):
+    """Scrape-time gauges of the node credentials (computed from the client's clock)."""
+
+    def __init__(self, client: CaClient) -> None:
+        self._client = client
+
+    def collect(self) -> Any:
+        node = self._client.node
+        now = self._client._clock()
+        expiry = GaugeMetricFamily(
+            "ztagent_node_credential_expiry_timestamp_seconds",
+            "NotAfter of the node's credentials for the CA (bootstrap: never rewritten; renewed)",
+            labels=["credential"],
+        )
+        valid = GaugeMetricFamily(
+            "ztagent_node_credential_valid",
+            "1 if the node credential is valid now, else 0 (expired or not yet valid)",
+            labels=["credential"],
+        )
+        in_use = GaugeMetricFamily(
+            "ztagent_node_credential_in_use",
+            "1 for the node credential the CA client presents on new connections",
+            labels=["credential"],
+        )
+        try:
+            chosen: str | None = node.select(now).which
+        except NoValidNodeCredential:
+            chosen = None
+        for which, cred in ((BOOTSTRAP, node.bootstrap), (RENEWED, node.renewed)):
+            if cred is None:
+                continue
+            expiry.add_metric([which], validity_window(cred)[1].timestamp())
+            valid.add_metric([which], 1.0 if is_valid_at(cred, now) else 0.0)
+            in_use.add_metric([which], 1.0 if chosen == which else 0.0)
+        return [expiry, valid, in_use]
 
 
 class CaClient:
@@ -158,15 +295,93 @@ class CaClient:
         self._impersonate = impersonate
         self._server_name = server_name
         self._channel: UnaryChannel | None = None
+        self._channel_cred: WorkloadCredential | None = None  # what the channel's TLS presents
+        self._in_use: str | None = None  # which credential was last chosen (for transition logs)
         self._draining: dict[asyncio.Task[None], UnaryChannel] = {}
 
     def bundles(self) -> TrustBundleSet:
         return self.node.bundles
 
-    def _get_channel(self) -> UnaryChannel:
+    def _choose(self) -> tuple[WorkloadCredential, NoValidNodeCredential | None]:
+        """The credential for the next connection, and why it will fail if none is valid.
+
+        With none valid we still present the newest: the CA has the last word (its clock may
+        lag ours), and the failure is then reported as the expired credential it is."""
+        now = self._clock()
+        try:
+            choice = self.node.select(now)
+        except NoValidNodeCredential as exc:
+            if self._in_use is not None:
+                log.error(
+                    f"no valid node credential: {exc}",
+                    extra={"event": "node_credential_expired", "identity": str(self.node.spiffe_id)},
+                )
+            self._in_use = None
+            return self.node.credential, exc
+        if choice.which != self._in_use:
+            renewed = self.node.renewed
+            if choice.which == BOOTSTRAP and renewed is not None and not is_valid_at(renewed, now):
+                log.warning(
+                    "renewed node credential not usable "
+                    f"({describe_window(RENEWED, renewed, now)}); "
+                    "authenticating to the CA with the bootstrap credential "
+                    f"(valid until {validity_window(choice.credential)[1].isoformat()})",
+                    extra={"event": "node_credential_fallback", "identity": str(self.node.spiffe_id)},
+                )
+            elif self._in_use is not None or choice.which == RENEWED:
+                log.info(
+                    f"authenticating to the CA with the {choice.which} node credential "
+                    f"(valid until {validity_window(choice.credential)[1].isoformat()})",
+                    extra={"event": "node_credential_in_use", "identity": str(self.node.spiffe_id)},
+                )
+            self._in_use = choice.which
+        return choice.credential, None
+
+    def _get_channel(self) -> tuple[UnaryChannel, NoValidNodeCredential | None]:
+        cred, problem = self._choose()
+        if self._channel is not None and self._channel_cred is not cred:
+            self._retire_channel()  # the credential to present changed: new handshakes use it
         if self._channel is None:
-            self._channel = UnaryChannel(self.address, ca_client_context(self.node), self._server_name)
-        return self._channel
+            ctx = ca_client_context(self.node, cred)
+            self._channel = UnaryChannel(self.address, ctx, self._server_name)
+            self._channel_cred = cred
+        return self._channel, problem
+
+    def _retire_channel(self) -> None:
+        """Let the current channel's calls finish in the background; the next call dials anew."""
+        old, self._channel = self._channel, None
+        if old is not None:
+            task = asyncio.get_running_loop().create_task(old.close(grace=CHANNEL_DRAIN_SECONDS))
+            self._draining[task] = old
+            task.add_done_callback(lambda t: self._draining.pop(t, None))
+
+    def node_credential_status(self) -> NodeCredentialStatus:
+        """Which node credential is presented now, and what is wrong with them, if anything."""
+        node, now = self.node, self._clock()
+        renewed_end = validity_window(node.renewed)[1] if node.renewed is not None else None
+        bootstrap_end = validity_window(node.bootstrap)[1]
+        try:
+            choice = node.select(now)
+        except NoValidNodeCredential as exc:
+            problem = f"{causes.describe(exc.reason)}: {exc}"
+            return NodeCredentialStatus(None, bootstrap_end, renewed_end, problem, exc.reason)
+        problem = reason = ""
+        if choice.which == BOOTSTRAP and node.renewed is not None and not is_valid_at(node.renewed, now):
+            # Working, but on the fallback: the renewals failed for longer than the workload TTL.
+            assert renewed_end is not None
+            expired = now > renewed_end
+            reason = causes.NODE_CREDENTIAL_EXPIRED if expired else causes.NODE_CREDENTIAL_NOT_YET_VALID
+            state = describe_window(RENEWED, node.renewed, now).removeprefix("renewed credential ")
+            problem = (
+                f"{causes.describe(reason)}: renewable node credential {node.spiffe_id} {state}; "
+                "authenticating to the CA with the bootstrap credential, valid until "
+                f"{bootstrap_end.isoformat()}"
+            )
+        return NodeCredentialStatus(choice.which, bootstrap_end, renewed_end, problem, reason)
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        """Export ztagent_node_credential_{expiry_timestamp_seconds,valid,in_use}{credential}."""
+        registry.register(_NodeCredentialCollector(self))
 
     def set_node_credential(self, cred: WorkloadCredential, *, persist: bool = True) -> None:
         """Use a renewed node credential from the next connection on.
@@ -175,22 +390,20 @@ class CaClient:
         composition root subscribes :meth:`on_rotate` to the certificate manager and manages
         the node identity beside the workloads. The current channel drains in the background;
         new calls handshake with the new certificate. With ``persist`` the renewal is written
-        back to the credential directory so a restarted agent does not hold an expired one.
+        beside the bootstrap credential (``node-renewed.pem``, one atomic rename; the bootstrap
+        files are never touched), so a restarted agent starts with it while it is valid and
+        falls back to the bootstrap credential once it is not.
         """
         self.node = self.node.with_credential(cred)
         if persist and self.node.directory is not None:
             try:
-                write_credentials(self.node.directory, self.node.files)
+                write_renewed(self.node.directory, cred.key_pem(), cred.chain_pem())
             except CredentialFileError as exc:
                 log.error(
                     f"renewed node credential not saved: {exc}",
                     extra={"event": "node_credential_save_failed", "identity": str(cred.spiffe_id)},
                 )
-        old, self._channel = self._channel, None
-        if old is not None:
-            task = asyncio.get_running_loop().create_task(old.close(grace=CHANNEL_DRAIN_SECONDS))
-            self._draining[task] = old
-            task.add_done_callback(lambda t: self._draining.pop(t, None))
+        self._retire_channel()
         log.info(
             f"node credential renewed, valid until {cred.not_after.isoformat()}",
             extra={"event": "node_credential_renewed", "identity": str(cred.spiffe_id)},
@@ -239,39 +452,68 @@ class CaClient:
         if self._impersonate:
             value = struct_pb2.Value(string_value=str(spiffe_id))
             request.metadata.CopyFrom(struct_pb2.Struct(fields={IMPERSONATED_IDENTITY: value}))
+        channel, problem = self._get_channel()
         try:
-            raw = await self._get_channel().call(
-                CREATE_CERTIFICATE, request.SerializeToString(), timeout=self.timeout
-            )
+            raw = await channel.call(CREATE_CERTIFICATE, request.SerializeToString(), timeout=self.timeout)
         except GrpcError as exc:
             kind = _kind_for(exc.code)
-            details = exc.details
             if kind == "unreachable":
                 # Drop the channel: the next attempt dials afresh (the certificate manager owns
                 # the retry schedule).
                 await self._drop_channel()
-                hint = (
-                    "is the CA running there, and does it accept this node's credential "
-                    f"({self.node.spiffe_id})? TLS handshake failures also show up this way"
-                )
-                msg = f"CA at {self.address} unreachable for {spiffe_id}: {exc.code.name}: {details} ({hint})"
-            else:
-                msg = f"CA at {self.address} refused {spiffe_id}: {exc.code.name}: {details}"
-            raise CaClientError(kind, msg, spiffe_id) from None
+            raise self._error(exc, kind, spiffe_id, problem) from None
         try:
             answer = ca_pb2.IstioCertificateResponse.FromString(raw)
         except DecodeError as exc:
             raise CaClientError(
                 "malformed-answer",
-                f"CA at {self.address} answered badly for {spiffe_id}: undecodable answer: {exc}",
+                f"bad answer from the CA at {self.address} for {spiffe_id}: undecodable answer: {exc}",
                 spiffe_id,
+                reason=causes.BAD_ANSWER,
             ) from None
         return self._check_answer(answer, key, spiffe_id)
+
+    def _error(
+        self, exc: GrpcError, kind: str, spiffe_id: SpiffeId, problem: NoValidNodeCredential | None
+    ) -> CaClientError:
+        """Name the real cause: our own expired credential first (the CA refuses it whatever
+        else happens, and only an operator can fix it), then what the transport saw."""
+        what = f"{exc.code.name}: {exc.details}"
+        if problem is not None:
+            msg = (
+                f"{causes.describe(problem.reason)}: cannot get {spiffe_id} from the CA at "
+                f"{self.address}: {problem} ({what})"
+            )
+            return CaClientError(kind, msg, spiffe_id, reason=problem.reason)
+        if kind != "unreachable":
+            msg = (
+                f"{causes.describe(causes.CA_REFUSED)}: the CA at {self.address} refused {spiffe_id}: {what}"
+            )
+            return CaClientError(kind, msg, spiffe_id, reason=causes.CA_REFUSED)
+        if exc.transport == CLOSED_BEFORE_HTTP2:
+            # By our clock the credential we presented is valid, so the CA refused it for another
+            # reason: another CA's credential, a revoked root, or the CA's clock is off.
+            cred = self._channel_cred or self.node.credential
+            msg = (
+                f"{causes.describe(causes.CA_REFUSED)}: the CA at {self.address} refused the TLS handshake "
+                f"of node credential {self.node.spiffe_id} (serial {cred.leaf.serial_number:x}, valid until "
+                f"{validity_window(cred)[1].isoformat()}) while fetching {spiffe_id}: {what}; does the CA "
+                "trust the CA that issued it, and do the clocks agree?"
+            )
+            return CaClientError(kind, msg, spiffe_id, reason=causes.CA_REFUSED)
+        msg = (
+            f"{causes.describe(causes.CA_UNREACHABLE)}: no answer from the CA at {self.address} for "
+            f"{spiffe_id}: {what}"
+        )
+        return CaClientError(kind, msg, spiffe_id, reason=causes.CA_UNREACHABLE)
 
     def _check_answer(self, answer: Any, key: Any, spiffe_id: SpiffeId) -> WorkloadCredential:
         def bad(why: str) -> CaClientError:
             return CaClientError(
-                "malformed-answer", f"CA at {self.address} answered badly for {spiffe_id}: {why}", spiffe_id
+                "malformed-answer",
+                f"bad answer from the CA at {self.address} for {spiffe_id}: {why}",
+                spiffe_id,
+                reason=causes.BAD_ANSWER,
             )
 
         entries = list(answer.cert_chain)

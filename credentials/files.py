@@ -7,6 +7,10 @@ then intermediates, never the root) and ``root-cert.pem`` (the trust bundle).
 Every write goes to a temporary file in the same directory and is renamed into place, so a
 crash leaves the old file or the new one, never half of one. The CA directory
 (:mod:`caserver.store`) is written with the same helpers.
+
+The node agent never writes those three files: they are the bootstrap credential, its way back
+to the CA after any outage. It keeps its renewed node credential beside them in one file,
+``node-renewed.pem`` (0600: key then chain), so one rename replaces key and certificate together.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from typing import Final
 KEY_FILE: Final = "key.pem"
 CHAIN_FILE: Final = "cert-chain.pem"
 ROOTS_FILE: Final = "root-cert.pem"
+RENEWED_FILE: Final = "node-renewed.pem"
+_KEY_BEGIN: Final = b"-----BEGIN PRIVATE KEY-----"
+_KEY_END: Final = b"-----END PRIVATE KEY-----"
 
 
 class CredentialFileError(Exception):
@@ -106,3 +113,29 @@ def read_credentials(directory: str | os.PathLike[str]) -> CredentialFiles:
     check_key_mode(key_path)
     chain = read_file(d / CHAIN_FILE, "certificate chain")
     return CredentialFiles(key, chain, read_file(d / ROOTS_FILE, "trust bundle"))
+
+
+def write_renewed(directory: str | os.PathLike[str], key_pem: bytes, chain_pem: bytes) -> Path:
+    """Persist a renewed node credential beside (never over) the bootstrap credential."""
+    if not key_pem.lstrip().startswith(_KEY_BEGIN):
+        raise CredentialFileError("renewed node key must be a PKCS#8 PEM private key")
+    path = Path(directory) / RENEWED_FILE
+    try:
+        write_atomic(path, key_pem.rstrip(b"\n") + b"\n" + chain_pem, 0o600)
+    except OSError as exc:
+        raise CredentialFileError(f"cannot write {path}: {exc}") from None
+    return path
+
+
+def read_renewed(directory: str | os.PathLike[str]) -> tuple[bytes, bytes] | None:
+    """(key PEM, chain PEM) of the persisted renewed node credential, or None if there is none."""
+    path = Path(directory) / RENEWED_FILE
+    if not path.exists():
+        return None
+    data = read_file(path, "renewed node credential")
+    check_key_mode(path)
+    start, end = data.find(_KEY_BEGIN), data.find(_KEY_END)
+    if start < 0 or end < start:
+        raise CredentialFileError(f"renewed node credential {path} holds no PKCS#8 private key")
+    end += len(_KEY_END)
+    return data[start:end] + b"\n", data[:start] + data[end:]

@@ -73,11 +73,28 @@ _HTTP_TO_GRPC = {
 }
 
 
+# Where a call failed below gRPC (GrpcError.transport): the caller turns these into a cause an
+# operator can act on ("CA unreachable" is not one thing: nothing listens, nothing answers, the
+# TLS handshake failed, or the CA refused our certificate).
+CONNECT = "connect"  # the TCP/unix connect failed (refused, no route, OS timeout)
+TIMEOUT = "timeout"  # no connection, or no answer, within the deadline
+TLS = "tls"  # the TLS handshake failed on our side (we do not trust the server, no ALPN h2)
+# The server closed the connection after the handshake before sending any HTTP/2 frame: in TLS
+# 1.3 the server checks the client certificate after the client has finished its handshake, so
+# this is how a server that refuses our certificate looks from here.
+CLOSED_BEFORE_HTTP2 = "closed-before-http2"
+CLOSED_BEFORE_HTTP2_TEXT = (
+    "the server closed the connection right after the TLS handshake, before any HTTP/2 frame "
+    "(how a TLS 1.3 server refuses the client's certificate)"
+)
+
+
 class GrpcError(Exception):
-    def __init__(self, code: Status, details: str) -> None:
+    def __init__(self, code: Status, details: str, *, transport: str | None = None) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.transport = transport  # one of the transport causes above, or None (a gRPC status)
 
 
 def encode_message(payload: bytes) -> bytes:
@@ -137,9 +154,9 @@ class _Call:
         except GrpcError as exc:
             self.future.set_exception(exc)
 
-    def fail(self, code: Status, details: str) -> None:
+    def fail(self, code: Status, details: str, transport: str | None = None) -> None:
         if not self.future.done():
-            self.future.set_exception(GrpcError(code, details))
+            self.future.set_exception(GrpcError(code, details, transport=transport))
 
 
 class _Connection(asyncio.Protocol):
@@ -155,6 +172,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.calls: dict[int, _Call] = {}
         self.usable = True
+        self.heard = False  # any bytes from the server yet (its SETTINGS come first)
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -163,6 +181,7 @@ class _Connection(asyncio.Protocol):
         self._flush()
 
     def data_received(self, data: bytes) -> None:
+        self.heard = True
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -218,6 +237,10 @@ class _Connection(asyncio.Protocol):
                 self.calls.clear()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.heard:
+            why = CLOSED_BEFORE_HTTP2_TEXT + (f": {exc!r}" if exc else "")
+            self._lost(Status.UNAVAILABLE, why, CLOSED_BEFORE_HTTP2)
+            return
         self._lost(
             Status.UNAVAILABLE, f"connection lost: {exc!r}" if exc else "connection closed by the server"
         )
@@ -225,10 +248,10 @@ class _Connection(asyncio.Protocol):
     def eof_received(self) -> bool:
         return False
 
-    def _lost(self, code: Status, why: str) -> None:
+    def _lost(self, code: Status, why: str, transport: str | None = None) -> None:
         self.usable = False
         for call in self.calls.values():
-            call.fail(code, why)
+            call.fail(code, why, transport)
         self.calls.clear()
         if self.transport is not None:
             self.transport.close()
@@ -249,6 +272,8 @@ class _Connection(asyncio.Protocol):
 
     def start(self, path: str, message: bytes, timeout: float) -> tuple[int, asyncio.Future[bytes]]:
         if not self.usable or self.transport is None:
+            if not self.heard:
+                raise GrpcError(Status.UNAVAILABLE, CLOSED_BEFORE_HTTP2_TEXT, transport=CLOSED_BEFORE_HTTP2)
             raise GrpcError(Status.UNAVAILABLE, "connection is closing")
         sid = self.h2.get_next_available_stream_id()
         headers = [
@@ -312,7 +337,9 @@ class UnaryChannel:
             conn = await asyncio.wait_for(asyncio.shield(dialing), timeout)
         except TimeoutError:
             raise GrpcError(
-                Status.DEADLINE_EXCEEDED, f"no connection to {self.address} within {timeout:g}s"
+                Status.DEADLINE_EXCEEDED,
+                f"no connection to {self.address} within {timeout:g}s",
+                transport=TIMEOUT,
             ) from None
         finally:
             if dialing.done() and self._dialing is dialing:
@@ -334,13 +361,23 @@ class UnaryChannel:
                     factory, host.strip("[]"), int(port), ssl=self._ssl, server_hostname=self._server_name
                 )
         except ssl.SSLError as exc:
-            raise GrpcError(Status.UNAVAILABLE, f"TLS handshake with {self.address} failed: {exc}") from None
+            raise GrpcError(
+                Status.UNAVAILABLE, f"TLS handshake with {self.address} failed: {exc}", transport=TLS
+            ) from None
+        except TimeoutError as exc:  # the kernel's connect timeout (an OSError, but a distinct cause)
+            raise GrpcError(
+                Status.UNAVAILABLE, f"cannot connect to {self.address}: {exc}", transport=TIMEOUT
+            ) from None
         except OSError as exc:
-            raise GrpcError(Status.UNAVAILABLE, f"cannot connect to {self.address}: {exc}") from None
+            raise GrpcError(
+                Status.UNAVAILABLE, f"cannot connect to {self.address}: {exc}", transport=CONNECT
+            ) from None
         ssl_obj = proto.transport.get_extra_info("ssl_object") if proto.transport else None
         if ssl_obj is None or ssl_obj.selected_alpn_protocol() != "h2":
             proto.close()
-            raise GrpcError(Status.UNAVAILABLE, f"{self.address} did not negotiate HTTP/2 (ALPN h2)")
+            raise GrpcError(
+                Status.UNAVAILABLE, f"{self.address} did not negotiate HTTP/2 (ALPN h2)", transport=TLS
+            )
         if generation != self._generation:
             proto.close()
             raise GrpcError(Status.UNAVAILABLE, f"channel to {self.address} was closed while dialling")
@@ -359,7 +396,9 @@ class UnaryChannel:
         except TimeoutError:
             conn.cancel(sid)
             raise GrpcError(
-                Status.DEADLINE_EXCEEDED, f"no answer from {self.address} within {timeout:g}s"
+                Status.DEADLINE_EXCEEDED,
+                f"no answer from {self.address} within {timeout:g}s",
+                transport=TIMEOUT,
             ) from None
         except asyncio.CancelledError:
             conn.cancel(sid)

@@ -7,9 +7,10 @@ Lifecycle of an identity (DESIGN §3):
 * renewed at half-life with jitter (identity.rotation.renewal_time), measured from when we got
   the certificate, not from its back-dated NotBefore, so a short-lived certificate is not
   renewed the moment it arrives;
-* a failed renewal is logged (naming the identity), counted in
-  ``ztagent_cert_rotation_failures_total{identity}`` and retried with capped exponential
-  backoff; the old certificate keeps serving meanwhile;
+* a failed renewal is logged (naming the identity and the cause: credentials.causes), counted in
+  ``ztagent_cert_rotation_failures_total{identity}`` and ``ztagent_cert_fetch_failures_total{reason}``
+  and retried with exponential backoff capped at :data:`DEFAULT_BACKOFF`'s 30 s, so renewals
+  resume within half a minute of the CA coming back; the old certificate keeps serving meanwhile;
 * once NotAfter passes without a successful renewal the identity has *no* credential:
   :meth:`current` raises :class:`NoCredentialError`, subscribers are told (``None``) so TLS
   contexts drop it, and an error is logged. Retries continue.
@@ -36,6 +37,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from credentials import causes
 from identity.bundle import TrustBundleSet
 from identity.rotation import DEFAULT_JITTER_FRACTION, Backoff, Uniform, is_expired, renewal_time, retry_time
 from identity.spiffe import SpiffeId
@@ -51,6 +53,10 @@ MAX_SLEEP_SECONDS = 30.0
 # How many fetches one round runs at once: a node with many new workloads must not open
 # hundreds of concurrent RPCs to the CA.
 MAX_CONCURRENT_FETCHES = 16
+# Retry delays 1 s, 2 s, ... capped at 30 s (jittered to [cap/2, cap)): an agent learns the CA is
+# back within 30 s of it, whatever the outage's length, and a node retrying every identity every
+# 15-30 s is a handful of handshakes per second for a CA serving hundreds of nodes.
+DEFAULT_BACKOFF = Backoff(initial=dt.timedelta(seconds=1), maximum=dt.timedelta(seconds=30))
 
 
 def utc_now() -> dt.datetime:
@@ -59,6 +65,10 @@ def utc_now() -> dt.datetime:
 
 class Fetcher(Protocol):
     async def fetch(self, spiffe_id: SpiffeId, ttl: dt.timedelta | None = None) -> WorkloadCredential: ...
+
+
+class _BadAnswer(ValueError):
+    reason = causes.BAD_ANSWER
 
 
 class NoCredentialError(LookupError):
@@ -86,6 +96,8 @@ class _State:
     credential: WorkloadCredential | None = None
     attempt: int = 0  # consecutive failures
     last_error: str = ""
+    last_reason: str = ""  # credentials.causes reason of last_error
+    failing_since: dt.datetime | None = None  # first failure of the current run of failures
     in_flight: bool = False
 
 
@@ -98,6 +110,8 @@ class CredentialStatus:
     next_action: dt.datetime
     consecutive_failures: int
     last_error: str
+    last_error_reason: str = ""  # credentials.causes reason ("" when the last attempt succeeded)
+    failing_since: dt.datetime | None = None
 
 
 class CertificateManager:
@@ -111,7 +125,7 @@ class CertificateManager:
         clock: Clock = utc_now,
         rng: Uniform | None = None,
         jitter_fraction: float = DEFAULT_JITTER_FRACTION,
-        backoff: Backoff = Backoff(),  # noqa: B008 - immutable
+        backoff: Backoff = DEFAULT_BACKOFF,
     ) -> None:
         self._fetcher = fetcher
         self._bundles = bundles
@@ -131,6 +145,14 @@ class CertificateManager:
             "ztagent_cert_rotation_failures",
             "Failed certificate fetches/renewals, by workload identity",
             ["identity"],
+            registry=registry,
+        )
+        # The cause, without the identity: a fixed, small label set (credentials.causes.REASONS).
+        self.failure_reasons = Counter(
+            "ztagent_cert_fetch_failures",
+            "Failed certificate fetches/renewals, by cause (node_credential_expired, ca_unreachable, "
+            "ca_refused, ...)",
+            ["reason"],
             registry=registry,
         )
         self.expiry = Gauge(
@@ -167,7 +189,9 @@ class CertificateManager:
 
     def status(self) -> list[CredentialStatus]:
         return [
-            CredentialStatus(s.spiffe_id, s.credential, s.due, s.attempt, s.last_error)
+            CredentialStatus(
+                s.spiffe_id, s.credential, s.due, s.attempt, s.last_error, s.last_reason, s.failing_since
+            )
             for _, s in sorted(self._states.items())
         ]
 
@@ -301,18 +325,20 @@ class CertificateManager:
             return error  # removed while fetching: drop the result
         now = self._clock()
         if cred is not None and cred.spiffe_id != st.spiffe_id:
-            error = ValueError(f"fetcher returned a credential for {cred.spiffe_id}")
+            error = _BadAnswer(f"fetcher returned a credential for {cred.spiffe_id}")
             cred = None
         if cred is not None and is_expired(cred.not_after, now):
-            error = ValueError(f"fetched certificate already expired at {cred.not_after.isoformat()}")
+            error = _BadAnswer(f"fetched certificate already expired at {cred.not_after.isoformat()}")
             cred = None
         if cred is None:
             assert error is not None
             self._record_failure(st, error, now)
             return error
+        recovered = st.attempt > 0
         st.credential = cred
         st.attempt = 0
-        st.last_error = ""
+        st.last_error = st.last_reason = ""
+        since, st.failing_since = st.failing_since, None
         start = max(cred.not_before, now)
         st.due = renewal_time(start, cred.not_after, rng=self._rng, jitter_fraction=self._jitter)
         self._set_expiry(st.spiffe_id, cred.not_after.timestamp())
@@ -327,14 +353,25 @@ class CertificateManager:
                 "renew_at": st.due.isoformat(),
             },
         )
+        if recovered and since is not None:
+            log.info(
+                f"certificate fetches for {st.spiffe_id} work again after failing for "
+                f"{(now - since).total_seconds():.1f}s",
+                extra={"event": "cert_recovered", "identity": str(st.spiffe_id)},
+            )
         self._notify(st.spiffe_id, cred)
         return None
 
     def _record_failure(self, st: _State, error: BaseException, now: dt.datetime) -> None:
+        reason = causes.reason_of(error)
         st.last_error = str(error)
+        st.last_reason = reason
+        if st.failing_since is None:
+            st.failing_since = now
         st.due = retry_time(now, st.attempt, rng=self._rng, backoff=self._backoff)
         st.attempt += 1
         self.failures.labels(str(st.spiffe_id)).inc()
+        self.failure_reasons.labels(reason).inc()
         old = st.credential
         serving = (
             f"the old certificate serves until {old.not_after.isoformat()}"
@@ -342,12 +379,13 @@ class CertificateManager:
             else "no certificate is held for it"
         )
         log.error(
-            f"certificate fetch for {st.spiffe_id} failed (attempt {st.attempt}): {error}; {serving}; "
-            f"retrying at {st.due.isoformat()}",
+            f"certificate fetch for {st.spiffe_id} failed (attempt {st.attempt}, cause: "
+            f"{causes.describe(reason)}): {error}; {serving}; retrying at {st.due.isoformat()}",
             extra={
                 "event": "cert_rotation_failed",
                 "identity": str(st.spiffe_id),
                 "attempt": st.attempt,
+                "reason": reason,
                 "error": str(error),
                 "retry_at": st.due.isoformat(),
             },

@@ -142,7 +142,7 @@ def pin_root(lab: str) -> str:
 
 def up(opts: UpOptions) -> LabState:
     """Build the lab and start its processes; on failure everything made so far is removed."""
-    from mesh.config import load_config
+    from sources.file import load_config
 
     cfg = load_config(opts.config)  # ConfigError names file, document and field
     spec = LabSpec.from_config(opts.name, cfg)

@@ -3,7 +3,8 @@
 Pure: no I/O, no clock, no randomness. The public API (see docs/contracts.md, ``policy/``):
 
 * :func:`parse_policy`, :func:`parse_policies` -> :class:`PolicySet` (errors name the field path;
-  invalid documents are kept "poisoned" so enforcement fails closed);
+  invalid documents are kept "poisoned" so enforcement fails closed; ``default_namespace=`` for
+  documents without one, as ``kubectl apply -n``; :data:`NO_NAMESPACE_MESSAGE` when neither);
 * :class:`PolicyIndex` (per-destination lookup) with ``check(conn)`` (PeerAuthentication +
   AuthorizationPolicy), ``evaluate(conn)`` and ``mtls(ns, labels, port)``;
 * :class:`Connection` in, :class:`Decision` out; :func:`evaluate` is the unindexed scan.
@@ -37,7 +38,15 @@ from policy.model import (
     Policy,
     RequestAuthentication,
 )
-from policy.parse import DocumentIssue, PolicyParseError, PolicySet, parse_policies, parse_policy
+from policy.parse import (
+    NO_NAMESPACE_MESSAGE,
+    DocumentIssue,
+    PolicyParseError,
+    PolicySet,
+    parse_policies,
+    parse_policy,
+    valid_namespace,
+)
 from policy.peerauth import MtlsDecision, PeerAuthIndex, effective_mtls
 
 __all__ = [
@@ -50,6 +59,7 @@ __all__ = [
     "CODE_NO_POLICY",
     "DEFAULT_ROOT_NAMESPACE",
     "L4_CONDITION_KEYS",
+    "NO_NAMESPACE_MESSAGE",
     "Action",
     "AuthorizationPolicy",
     "CompiledPolicy",
@@ -73,4 +83,5 @@ __all__ = [
     "evaluate",
     "parse_policies",
     "parse_policy",
+    "valid_namespace",
 ]

@@ -18,9 +18,10 @@ verdict (what would happen if the dry-run policies were enforced) is reported as
 Matching: rules OR'ed; within a rule ``from`` (any source), ``to`` (any operation) and every
 ``when`` AND'ed; within a source/operation fields AND'ed, values OR'ed, ``not*`` = none may match.
 Unset ``rules`` never match; ``rules: [{}]`` always matches. Principals compare against the SPIFFE
-ID without ``spiffe://``; namespace and service account come from the peer's SPIFFE ID
-(``td/ns/<ns>/sa/<sa>``). A plaintext peer (no identity) never matches a positive identity field
-and always satisfies a negative one.
+ID without ``spiffe://``; trust domain, namespace and service account come from the peer's SPIFFE
+ID (``<td>/ns/<ns>/sa/<sa>``; the trust domain is its first segment whatever the path's shape). A
+plaintext peer (no identity) never matches a positive identity field (principals, namespaces,
+serviceAccounts, trustDomains and their ``when`` keys) and always satisfies a negative one.
 
 HTTP-only attributes (hosts, methods, paths and their negations, requestPrincipals,
 remoteIpBlocks, and every ``when`` key except the L4 ones in :data:`policy.model.L4_CONDITION_KEYS`)
@@ -83,7 +84,9 @@ class Connection:
     destination_port: int
     destination_labels: Mapping[str, str] = field(default_factory=lambda: EMPTY_LABELS)
     destination_ip: IPAddress | None = None
-    # Derived from source_principal in __post_init__: "" when absent or not Istio-shaped.
+    # Derived from source_principal in __post_init__: "" when absent (or, for namespace and
+    # service account, when the SPIFFE path is not Istio-shaped).
+    source_trust_domain: str = field(init=False, default="")
     source_namespace: str = field(init=False, default="")
     source_service_account: str = field(init=False, default="")
 
@@ -102,6 +105,7 @@ class Connection:
             object.__setattr__(self, "source_principal", p)
         # Istio's identity shape: <trust-domain>/ns/<namespace>/sa/<service-account>.
         parts = p.split("/")
+        object.__setattr__(self, "source_trust_domain", parts[0])
         if len(parts) == 5 and parts[1] == "ns" and parts[3] == "sa" and parts[2] and parts[4]:
             object.__setattr__(self, "source_namespace", parts[2])
             object.__setattr__(self, "source_service_account", parts[4])
@@ -182,6 +186,8 @@ class L4Match:
     not_namespaces: tuple[StringMatch, ...] = ()
     service_accounts: tuple[tuple[str, str], ...] = ()
     not_service_accounts: tuple[tuple[str, str], ...] = ()
+    trust_domains: tuple[StringMatch, ...] = ()
+    not_trust_domains: tuple[StringMatch, ...] = ()
     source_ips: tuple[IPNetwork, ...] = ()
     not_source_ips: tuple[IPNetwork, ...] = ()
     destination_ips: tuple[IPNetwork, ...] = ()
@@ -211,6 +217,11 @@ class L4Match:
                 return False
             if self.not_service_accounts and ns and sa in self.not_service_accounts:
                 return False
+        td = c.source_trust_domain
+        if self.trust_domains and not (td and any(m.matches(td) for m in self.trust_domains)):
+            return False
+        if self.not_trust_domains and td and any(m.matches(td) for m in self.not_trust_domains):
+            return False
         src = self.source_ips or self.not_source_ips
         if src and not _ip_ok(c.source_ip, self.source_ips, self.not_source_ips, unknown_ip_matches):
             return False
@@ -254,6 +265,8 @@ def _condition_match(key: str, values: tuple[str, ...], negative: bool) -> dict[
         return {f"{pre}ports": frozenset(int(v) for v in values if v.isdigit())}
     if key == "source.namespace":
         return {f"{pre}namespaces": tuple(StringMatch.parse(v) for v in values)}
+    if key == "source.trustDomain":
+        return {f"{pre}trust_domains": tuple(StringMatch.parse(v) for v in values)}
     assert key == "source.principal"
     return {f"{pre}principals": tuple(StringMatch.parse(v) for v in values)}
 
@@ -275,6 +288,8 @@ def compile_rule_l4(rule: Rule, action: Action) -> L4Rule | None:
                     not_service_accounts=tuple(
                         (m.namespace, m.service_account) for m in s.not_service_accounts
                     ),
+                    trust_domains=s.trust_domains,
+                    not_trust_domains=s.not_trust_domains,
                     source_ips=s.ip_blocks,
                     not_source_ips=s.not_ip_blocks,
                 )

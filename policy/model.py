@@ -116,6 +116,9 @@ class Source:
     not_ip_blocks: tuple[IPNetwork, ...] = ()
     remote_ip_blocks: tuple[IPNetwork, ...] = ()
     not_remote_ip_blocks: tuple[IPNetwork, ...] = ()
+    # From the peer certificate's SPIFFE ID (``spiffe://<trust-domain>/...``), like principals.
+    trust_domains: tuple[StringMatch, ...] = ()
+    not_trust_domains: tuple[StringMatch, ...] = ()
 
     def http_fields(self) -> tuple[str, ...]:
         """Names of the fields set here that only an HTTP-aware proxy can evaluate."""
@@ -150,11 +153,19 @@ class Operation:
         return tuple(out)
 
 
-# The `when` keys ztunnel evaluates at L4 (istio pilot's ambient conversion, l4WhenAttributes).
-# Every other valid key (request.*, remote.ip, connection.sni, source.serviceAccount,
-# experimental.*) needs a proxy that sees more than the connection: a waypoint.
+# The `when` keys the node agent evaluates at L4: ztunnel's (istio pilot's ambient conversion,
+# l4WhenAttributes) plus ``source.trustDomain``, which, like ``source.principal``, is read from
+# the peer certificate's SPIFFE ID. Every other valid key (request.*, remote.ip, connection.sni,
+# source.serviceAccount, experimental.*) needs a proxy that sees more than the connection.
 L4_CONDITION_KEYS: Final = frozenset(
-    {"source.ip", "source.namespace", "source.principal", "destination.ip", "destination.port"}
+    {
+        "source.ip",
+        "source.namespace",
+        "source.principal",
+        "source.trustDomain",
+        "destination.ip",
+        "destination.port",
+    }
 )
 
 
@@ -216,6 +227,7 @@ class Meta:
     namespace: str
     annotations: Mapping[str, str] = field(default_factory=lambda: EMPTY_LABELS)
     creation_timestamp: datetime | None = None
+    namespace_defaulted: bool = False  # the namespace came from the default (kubectl's -n)
 
     @property
     def key(self) -> str:
@@ -293,6 +305,7 @@ class JwtRule:
     forward_original_token: bool = False
     output_claim_to_headers: tuple[tuple[str, str], ...] = ()  # (header, claim)
     timeout_seconds: float | None = None
+    space_delimited_claims: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

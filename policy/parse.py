@@ -14,7 +14,9 @@ parts that could not be parsed:
 
 * an action that cannot be read is taken as DENY;
 * a selector that cannot be read selects every workload in the namespace;
-* a missing namespace makes the policy mesh-wide (namespace ``""``, treated as the root);
+* a document without ``metadata.namespace`` takes ``default_namespace`` (as ``kubectl apply -n
+  NS`` does); with no default either it is an error (:data:`NO_NAMESPACE_MESSAGE`) and the policy
+  is made mesh-wide (namespace ``""``, treated as the root);
 * the evaluators then enforce a poisoned ALLOW as "allows nothing" and a poisoned DENY/CUSTOM
   as "denies everything it selects" (see :mod:`policy.authz`), and a poisoned
   PeerAuthentication as STRICT (see :mod:`policy.peerauth`).
@@ -26,6 +28,7 @@ parsed form: :func:`parse_policy` raises :class:`PolicyParseError` for it.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -56,6 +59,16 @@ from policy.model import (
 )
 
 API_VERSIONS: Final = ("security.istio.io/v1", "security.istio.io/v1beta1")
+API_GROUP: Final = "security.istio.io"
+
+# The one message for a document that has no namespace and was given no default. mesh.config and
+# lint use this text too, so the loader, the agent's log and `policy lint` say the same thing.
+NO_NAMESPACE_MESSAGE: Final = (
+    "no namespace: set metadata.namespace or pass -n / a default namespace "
+    "(until then the policy is enforced mesh-wide, failing closed)"
+)
+# RFC 1123 label, as Kubernetes requires of namespace names.
+_DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 KINDS: Final = ("AuthorizationPolicy", "PeerAuthentication", "RequestAuthentication")
 
 _T = TypeVar("_T")
@@ -69,6 +82,7 @@ _EXACT_KEYS: Final = {
     "source.namespace": "string",
     "source.serviceAccount": "serviceaccount",
     "source.principal": "string",
+    "source.trustDomain": "string",
     "request.auth.principal": "string",
     "request.auth.audiences": "string",
     "request.auth.presenter": "string",
@@ -92,7 +106,6 @@ _LABEL_KEY = re.compile(
     r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
 )
 _LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
-_DURATION = re.compile(r"(\d+(\.\d+)?)(ms|s|m|h)")
 
 
 class PolicyParseError(ValueError):
@@ -111,6 +124,9 @@ class DocumentIssue:
     kind: str | None
     key: str | None  # "namespace/name" when known
     error: FieldError
+    # The document is not a security.istio.io document at all (e.g. a Deployment in the same
+    # `kubectl apply -f` bundle): still an error for the agent, but lint reports it as skipped.
+    foreign: bool = False
 
     @property
     def path(self) -> str:
@@ -153,7 +169,8 @@ class PolicySet:
 
 
 class _Ctx:
-    def __init__(self) -> None:
+    def __init__(self, default_namespace: str | None = None) -> None:
+        self.default_namespace = default_namespace
         self.errors: list[FieldError] = []
         self.warnings: list[FieldError] = []
 
@@ -330,6 +347,8 @@ def _service_accounts(ctx: _Ctx, path: str, v: Any, policy_ns: str) -> tuple[Ser
         if not sep:
             # istiod's ambient conversion reads a bare name as a service account of the policy's
             # own namespace.
+            if not policy_ns:
+                continue  # no namespace: already an error of metadata.namespace (one is enough)
             ns, sa = policy_ns, s
         if not ns or not sa:
             ctx.err(p, f"expected format 'serviceAccount' or 'namespace/serviceAccount', found {_q(s)}")
@@ -369,13 +388,24 @@ def _timestamp(ctx: _Ctx, path: str, v: Any) -> datetime | None:
     return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
 
 
+def valid_namespace(ns: str) -> bool:
+    """A Kubernetes namespace name: an RFC 1123 label of at most 63 characters."""
+    return len(ns) <= 63 and _DNS1123_LABEL.fullmatch(ns) is not None
+
+
 def _meta(ctx: _Ctx, doc: Mapping[str, Any]) -> Meta:
+    default_namespace = ctx.default_namespace
     raw = doc.get("metadata")
     name, namespace = "", ""
+    defaulted = False
     annotations: dict[str, str] = {}
     created: datetime | None = None
     if raw is None:
         ctx.err("metadata", "required field is missing")
+        if default_namespace is None:
+            ctx.err("metadata.namespace", NO_NAMESPACE_MESSAGE)
+        else:
+            namespace, defaulted = default_namespace, True
     elif not isinstance(raw, Mapping):
         ctx.err("metadata", f"expected a mapping, got {type_name(raw)}")
     else:
@@ -387,13 +417,16 @@ def _meta(ctx: _Ctx, doc: Mapping[str, Any]) -> Meta:
         else:
             name = n
         ns = raw.get("namespace")
-        if ns is None:
-            ctx.err(
-                "metadata.namespace",
-                "required field is missing (the policy is applied mesh-wide until fixed, failing closed)",
-            )
-        elif not isinstance(ns, str) or not ns:
+        if ns is None or ns == "":
+            # kubectl reads a missing (or empty) namespace as "the one given with -n".
+            if default_namespace is None:
+                ctx.err("metadata.namespace", NO_NAMESPACE_MESSAGE)
+            else:
+                namespace, defaulted = default_namespace, True
+        elif not isinstance(ns, str):
             ctx.err("metadata.namespace", f"expected a non-empty string, got {type_name(ns)}")
+        elif not valid_namespace(ns):
+            ctx.err("metadata.namespace", f"invalid namespace {_q(ns)}: must be an RFC 1123 label")
         else:
             namespace = ns
         ann = raw.get("annotations")
@@ -415,6 +448,7 @@ def _meta(ctx: _Ctx, doc: Mapping[str, Any]) -> Meta:
         namespace=namespace,
         annotations=MappingProxyType(annotations),
         creation_timestamp=created,
+        namespace_defaulted=defaulted,
     )
 
 
@@ -455,7 +489,20 @@ def _selector(ctx: _Ctx, path: str, v: Any) -> Selector | None:
     return Selector(MappingProxyType(out))
 
 
+# istiod's allowedTargetRefs (pkg/config/validation): group and kind, not version. "" is core.
+_TARGET_KINDS: Final = frozenset(
+    {
+        ("", "Service"),
+        ("networking.istio.io", "ServiceEntry"),
+        ("gateway.networking.k8s.io", "Gateway"),
+        ("gateway.networking.k8s.io", "GatewayClass"),
+    }
+)
+
+
 def _target_refs(ctx: _Ctx, spec: Mapping[str, Any]) -> tuple[TargetRef, ...]:
+    """``targetRef`` / ``targetRefs`` (istio.type.v1beta1.PolicyTargetReference), checked as
+    istiod's webhook does: name set, no cross-namespace namespace, a known group/kind."""
     refs: list[tuple[str, Any]] = []
     if spec.get("targetRef") is not None:
         refs.append(("spec.targetRef", spec["targetRef"]))
@@ -468,27 +515,41 @@ def _target_refs(ctx: _Ctx, spec: Mapping[str, Any]) -> tuple[TargetRef, ...]:
         m = _mapping(ctx, path, r, ("group", "kind", "name", "namespace"))
         if m is None:
             continue
-        kind = m.get("kind")
-        name = m.get("name")
-        if not isinstance(kind, str) or not kind:
-            ctx.err(join_path(path, "kind"), "required non-empty string")
+        ok = True
+        fields: dict[str, str] = {}
+        for k in ("group", "kind", "name", "namespace"):
+            v = m.get(k)
+            if v is None:
+                fields[k] = ""
+            elif not isinstance(v, str):
+                ctx.err(join_path(path, k), f"expected a string, got {type_name(v)}")
+                ok = False
+            else:
+                fields[k] = v
+        if not ok:
             continue
-        if not isinstance(name, str) or not name:
-            ctx.err(join_path(path, "name"), "required non-empty string")
-            continue
-        group = m.get("group", "")
-        ns = m.get("namespace")
-        out.append(
-            TargetRef(
-                group=group if isinstance(group, str) else "",
-                kind=kind,
-                name=name,
-                namespace=ns if isinstance(ns, str) else None,
+        if not fields["name"]:
+            ctx.err(join_path(path, "name"), "targetRef name must be set")
+            ok = False
+        if fields["namespace"]:
+            ctx.err(
+                join_path(path, "namespace"),
+                "targetRef namespace must not be set; cross namespace referencing is not supported",
             )
-        )
+            ok = False
+        if (fields["group"], fields["kind"]) not in _TARGET_KINDS:
+            allowed = ", ".join(f"{g or 'core'}/{k}" for g, k in sorted(_TARGET_KINDS))
+            ctx.err(
+                path,
+                f"targetRef must be to one of {allowed} but was "
+                f"{fields['group'] or 'core'}/{fields['kind'] or '<no kind>'}",
+            )
+            ok = False
+        if ok:
+            out.append(TargetRef(group=fields["group"], kind=fields["kind"], name=fields["name"]))
     if spec.get("targetRef") is not None and spec.get("targetRefs") is not None:
         ctx.err("spec.targetRefs", "at most one of targetRef and targetRefs may be set")
-    if out and spec.get("selector") is not None:
+    if refs and spec.get("selector") is not None:
         ctx.err("spec.selector", "at most one of selector and targetRef(s) may be set")
     return tuple(out)
 
@@ -509,6 +570,8 @@ _SOURCE_FIELDS: Final = (
     "notIpBlocks",
     "remoteIpBlocks",
     "notRemoteIpBlocks",
+    "trustDomains",
+    "notTrustDomains",
 )
 _OPERATION_FIELDS: Final = (
     "hosts",
@@ -573,6 +636,8 @@ def _source(ctx: _Ctx, path: str, v: Any, policy_ns: str, action: Action) -> Sou
         not_remote_ip_blocks=_ip_blocks(
             ctx, join_path(path, "notRemoteIpBlocks"), m.get("notRemoteIpBlocks")
         ),
+        trust_domains=_string_matches(ctx, join_path(path, "trustDomains"), m.get("trustDomains")),
+        not_trust_domains=_string_matches(ctx, join_path(path, "notTrustDomains"), m.get("notTrustDomains")),
     )
 
 
@@ -782,11 +847,20 @@ def _authorization_policy(ctx: _Ctx, doc: Mapping[str, Any], api_version: str) -
                 parsed.append(r)
         # `rules: []` is what proto3 calls unset: it never matches (an allow-nothing ALLOW).
         rules = tuple(parsed) if items else None
-    if rules is None and action in (Action.DENY, Action.CUSTOM):
+    if rules is None and action is Action.CUSTOM:
         ctx.err(
             "spec.rules",
-            f"{action.value} action without `rules` is meaningless as it will never be "
+            "CUSTOM action without `rules` is meaningless as it will never be "
             "triggered; add an empty rule `{}` if you want it triggered for every connection",
+        )
+    if rules is None and action is Action.DENY:
+        # Unset rules never match, so this DENY denies nothing: the data plane's reading (istiod
+        # sends it to ztunnel as a policy without rules). Refusing it would make it fail closed,
+        # i.e. deny everything it selects: the opposite of what it says.
+        ctx.warn(
+            "spec.rules",
+            "DENY without `rules` never matches, so this policy has no effect (istiod's validating "
+            "webhook refuses it); add `rules: [{}]` to deny every connection it selects",
         )
     if action is Action.CUSTOM and rules is not None and provider is None and spec.get("provider") is None:
         ctx.err("spec.provider.name", "`provider.name` must not be empty")
@@ -922,7 +996,21 @@ _JWT_FIELDS: Final = (
     "forwardOriginalToken",
     "outputClaimToHeaders",
     "timeout",
+    "spaceDelimitedClaims",
 )
+# RFC 9110 token characters: what istiod's ValidateStrictHTTPHeaderName accepts (and no more).
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Go's time.ParseDuration grammar (what the CRD's duration() and istiod accept), e.g. "1m30s".
+_GO_DURATION = re.compile(r"(?:(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h))+")
+_GO_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS: Final = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in a Go duration string ("10s", "1m30s", "500ms"), or None if it is not one."""
+    if not _GO_DURATION.fullmatch(text):
+        return None
+    return sum(float(n) * _UNIT_SECONDS[u] for n, u in _GO_DURATION_PART.findall(text))
 
 
 def _jwt_rule(ctx: _Ctx, path: str, v: Any) -> JwtRule | None:
@@ -945,13 +1033,16 @@ def _jwt_rule(ctx: _Ctx, path: str, v: Any) -> JwtRule | None:
     jwks = m.get("jwks")
     if jwks is not None:
         jwks = _string(ctx, join_path(path, "jwks"), jwks)
+    if jwks is not None and not _jwks_parses(jwks):
+        ctx.err(join_path(path, "jwks"), "jwks parse error: not a JSON Web Key Set (a JSON object with keys)")
     headers = []
-    for i, h in enumerate(
-        _list(ctx, join_path(path, "fromHeaders"), m["fromHeaders"]) or ()
-        if m.get("fromHeaders") is not None
-        else ()
-    ):
-        hp = join_path(join_path(path, "fromHeaders"), i)
+    hp_list = join_path(path, "fromHeaders")
+    raw_headers = _list(ctx, hp_list, m["fromHeaders"]) if m.get("fromHeaders") is not None else None
+    for i, h in enumerate(raw_headers or ()):
+        hp = join_path(hp_list, i)
+        if h is None:
+            ctx.err(hp, "location header name must be non-null")
+            continue
         hm = _mapping(ctx, hp, h, ("name", "prefix"))
         if hm is None:
             continue
@@ -960,14 +1051,23 @@ def _jwt_rule(ctx: _Ctx, path: str, v: Any) -> JwtRule | None:
             ctx.err(join_path(hp, "name"), "location header name must be non-empty string")
             continue
         prefix = hm.get("prefix", "")
-        headers.append(JwtHeader(name, prefix if isinstance(prefix, str) else ""))
+        if prefix is None:
+            prefix = ""
+        if not isinstance(prefix, str):
+            ctx.err(join_path(hp, "prefix"), f"expected a string, got {type_name(prefix)}")
+            continue
+        headers.append(JwtHeader(name, prefix))
     claims = []
-    for i, c in enumerate(
-        _list(ctx, join_path(path, "outputClaimToHeaders"), m["outputClaimToHeaders"]) or ()
-        if m.get("outputClaimToHeaders") is not None
-        else ()
-    ):
-        cp = join_path(join_path(path, "outputClaimToHeaders"), i)
+    cp_list = join_path(path, "outputClaimToHeaders")
+    raw_claims = (
+        _list(ctx, cp_list, m["outputClaimToHeaders"]) if m.get("outputClaimToHeaders") is not None else None
+    )
+    seen_headers: set[str] = set()
+    for i, c in enumerate(raw_claims or ()):
+        cp = join_path(cp_list, i)
+        if c is None:
+            ctx.err(cp, "outputClaimToHeaders must not be null")
+            continue
         cm = _mapping(ctx, cp, c, ("header", "claim"))
         if cm is None:
             continue
@@ -975,15 +1075,24 @@ def _jwt_rule(ctx: _Ctx, path: str, v: Any) -> JwtRule | None:
         if not isinstance(header, str) or not header or not isinstance(claim, str) or not claim:
             ctx.err(cp, "outputClaimToHeaders header and claim value must be non-empty string")
             continue
+        if not _HEADER_NAME.fullmatch(header):
+            ctx.err(join_path(cp, "header"), f"invalid HTTP header name {_q(header)}")
+            continue
+        if header.lower() in seen_headers:
+            ctx.err(join_path(cp, "header"), f"header {_q(header)} is set twice (headers must be unique)")
+            continue
+        seen_headers.add(header.lower())
         claims.append((header, claim))
     timeout: float | None = None
     if m.get("timeout") is not None:
         t = m["timeout"]
-        dm = _DURATION.fullmatch(t) if isinstance(t, str) else None
-        if dm is None:
-            ctx.err(join_path(path, "timeout"), f'invalid duration {t!r} (e.g. "5s")')
+        secs = parse_duration(t) if isinstance(t, str) else None
+        if secs is None:
+            ctx.err(join_path(path, "timeout"), f'invalid duration {t!r} (e.g. "5s", "1m30s", "500ms")')
+        elif secs < 0.001:
+            ctx.err(join_path(path, "timeout"), f"duration {t!r} must be at least 1ms")
         else:
-            timeout = float(dm.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[dm.group(3)]
+            timeout = secs
     fwd = m.get("forwardOriginalToken", False)
     if not isinstance(fwd, bool):
         ctx.err(join_path(path, "forwardOriginalToken"), f"expected a boolean, got {type_name(fwd)}")
@@ -991,9 +1100,14 @@ def _jwt_rule(ctx: _Ctx, path: str, v: Any) -> JwtRule | None:
     out_hdr = m.get("outputPayloadToHeader")
     if out_hdr is not None:
         out_hdr = _string(ctx, join_path(path, "outputPayloadToHeader"), out_hdr)
+    sdc_path = join_path(path, "spaceDelimitedClaims")
+    space_delimited = tuple(s for _, s in _strings(ctx, sdc_path, m.get("spaceDelimitedClaims")))
+    if len(space_delimited) > 64:
+        ctx.err(sdc_path, f"may not have more than 64 items, found {len(space_delimited)}")
+    audiences = [a for _, a in _strings(ctx, join_path(path, "audiences"), m.get("audiences"))]
     return JwtRule(
         issuer=issuer,
-        audiences=tuple(s for _, s in _strings(ctx, join_path(path, "audiences"), m.get("audiences"))),
+        audiences=tuple(audiences),
         jwks_uri=jwks_uri,
         jwks=jwks,
         from_headers=tuple(headers),
@@ -1003,7 +1117,19 @@ def _jwt_rule(ctx: _Ctx, path: str, v: Any) -> JwtRule | None:
         forward_original_token=fwd,
         output_claim_to_headers=tuple(claims),
         timeout_seconds=timeout,
+        space_delimited_claims=space_delimited,
     )
+
+
+def _jwks_parses(text: str) -> bool:
+    # istiod parses inline JWKS with a JWK library; here the shape is checked (a JSON object
+    # with a list of key objects): the waypoint, which uses the keys, validates them fully.
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return False
+    keys = doc.get("keys") if isinstance(doc, dict) else None
+    return isinstance(keys, list) and all(isinstance(k, dict) for k in keys)
 
 
 def _request_authentication(ctx: _Ctx, doc: Mapping[str, Any], api_version: str) -> RequestAuthentication:
@@ -1036,11 +1162,21 @@ def _request_authentication(ctx: _Ctx, doc: Mapping[str, Any], api_version: str)
 # Entry points
 
 
-def parse_policy(doc: Mapping[str, Any]) -> Policy:
+def _check_default_namespace(default_namespace: str | None) -> None:
+    if default_namespace is not None and not valid_namespace(default_namespace):
+        raise ValueError(f"default namespace {default_namespace!r} is not a valid namespace name")
+
+
+def parse_policy(doc: Mapping[str, Any], *, default_namespace: str | None = None) -> Policy:
     """Parse one document (a YAML-loaded mapping); see the module docstring for error handling.
 
-    Raises :class:`PolicyParseError` only when ``doc`` is not a recognisable policy document.
+    ``default_namespace`` is given to a document without ``metadata.namespace``, as
+    ``kubectl apply -n NS`` does; without one such a document gets the field error
+    :data:`NO_NAMESPACE_MESSAGE` (and is enforced fail-closed). Raises :class:`PolicyParseError`
+    only when ``doc`` is not a recognisable policy document, and ``ValueError`` when
+    ``default_namespace`` is not a valid namespace name.
     """
+    _check_default_namespace(default_namespace)
     if not isinstance(doc, Mapping):
         raise PolicyParseError(
             [FieldError("", f"expected a policy document (mapping), got {type_name(doc)}")]
@@ -1048,15 +1184,19 @@ def parse_policy(doc: Mapping[str, Any]) -> Policy:
     kind = doc.get("kind")
     api = doc.get("apiVersion")
     problems = []
-    if kind not in KINDS:
+    if kind is None:
+        problems.append(FieldError("kind", "required field is missing"))
+    elif kind not in KINDS:
         problems.append(FieldError("kind", f"unsupported kind {kind!r} (expected one of {', '.join(KINDS)})"))
-    if api not in API_VERSIONS:
+    if api is None:
+        problems.append(FieldError("apiVersion", "required field is missing"))
+    elif api not in API_VERSIONS:
         problems.append(
             FieldError("apiVersion", f"unsupported apiVersion {api!r} (expected {' or '.join(API_VERSIONS)})")
         )
     if problems:
         raise PolicyParseError(problems)
-    ctx = _Ctx()
+    ctx = _Ctx(default_namespace)
     for k in doc:
         if k not in _TOP_KEYS:
             ctx.err(str(k), f"unknown field (allowed: {', '.join(sorted(_TOP_KEYS))})")
@@ -1068,12 +1208,28 @@ def parse_policy(doc: Mapping[str, Any]) -> Policy:
     return _request_authentication(ctx, doc, api)
 
 
-def parse_policies(docs: Iterable[Mapping[str, Any] | None]) -> PolicySet:
+def is_foreign_document(doc: Any) -> bool:
+    """A Kubernetes-shaped document of another API group (a Deployment, a ConfigMap, ...), as
+    found beside policies in ``kubectl apply -f`` bundles. Not one with a typo in its kind: a
+    document of group security.istio.io, or of one of our kinds, is never foreign."""
+    if not isinstance(doc, Mapping):
+        return False
+    kind, api = doc.get("kind"), doc.get("apiVersion")
+    if not isinstance(kind, str) or not kind or not isinstance(api, str) or not api:
+        return False
+    return kind not in KINDS and api.split("/", 1)[0] != API_GROUP
+
+
+def parse_policies(
+    docs: Iterable[Mapping[str, Any] | None], *, default_namespace: str | None = None
+) -> PolicySet:
     """Parse a stream of documents (``None`` entries, i.e. empty YAML documents, are skipped).
 
-    Errors and warnings of every document are collected with the document's index; duplicate
-    ``kind namespace/name`` pairs are errors (the later one would silently replace the first).
+    ``default_namespace`` as for :func:`parse_policy` (``kubectl apply -n``). Errors and warnings
+    of every document are collected with the document's index; duplicate ``kind namespace/name``
+    pairs are errors (the later one would silently replace the first).
     """
+    _check_default_namespace(default_namespace)
     authz: list[AuthorizationPolicy] = []
     peer: list[PeerAuthentication] = []
     req: list[RequestAuthentication] = []
@@ -1084,11 +1240,12 @@ def parse_policies(docs: Iterable[Mapping[str, Any] | None]) -> PolicySet:
         if doc is None:
             continue
         try:
-            pol = parse_policy(doc)
+            pol = parse_policy(doc, default_namespace=default_namespace)
         except PolicyParseError as exc:
             kind = doc.get("kind") if isinstance(doc, Mapping) else None
+            foreign = is_foreign_document(doc)
             for e in exc.errors:
-                errors.append(DocumentIssue(index, kind if isinstance(kind, str) else None, None, e))
+                errors.append(DocumentIssue(index, kind if isinstance(kind, str) else None, None, e, foreign))
             continue
         for e in pol.errors:
             errors.append(DocumentIssue(index, pol.kind, pol.key, e))

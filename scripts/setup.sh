@@ -15,6 +15,7 @@ APT_PACKAGES=(
   iperf3 wrk nghttp2-client curl openssl                  # real peers / load tools for tests and bench
   nginx-light                                             # 1 KB HTTP responder behind wrk in bench/
   prometheus                                              # real scraper for the metrics test
+  containernetworking-plugins                             # real CNI plugins (ptp, bridge, host-local) for cni/
   python3-venv
 )
 missing=()

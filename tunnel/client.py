@@ -42,6 +42,7 @@ from .relay import (
     TunnelStream,
     _safe,
     connect_numeric,
+    set_keepalive,
     set_nodelay,
 )
 from .tls import ContextCache, PeerVerificationError, check_expected_identity, same_credential, verify_peer
@@ -477,6 +478,7 @@ class HboneClient:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
         set_nodelay(sock)
+        set_keepalive(sock)  # under the PINGs: a peer node that vanished is found by TCP too
         try:
             await asyncio.wait_for(connect_numeric(self.loop, sock, (str(agent.ip), agent.port)), timeout)
         except TimeoutError:

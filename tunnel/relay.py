@@ -112,6 +112,47 @@ def _safe(call: Callable[..., None], *args: Any) -> None:
         log.exception("tunnel observer failed")
 
 
+_LINGER_RESET = struct.pack("ii", 1, 0)
+_LINGER_OFF = struct.pack("ii", 0, 0)
+
+
+def reset_if_abandoned(sock: Any) -> None:
+    """Make ``sock`` end with RST if this process closes it without saying goodbye (a crash, a
+    kill): SO_LINGER 0. App-facing sockets get this, so an app can tell an agent that died from a
+    normal close. Graceful closes go through :func:`close_gracefully`, which turns it off first.
+    Set on a listener, accepted sockets inherit it (no system call per connection)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+# TCP keepalive for sockets without an HTTP/2 PING of their own (app-facing ones) and under the
+# HBONE connections: a peer that vanished (node lost, cable cut) is found in about two minutes of
+# silence (60 s idle, then 4 probes 15 s apart), so half-open connections don't leak.
+KEEPALIVE_IDLE_S = 60
+KEEPALIVE_PROBE_INTERVAL_S = 15
+KEEPALIVE_PROBES = 4
+
+
+def set_keepalive(sock: Any) -> None:
+    """Enable TCP keepalive on ``sock`` (a listener passes it on to every accepted socket)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_PROBE_INTERVAL_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+
+
+def close_gracefully(transport: asyncio.BaseTransport | None) -> None:
+    """Flush and close with FIN (undoing :func:`reset_if_abandoned`)."""
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
+    transport.close()
+
+
 def abort_with_rst(transport: asyncio.Transport | None) -> None:
     """Close a TCP transport with RST instead of FIN (SO_LINGER 0), to carry an abort across."""
     if transport is None or transport.is_closing():
@@ -121,7 +162,7 @@ def abort_with_rst(transport: asyncio.Transport | None) -> None:
     sock = transport.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     transport.abort()
 
 
@@ -265,7 +306,7 @@ class HeldConnection(asyncio.Protocol):
         for data in early:
             protocol.data_received(data)
         if self._early_eof and not protocol.eof_received():
-            transport.close()
+            close_gracefully(transport)
 
 
 class TunnelStream:
@@ -372,7 +413,7 @@ class TunnelStream:
         if self._early_eof:
             self._remote_end()
         if self._close_after_attach:
-            transport.close()
+            close_gracefully(transport)
             self._finish("peer ended the stream after its END_STREAM (RST_STREAM NO_ERROR)")
             return
         if self.session.writes_paused:
@@ -447,7 +488,7 @@ class TunnelStream:
             # The FIN is already queued to the local socket: close gracefully so the bytes before
             # it are not destroyed by a TCP RST.
             if self.tcp is not None:
-                self.tcp.close()
+                close_gracefully(self.tcp)
             self._finish("peer ended the stream after its END_STREAM (RST_STREAM NO_ERROR)")
             return
         self._finish_abort(f"stream reset by {'peer' if remote else 'us'} (HTTP/2 error {error_code})")
@@ -564,7 +605,7 @@ class TunnelStream:
     def _maybe_finished(self) -> None:
         if self.local_done and self.remote_done and not self.closed:
             if self.tcp is not None:
-                self.tcp.close()  # flushes what is buffered, then closes
+                close_gracefully(self.tcp)  # flushes what is buffered, then closes
             self._finish("closed")
 
     def abort(self, code: int = ErrorCode.CANCEL, reason: str = "aborted") -> None:

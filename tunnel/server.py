@@ -2,8 +2,11 @@
 
 One listener serves every local workload: the server credential is chosen per connection by the
 local (destination) IP the client connected to, before the handshake. Per CONNECT the order is
-ztunnel's: validate the request (400) -> the authority must be a local destination (400, never
-an open relay) -> authorization callback (401) -> upstream connect (503) -> answer 200 -> relay.
+ztunnel's: validate the request (400) -> one admission call, which builds the request context,
+checks that the authority is a local destination (400, never an open relay), authorizes (401)
+and connects upstream (503) -> answer 200 -> relay. The server asks its owner exactly once per
+stream (``admit``); the older three-callback form (``is_local``, ``authorize``, ``connector``)
+is composed into one admission for callers that only need those.
 
 Drain order (:meth:`HboneServer.drain`): stop accepting, send GOAWAY on every connection (open
 streams keep running, new ones are refused), wait for the streams to finish until the deadline,
@@ -21,6 +24,7 @@ import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from identity.bundle import TrustBundleSet
 from identity.spiffe import SpiffeId
@@ -73,6 +77,42 @@ class AuthzDecision:
     reason: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class StreamRequest:
+    """One CONNECT stream, as its admission sees it."""
+
+    connection: ConnectionInfo
+    destination: Authority  # the CONNECT authority
+    forwarded: Authority | None  # validated ``forwarded: for=`` (the peer's claim), None if absent
+    headers: Mapping[str, str]
+
+
+class StreamObserver(Protocol):
+    """Accounting for one admitted stream: told when it opens (after the 200) and when it ends."""
+
+    def opened(self, stream: TunnelStream) -> None: ...
+    def closed(self, stream: TunnelStream) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Accept:
+    """Admit the stream. ``upstream`` is a connected socket to relay to; None lets the server
+    connect to the CONNECT authority itself (the plain-TCP default)."""
+
+    upstream: socket.socket | None = None
+    observer: StreamObserver | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """Refuse the stream with an HBONE status (400, 401, 503); ``kind`` is the counter name."""
+
+    status: Status
+    kind: str
+    reason: str
+
+
+Admission = Callable[[StreamRequest], Awaitable[Accept | Refuse]]
 Authorizer = Callable[[AuthzRequest], Awaitable[AuthzDecision]]
 # Returns a connected socket to the destination (first argument); raises OSError (-> 503) when it
 # cannot. The second argument is the original source from the request's ``forwarded: for=``
@@ -112,11 +152,45 @@ class ServerConfig:
     handshake_timeout: float = 10.0
     upstream_connect_timeout: float = 10.0
     authorize_timeout: float = 10.0
+    # One admission covers the request context, policy and the upstream connect.
+    admission_timeout: float = 20.0
     drain_timeout: float = 30.0
     keepalive_interval: float = KEEPALIVE_INTERVAL
     keepalive_timeout: float = KEEPALIVE_TIMEOUT
     stream_idle_timeout: float = STREAM_IDLE_TIMEOUT
     max_concurrent_streams: int = hbone.SERVER_MAX_CONCURRENT_STREAMS
+
+
+def _callback_admission(server: HboneServer) -> Admission:
+    """The three-callback form as one admission: local check (400), authorize (401), connect (503).
+    The callbacks are read from the server at each call, so they can be swapped at run time."""
+
+    async def admit(req: StreamRequest) -> Accept | Refuse:
+        conn = req.connection
+        authorize, connector = server.authorize, server.connector
+        assert authorize is not None
+        if not server.is_local(req.destination, conn):
+            return Refuse(Status.BAD_REQUEST, "not-local", f"{req.destination} is not a local destination")
+        source = req.forwarded or conn.peer
+        try:
+            async with asyncio.timeout(server.config.authorize_timeout):
+                request = AuthzRequest(conn.peer_identity, source, req.destination, req.headers, conn)
+                decision = await authorize(request)
+        except Exception as exc:  # fail closed: an authorizer that breaks denies
+            log.exception("authorization callback failed")
+            decision = AuthzDecision(False, f"authorization callback failed: {exc!r}")
+        if not decision.allow:
+            return Refuse(Status.UNAUTHORIZED, "denied", f"denied: {decision.reason}")
+        if connector is tcp_connect:
+            return Accept()
+        try:
+            async with asyncio.timeout(server.config.upstream_connect_timeout):
+                sock = await connector(req.destination, req.forwarded)
+        except (OSError, TimeoutError) as exc:
+            return Refuse(Status.SERVICE_UNAVAILABLE, "upstream-failed", f"upstream connect failed: {exc!r}")
+        return Accept(sock)
+
+    return admit
 
 
 class _ServerSession(H2Session):
@@ -201,47 +275,47 @@ class _ServerSession(H2Session):
         assert self.conn is not None
         server = self.server
         try:
-            if not server.is_local(req.authority, self.conn):
-                self._answer(
-                    st, Status.BAD_REQUEST, "not-local", f"{req.authority} is not a local destination"
-                )
-                return
+            request = StreamRequest(self.conn, req.authority, forwarded, req.headers)
             try:
-                async with asyncio.timeout(server.config.authorize_timeout):
-                    decision = await server.authorize(
-                        AuthzRequest(self.conn.peer_identity, source, req.authority, req.headers, self.conn)
-                    )
-            except Exception as exc:  # fail closed: an authorizer that breaks denies
-                log.exception("authorization callback failed")
-                decision = AuthzDecision(False, f"authorization callback failed: {exc!r}")
-            if not decision.allow:
-                self._answer(st, Status.UNAUTHORIZED, "denied", f"denied: {decision.reason}")
-                return
-            if st.closed:
-                return
-            sock: socket.socket | None = None
-            try:
-                async with asyncio.timeout(server.config.upstream_connect_timeout):
-                    if server.connector is tcp_connect:
-                        await st.connect(req.authority)  # connect + attach in one step
-                    else:
-                        sock = await server.connector(req.authority, forwarded)
+                async with asyncio.timeout(server.config.admission_timeout):
+                    outcome = await server.admit(request)
             except (OSError, TimeoutError) as exc:
-                self._answer(
-                    st, Status.SERVICE_UNAVAILABLE, "upstream-failed", f"upstream connect failed: {exc!r}"
-                )
+                reason = f"upstream connect failed: {exc!r}"
+                outcome = Refuse(Status.SERVICE_UNAVAILABLE, "upstream-failed", reason)
+            except Exception as exc:  # fail closed: an admission that breaks refuses
+                log.exception("HBONE admission failed")
+                outcome = Refuse(Status.UNAUTHORIZED, "denied", f"denied: admission failed: {exc!r}")
+            if isinstance(outcome, Refuse):
+                self._answer(st, outcome.status, outcome.kind, outcome.reason)
                 return
+            sock = outcome.upstream
             if st.closed or self.is_closed:
                 if sock is not None:
                     sock.close()
                 st.abort()
                 return
+            if sock is None:
+                try:
+                    async with asyncio.timeout(server.config.upstream_connect_timeout):
+                        await st.connect(req.authority)  # connect + attach in one step
+                except (OSError, TimeoutError) as exc:
+                    self._answer(
+                        st, Status.SERVICE_UNAVAILABLE, "upstream-failed", f"upstream connect failed: {exc!r}"
+                    )
+                    return
+                if st.closed or self.is_closed:
+                    st.abort()
+                    return
             assert isinstance(self.core, hbone.ServerConnection)
             self.core.respond(st.stream_id, Status.OK)
             self.request_flush()
             server.stats["tunnels_opened"] += 1
             _safe(server.observer.tunnel_opened, st.info)
             st.done.add_done_callback(lambda _f: _safe(server.observer.tunnel_closed, st.info))
+            observer = outcome.observer
+            if observer is not None:
+                _safe(observer.opened, st)
+                st.done.add_done_callback(lambda _f: _safe(observer.closed, st))
             if sock is not None:
                 await st.attach(sock)
             else:
@@ -271,18 +345,22 @@ class HboneServer:
         *,
         credentials: CredentialLookup,
         bundles: Callable[[], TrustBundleSet],
-        authorize: Authorizer,
+        admit: Admission | None = None,
+        authorize: Authorizer | None = None,
         is_local: LocalCheck = same_ip_as_connection,
         connector: Connector = tcp_connect,
         observer: TunnelObserver | None = None,
         clock: Callable[[], dt.datetime] = _now,
         config: ServerConfig | None = None,
     ) -> None:
+        if (admit is None) == (authorize is None):
+            raise TypeError("HboneServer takes either admit=, or authorize= (with is_local=/connector=)")
         self.credentials = credentials
         self.bundles = bundles
         self.authorize = authorize
         self.is_local = is_local
         self.connector = connector
+        self.admit: Admission = admit or _callback_admission(self)
         self.observer: TunnelObserver = observer or NullObserver()
         self.clock = clock
         self.config = config or ServerConfig()

@@ -3,8 +3,9 @@
     ztagent ca init   --dir D --trust-domain TD [--force]                 self-signed root
     ztagent ca init   --dir D --cert-chain C --key K [--root R] [--trust-domain TD] [--force]
                                                                           plug-in CA (root stays offline)
-    ztagent ca issue  --dir D --id SPIFFE_ID [--ttl 1h] --out DIR [-o json]   local issuance
-    ztagent ca bootstrap-node --dir D --node NAME [--ttl 24h] --out DIR [-o json]
+    ztagent ca issue  --dir D --id SPIFFE_ID [--ttl 1h] [--max-ttl 24h] --out DIR [-o json]
+                                                                          local issuance
+    ztagent ca bootstrap-node --dir D --node NAME [--ttl 30d] --out DIR [-o json]
     ztagent ca bundle --dir D [--format pem|jwks]
     ztagent ca serve  --dir D --config F --listen unix:/path|host:port [--default-ttl 1h] [--max-ttl 24h]
                       [--metrics HOST:PORT]
@@ -19,6 +20,15 @@ run it where the CA directory is, copy the output directory to the node (``ztage
 service-account token (audience ``ztagent-ca``) on a first CreateCertificate call; the CA would
 check it with a TokenReview, read the pod's ``spec.nodeName``, and issue the node identity, the
 way istiod authenticates ztunnel by token. That token path is not implemented here.
+
+Lifetimes. ``issue --ttl`` is held to the CA's maximum workload TTL (``--max-ttl``, default the
+same 24 h as ``ca serve --max-ttl``): the offline path must not mint what the online one refuses.
+``bootstrap-node --ttl`` defaults to 30 days, at most 365, and never past the CA certificate. The
+bootstrap credential is long-lived on purpose: the agent never overwrites it (its renewals of
+the node identity have the workload TTL and live beside it), so it is how a node gets back to
+the CA after an outage longer than the workload TTL; its lifetime is the longest CA outage
+the mesh heals from without an operator. It can only obtain certificates for workloads the mesh
+config places on that node, and removing the node from the config stops it at once.
 """
 
 from __future__ import annotations
@@ -42,10 +52,14 @@ from credentials.identities import NodeNameError, node_identity
 from identity.ca import DEFAULT_MAX_TTL, DEFAULT_WORKLOAD_TTL, CaError
 from identity.keys import build_csr, generate_key, key_to_pem
 from identity.spiffe import SpiffeId, SpiffeIdError
-from mesh.config import ConfigError, FileConfigSource
+from mesh.config import ConfigError
 from serving.logging import setup_logging
+from sources.file import FileConfigSource
 
 _DURATION = re.compile(r"(\d+)([smhd])")
+# See "Lifetimes" above.
+DEFAULT_BOOTSTRAP_TTL = dt.timedelta(days=30)
+MAX_BOOTSTRAP_TTL = dt.timedelta(days=365)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -97,6 +111,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s.add_argument("--dir", required=True, help="CA directory")
     s.add_argument("--id", required=True, dest="spiffe_id", help="SPIFFE ID, e.g. spiffe://td/ns/a/sa/b")
     s.add_argument("--ttl", type=parse_duration, default=DEFAULT_WORKLOAD_TTL, help="lifetime (default 1h)")
+    s.add_argument(
+        "--max-ttl",
+        type=parse_duration,
+        default=DEFAULT_MAX_TTL,
+        help="the CA's maximum workload TTL, as given to `ca serve --max-ttl` (default 24h)",
+    )
     s.add_argument("--out", required=True, help="directory for key.pem, cert-chain.pem, root-cert.pem")
     s.add_argument("-o", "--output", choices=["text", "json"], default="text")
     s.set_defaults(func=cmd_issue)
@@ -105,7 +125,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     b.add_argument("--dir", required=True, help="CA directory")
     b.add_argument("--node", required=True, help="node name (as in the mesh config)")
     b.add_argument(
-        "--ttl", type=parse_duration, default=dt.timedelta(hours=24), help="lifetime (default 24h)"
+        "--ttl",
+        type=parse_duration,
+        default=None,
+        help="lifetime: the longest CA outage the node recovers from by itself (default 30d, at most "
+        "365d; the default is cut to the CA certificate's lifetime, an explicit value is not)",
     )
     b.add_argument("--out", required=True, help="directory for key.pem, cert-chain.pem, root-cert.pem")
     b.add_argument("-o", "--output", choices=["text", "json"], default="text")
@@ -166,13 +190,39 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _issue(args: argparse.Namespace, spiffe_id: SpiffeId, ttl: dt.timedelta, extra: dict[str, str]) -> int:
+def _human(d: dt.timedelta) -> str:
+    secs = int(d.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs % size == 0:
+            return f"{secs // size}{unit}"
+    return f"{secs}s"
+
+
+def _issue(
+    args: argparse.Namespace,
+    spiffe_id: SpiffeId,
+    ttl: dt.timedelta,
+    extra: dict[str, str],
+    *,
+    max_ttl: dt.timedelta,
+    whole_lifetime: bool = False,
+) -> int:
+    """Sign locally; ``max_ttl`` is checked here before any file is touched. With
+    ``whole_lifetime`` a TTL past the CA certificate's NotAfter is refused (else it is cut short
+    to the CA's NotAfter, as the CA does for every certificate)."""
+    if ttl > max_ttl:
+        return _err(f"--ttl {_human(ttl)} exceeds the maximum {_human(max_ttl)}")
     try:
-        st = ca_store.load(args.dir, max_ttl=max(ttl, DEFAULT_MAX_TTL))
+        st = ca_store.load(args.dir, max_ttl=max_ttl)
         if spiffe_id.trust_domain != st.trust_domain:
             return _err(f"{spiffe_id} is not in this CA's trust domain {st.trust_domain}")
         key = generate_key()
         now = _now()
+        if whole_lifetime and now + ttl > st.ca.not_after:
+            return _err(
+                f"--ttl {_human(ttl)} would outlive the CA certificate (valid until "
+                f"{_rfc3339(st.ca.not_after)}); give a shorter --ttl or renew the CA first"
+            )
         issued = st.ca.sign_csr(build_csr(key, spiffe_id), allowed=lambda s: s == spiffe_id, ttl=ttl, now=now)
         files = ca_store.write_credentials(
             args.out, ca_store.CredentialFiles(key_to_pem(key), issued.chain_pem, st.bundle.to_pem())
@@ -200,7 +250,12 @@ def cmd_issue(args: argparse.Namespace) -> int:
         sid = SpiffeId.parse(args.spiffe_id)
     except SpiffeIdError as exc:
         return _err(f"--id {args.spiffe_id!r}: {exc}")
-    return _issue(args, sid, args.ttl, {})
+    if args.ttl > args.max_ttl:
+        return _err(
+            f"--ttl {_human(args.ttl)} exceeds the CA's maximum workload TTL {_human(args.max_ttl)} "
+            "(`ca serve --max-ttl`; pass the same --max-ttl here if your CA allows more)"
+        )
+    return _issue(args, sid, args.ttl, {}, max_ttl=args.max_ttl)
 
 
 def cmd_bootstrap_node(args: argparse.Namespace) -> int:
@@ -211,7 +266,15 @@ def cmd_bootstrap_node(args: argparse.Namespace) -> int:
         return _err(str(exc))
     except NodeNameError as exc:
         return _err(f"--node: {exc}")
-    return _issue(args, sid, args.ttl, {"node": args.node})
+    explicit = args.ttl is not None
+    ttl = args.ttl if explicit else DEFAULT_BOOTSTRAP_TTL
+    if not explicit and _now() + ttl > st.ca.not_after:
+        print(
+            f"warning: the default bootstrap lifetime {_human(ttl)} is cut to the CA certificate's "
+            f"NotAfter {_rfc3339(st.ca.not_after)}",
+            file=sys.stderr,
+        )
+    return _issue(args, sid, ttl, {"node": args.node}, max_ttl=MAX_BOOTSTRAP_TTL, whole_lifetime=explicit)
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
@@ -238,7 +301,7 @@ async def _serve(args: argparse.Namespace) -> int:
     try:
         st = ca_store.load(args.dir, max_ttl=args.max_ttl)
         source = FileConfigSource(args.config, interval=args.config_poll)
-        cfg = source.initial()
+        cfg = await source.initial()
         registry = CollectorRegistry()
         server = CaServer(st, cfg, default_ttl=args.default_ttl, registry=registry)
     except ca_store.CaStoreError as exc:

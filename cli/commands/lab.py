@@ -70,7 +70,8 @@ def _pick(name: str | None) -> LabState:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from lab.runner import UpOptions, describe, run_until_signal, up
-    from mesh.config import ConfigError, load_config
+    from mesh.config import ConfigError
+    from sources.file import load_config
 
     if os.geteuid() != 0:
         print("ztagent lab up: needs root (network namespaces, eBPF)", file=sys.stderr)

@@ -4,8 +4,15 @@
 PeerAuthentication first, then AuthorizationPolicy) and prints ``ALLOW`` or ``DENY`` as the first
 word, the deciding policies and the reason. Exit 0 allow, 1 deny, 2 bad input.
 
-``lint`` prints one finding per line (``WARNING code policy path: message``). Exit 0 clean,
-1 findings, 2 bad input.
+``lint`` prints one finding per line (``SEVERITY code policy path: message``), with stable codes
+(policy.lint.CODES) and severities error/warning/info, like ``istioctl analyze``. Exit status: 0 no
+finding at or above ``--failure-threshold`` (default error), 1 some finding at or above it, 2 bad
+input (unreadable file, invalid YAML, a MeshConfig error, an unknown --suppress code). Findings
+are still printed below the threshold. ``--suppress CODE[=GLOB]`` (repeatable) drops a code, or
+only for policies matching the glob (``Kind ns/name`` or ``ns/name``).
+
+``-n/--namespace NS`` gives documents without ``metadata.namespace`` that namespace, as
+``kubectl apply -n NS`` does; without it such a document is an error (lint) or bad input (check).
 
 Files (``-f``, repeatable) are YAML streams: either the local config (a ``kind: MeshConfig``
 document plus policies, read with mesh.config, which gives workload labels, IPs, trust domain
@@ -18,7 +25,7 @@ import argparse
 import ipaddress
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,8 +41,20 @@ from policy import (
     PolicySet,
     parse_policies,
 )
-from policy.lint import ERROR, Finding, WorkloadRef, lint
+from policy.lint import (
+    CODES,
+    ERROR,
+    SEVERITIES,
+    Finding,
+    Suppression,
+    WorkloadRef,
+    document_findings,
+    failing,
+    lint,
+    parse_suppression,
+)
 from policy.model import DEFAULT_ROOT_NAMESPACE
+from policy.parse import valid_namespace
 
 EXIT_ALLOW, EXIT_DENY, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_CLEAN, EXIT_FINDINGS = 0, 1
@@ -101,12 +120,28 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     lp = psub.add_parser(
         "lint",
-        help="flag policy foot-guns",
-        description="Flag legal-but-dangerous policy: empty-spec ALLOW, spiffe:// principals, trust-domain "
-        "wildcards and mismatches, ALLOW without a default deny, PERMISSIVE left on, HTTP fields no waypoint "
-        "sees. Exit 0 clean, 1 findings, 2 bad input.",
+        help="flag policy foot-guns (fit for CI, like istioctl analyze)",
+        description="Flag invalid and legal-but-dangerous policy. Every finding has a stable code and a "
+        "severity. Exit status: 0 when no finding is at or above --failure-threshold, 1 when some is, "
+        "2 for bad input.",
+        epilog="codes:\n" + "\n".join(f"  {c.name:<28} {c.severity:<8} {c.summary}" for c in CODES.values()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _files_arg(lp)
+    lp.add_argument(
+        "--failure-threshold",
+        choices=SEVERITIES,
+        default=ERROR,
+        help="the lowest severity that makes lint exit 1 (default: error)",
+    )
+    lp.add_argument(
+        "--suppress",
+        action="append",
+        default=[],
+        metavar="CODE[=GLOB]",
+        help="drop findings of CODE, or only those whose policy matches GLOB "
+        "('Kind ns/name' or 'ns/name', shell-style); repeatable",
+    )
     lp.add_argument(
         "--trust-domain", help="the mesh trust domain (default: the config's, else cluster.local)"
     )
@@ -128,6 +163,12 @@ def _files_arg(p: argparse.ArgumentParser) -> None:
         help="config or policy YAML file (repeatable; a later file may also be given after one -f)",
     )
     p.add_argument("more_files", nargs="*", metavar="FILE", help=argparse.SUPPRESS)
+    p.add_argument(
+        "-n",
+        "--namespace",
+        metavar="NS",
+        help="namespace for documents without metadata.namespace (as kubectl apply -n does)",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,23 +206,31 @@ def _mapping_no_dupes(loader: _StrictLoader, node: yaml.MappingNode, deep: bool 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_no_dupes)
 
 
-def _lenient_policy_parser(docs: Sequence[Any]) -> tuple[Any, Sequence[Any]]:
-    # Keep policy errors out of ConfigError so lint can report them as findings.
+def _policy_parser(default_namespace: str | None) -> Callable[[Sequence[Any]], tuple[Any, Sequence[Any]]]:
+    # Keep policy errors out of ConfigError: lint reports them as findings, check as bad input.
     from mesh.config import thaw
 
-    return parse_policies([thaw(d.raw) for d in docs]), ()
+    def parse(docs: Sequence[Any]) -> tuple[Any, Sequence[Any]]:
+        return parse_policies([thaw(d.raw) for d in docs], default_namespace=default_namespace), ()
+
+    return parse
 
 
 def _issue_text(file: str, issue: DocumentIssue) -> str:
     return f"{file}: {issue}"
 
 
-def load_inputs(paths: Sequence[str], *, strict_policies: bool) -> Inputs:
+def load_inputs(
+    paths: Sequence[str], *, strict_policies: bool, default_namespace: str | None = None
+) -> Inputs:
     """Read every file; raise BadInput for unreadable files, bad YAML, config errors.
 
     With ``strict_policies`` a policy document error is also BadInput (check: the agent would
     refuse this config); otherwise it is returned in ``errors`` (lint reports it as a finding).
+    ``default_namespace`` is the namespace of documents without one (``-n``).
     """
+    if default_namespace is not None and not valid_namespace(default_namespace):
+        raise BadInput(f"-n/--namespace: {default_namespace!r} is not a valid namespace name")
     out = Inputs()
     seen: dict[tuple[str, str], str] = {}
     sets: list[PolicySet] = []
@@ -199,15 +248,13 @@ def load_inputs(paths: Sequence[str], *, strict_policies: bool) -> Inputs:
             if out.mesh is not None:
                 raise BadInput(f"{path}: a second MeshConfig (the first is in {out.mesh.source})")
             try:
-                out.mesh = parse_config(
-                    text, file=path, policy_parser=None if strict_policies else _lenient_policy_parser
-                )
+                out.mesh = parse_config(text, file=path, policy_parser=_policy_parser(default_namespace))
             except ConfigError as exc:
                 raise BadInput("\n".join(str(i) for i in exc.issues)) from None
             ps = out.mesh.parsed_policies
             assert isinstance(ps, PolicySet)
         else:
-            ps = parse_policies(docs)
+            ps = parse_policies(docs, default_namespace=default_namespace)
         for e in ps.errors:
             out.errors.append(_issue_text(path, e))
             out.located.append((path, e))
@@ -335,7 +382,9 @@ def _uses_source_ip(inputs: Inputs) -> bool:
 
 def run_check(args: argparse.Namespace) -> int:
     try:
-        inputs = load_inputs([*args.files, *args.more_files], strict_policies=True)
+        inputs = load_inputs(
+            [*args.files, *args.more_files], strict_policies=True, default_namespace=args.namespace
+        )
         conn, notes = _build_connection(args, inputs)
     except BadInput as exc:
         print(f"ztagent policy check: {exc}", file=sys.stderr)
@@ -368,7 +417,15 @@ def run_check(args: argparse.Namespace) -> int:
 
 def run_lint(args: argparse.Namespace) -> int:
     try:
-        inputs = load_inputs([*args.files, *args.more_files], strict_policies=False)
+        suppressions: list[Suppression] = []
+        for text in args.suppress:
+            try:
+                suppressions.append(parse_suppression(text))
+            except ValueError as exc:
+                raise BadInput(f"--suppress: {exc}") from None
+        inputs = load_inputs(
+            [*args.files, *args.more_files], strict_policies=False, default_namespace=args.namespace
+        )
     except BadInput as exc:
         print(f"ztagent policy lint: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -379,16 +436,10 @@ def run_lint(args: argparse.Namespace) -> int:
         [WorkloadRef(w.namespace, w.name, w.labels) for w in mesh.workloads if w.enrolled] if mesh else []
     )
     # Policy errors are reported with their file (lint() alone only knows document indexes).
-    located = [
-        Finding(
-            "invalid",
-            ERROR,
-            f"{e.kind} {e.key}" if e.kind and e.key else e.kind,
-            e.path,
-            f"{e.message} ({file}, document {e.document}; enforced fail-closed until fixed)",
-        )
-        for file, e in inputs.located
-    ]
+    by_file: dict[str, list[DocumentIssue]] = {}
+    for file, e in inputs.located:
+        by_file.setdefault(file, []).append(e)
+    located = [f for file, issues in by_file.items() for f in document_findings(issues, file)]
     ps = inputs.policy_set
     clean = PolicySet(ps.authorization, ps.peer_authentication, ps.request_authentication, (), ps.warnings)
     findings = [
@@ -396,11 +447,28 @@ def run_lint(args: argparse.Namespace) -> int:
         *inputs.cross_file,
         *lint(clean, trust_domain=td, root_namespace=root, workloads=workloads),
     ]
+    findings = [f for f in findings if not any(s.matches(f) for s in suppressions)]
+    failed = failing(findings, args.failure_threshold)
     if args.output == "json":
-        print(json.dumps({"findings": [f.to_dict() for f in findings]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "findings": [f.to_dict() for f in findings],
+                    "failureThreshold": args.failure_threshold,
+                    "failing": len(failed),
+                },
+                indent=2,
+            )
+        )
     else:
         for f in findings:
             print(str(f))
         if not findings:
             print("OK: no findings")
-    return EXIT_FINDINGS if findings else EXIT_CLEAN
+        else:
+            counts = ", ".join(
+                f"{sum(f.severity == sev for f in findings)} {sev}" for sev in reversed(SEVERITIES)
+            )
+            verdict = f"{len(failed)} at or above" if failed else "none at or above"
+            print(f"{counts}; {verdict} --failure-threshold {args.failure_threshold}", file=sys.stderr)
+    return EXIT_FINDINGS if failed else EXIT_CLEAN

@@ -16,8 +16,8 @@ import resource
 import signal
 import sys
 
-from agent.node import AgentOptions, NodeAgent, StartupError
-from agent.node.capture import StaticCapture, parse_address
+from agent.capture import StaticCapture, parse_address
+from agent.supervisor import AgentOptions, NodeAgent, StartupError
 from serving.logging import setup_logging
 
 log = logging.getLogger("ztagent.run")

@@ -10,7 +10,7 @@ parallel test runs do not collide; other ports are ephemeral.
       other   .11  ns1/sa other                  legacy  .41 ns2 (not enrolled)
     service httpbin.ns2: VIP .200:8000 -> httpbin:<echo port>
 
-"Capture" is static (see agent.node.capture): agent A accepts on 127.0.0.1:<p> as if the app had
+"Capture" is static (see agent.capture): agent A accepts on 127.0.0.1:<p> as if the app had
 connected to the VIP (or to httpbin's pod IP); agent B accepts on 127.0.0.1:<q> as if a non-mesh
 client had connected to httpbin's pod IP (inbound plaintext, 15006).
 """
@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.node import AgentOptions, NodeAgent
-from agent.node.capture import StaticCapture
+from agent.capture import StaticCapture
+from agent.supervisor import AgentOptions, NodeAgent
 from caserver import store as ca_store
 from caserver.server import CaServer
 from cli.main import main as cli_main
-from mesh.config import FileConfigSource, load_config
+from sources.file import FileConfigSource, load_config
 
 TD = "cluster.local"
 
@@ -98,6 +98,48 @@ class Mesh:
     agents: dict[str, NodeAgent] = field(default_factory=dict)
     access_logs: dict[str, Path] = field(default_factory=dict)
     policies: list[str] = field(default_factory=list)
+    cert_ttl: dt.timedelta | None = None  # the agents' workload (and node renewal) TTL
+    statics: dict[str, list[StaticCapture]] = field(default_factory=dict)
+    ca_watch: asyncio.Task[None] | None = None
+
+    # CA and agent lifecycle (outage tests)
+    async def start_ca(self) -> None:
+        """(Re)start the CA on ``ca_address`` (the same port after a stop), following the file."""
+        assert self.ca is None, "CA already running"
+        ca = CaServer(
+            ca_store.load(self.tmp / "ca"), load_config(self.config_path), default_ttl=dt.timedelta(hours=1)
+        )
+        self.ca_address = await ca.start(self.ca_address or "127.0.0.1:0")
+        self.ca = ca
+        # The CA follows the file like `ca serve`, but its own poll never fires during a test: the
+        # agents (50 ms polls) always see a change first, which is the race a CA must absorb by
+        # re-reading the file before it denies.
+        self.ca_watch = asyncio.get_running_loop().create_task(
+            ca.watch_config(FileConfigSource(self.config_path, interval=3600))
+        )
+
+    async def stop_ca(self) -> None:
+        """Stop the CA at once (no grace): its port refuses connections until start_ca."""
+        if self.ca_watch is not None:
+            self.ca_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.ca_watch
+            self.ca_watch = None
+        if self.ca is not None:
+            await self.ca.stop(0)
+            self.ca = None
+
+    async def start_agent(self, node: str) -> NodeAgent:
+        """Start ``node``'s agent (again) with the options it was first started with; raises the
+        agent's StartupError (and keeps no agent) if it cannot start."""
+        assert node not in self.agents, f"{node}'s agent is running"
+        agent = NodeAgent(agent_options(self, node, statics=self.statics[node]))
+        await agent.start()
+        self.agents[node] = agent
+        return agent
+
+    async def stop_agent(self, node: str) -> None:
+        await self.agents.pop(node).stop()
 
     # addresses
     def ip(self, last: int) -> str:
@@ -236,19 +278,21 @@ def agent_options(mesh: Mesh, node: str, *, statics: list[StaticCapture]) -> Age
         static_captures=tuple(statics),
         access_log=str(mesh.access_logs[node]),
         config_interval=0.05,
+        cert_ttl=mesh.cert_ttl,
         drain_timeout=1.0,
     )
 
 
 @contextlib.asynccontextmanager
-async def running_mesh(tmp: Path) -> AsyncIterator[Mesh]:
+async def running_mesh(tmp: Path, *, cert_ttl: dt.timedelta | None = None) -> AsyncIterator[Mesh]:
+    """The mesh above; ``cert_ttl`` is the agents' certificate TTL (default: the CA's 1 h)."""
     base = _block()
     echo, legacy, local = EchoApp(f"{base}.40"), EchoApp(f"{base}.41"), EchoApp(f"{base}.11")
     for app in (echo, legacy, local):
         await app.start()
     mesh = Mesh(tmp, base, _free_port(f"{base}.40"), echo, legacy, local, tmp / "mesh.yaml")
+    mesh.cert_ttl = cert_ttl
     mesh.access_logs = {"node-a": tmp / "access-a.jsonl", "node-b": tmp / "access-b.jsonl"}
-    ca_watch: asyncio.Task[None] | None = None
     try:
         mesh.write_config()
         assert cli_main(["ca", "init", "--dir", str(tmp / "ca"), "--trust-domain", TD]) == 0
@@ -258,53 +302,27 @@ async def running_mesh(tmp: Path) -> AsyncIterator[Mesh]:
                 cli_main(["ca", "bootstrap-node", "--dir", str(tmp / "ca"), "--node", node, "--out", out])
                 == 0
             )
-        mesh.ca = CaServer(
-            ca_store.load(tmp / "ca"), load_config(mesh.config_path), default_ttl=dt.timedelta(hours=1)
-        )
-        mesh.ca_address = await mesh.ca.start("127.0.0.1:0")
-        # The CA follows the file like `ca serve`, but its own poll never fires during a test: the
-        # agents (50 ms polls) always see a change first, which is the race a CA must absorb by
-        # re-reading the file before it denies.
-        ca_watch = asyncio.get_running_loop().create_task(
-            mesh.ca.watch_config(FileConfigSource(mesh.config_path, interval=3600))
-        )
+        await mesh.start_ca()
         b = base
-        a = NodeAgent(
-            agent_options(
-                mesh,
-                "node-a",
-                statics=[
-                    StaticCapture(("127.0.0.1", 0), (f"{b}.200", 8000)),  # the service VIP
-                    StaticCapture(("127.0.0.1", 0), (f"{b}.40", echo.port)),  # httpbin's pod IP
-                    StaticCapture(("127.0.0.1", 0), (f"{b}.41", legacy.port)),  # an unenrolled pod
-                    StaticCapture(("127.0.0.1", 0), (f"{b}.11", local.port)),  # same-node pod
-                    StaticCapture(("127.0.0.1", 0), ("192.0.2.1", 9)),  # outside the mesh
-                ],
-            )
-        )
-        mesh.agents["node-a"] = a
-        await a.start()
-        bnode = NodeAgent(
-            agent_options(
-                mesh,
-                "node-b",
-                statics=[
-                    StaticCapture(("127.0.0.1", 0), (f"{b}.40", echo.port), "inbound"),  # plaintext
-                    StaticCapture(("127.0.0.1", 0), (f"{b}.40", 1), "inbound"),  # a closed port
-                ],
-            )
-        )
-        mesh.agents["node-b"] = bnode
-        await bnode.start()
+        mesh.statics = {
+            "node-a": [
+                StaticCapture(("127.0.0.1", 0), (f"{b}.200", 8000)),  # the service VIP
+                StaticCapture(("127.0.0.1", 0), (f"{b}.40", echo.port)),  # httpbin's pod IP
+                StaticCapture(("127.0.0.1", 0), (f"{b}.41", legacy.port)),  # an unenrolled pod
+                StaticCapture(("127.0.0.1", 0), (f"{b}.11", local.port)),  # same-node pod
+                StaticCapture(("127.0.0.1", 0), ("192.0.2.1", 9)),  # outside the mesh
+            ],
+            "node-b": [
+                StaticCapture(("127.0.0.1", 0), (f"{b}.40", echo.port), "inbound"),  # plaintext
+                StaticCapture(("127.0.0.1", 0), (f"{b}.40", 1), "inbound"),  # a closed port
+            ],
+        }
+        await mesh.start_agent("node-a")
+        await mesh.start_agent("node-b")
         yield mesh
     finally:
         for agent in mesh.agents.values():
             await agent.stop()
-        if ca_watch is not None:
-            ca_watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ca_watch
-        if mesh.ca is not None:
-            await mesh.ca.stop(0)
+        await mesh.stop_ca()
         for app in (echo, legacy, local):
             await app.close()

@@ -112,11 +112,34 @@ def make_env(base: Path) -> CaEnv:
     )
     with contextlib.redirect_stdout(None):
         assert (
-            cli("ca", "bootstrap-node", "--dir", str(ca_dir), "--node", "node-a", "--out", str(env.node_a))
+            # 24 h, not the 30 d default: tests check these credentials expire two days out.
+            cli(
+                "ca",
+                "bootstrap-node",
+                "--dir",
+                str(ca_dir),
+                "--node",
+                "node-a",
+                "--ttl",
+                "24h",
+                "--out",
+                str(env.node_a),
+            )
             == 0
         )
         assert (
-            cli("ca", "bootstrap-node", "--dir", str(ca_dir), "--node", "node-b", "--out", str(env.node_b))
+            cli(
+                "ca",
+                "bootstrap-node",
+                "--dir",
+                str(ca_dir),
+                "--node",
+                "node-b",
+                "--ttl",
+                "24h",
+                "--out",
+                str(env.node_b),
+            )
             == 0
         )
         other = base / "other-ca"

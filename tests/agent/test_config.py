@@ -12,10 +12,11 @@ import pytest
 
 from agent.admin import build_admin_app
 from cli.commands import status as status_cmd
-from mesh.config import ConfigError, FileConfigSource, MeshConfig, load_config, parse_config
+from mesh.config import ConfigError, MeshConfig, parse_config
 from mesh.store import WorkloadStore
 from policy import Connection, Verdict
 from serving.http import serve
+from sources.file import FileConfigSource, load_config
 
 GOOD = textwrap.dedent(
     """\
@@ -188,7 +189,7 @@ async def test_file_source_reloads_and_refuses_bad_updates(tmp_path: Path) -> No
     path = tmp_path / "mesh.yaml"
     path.write_text(GOOD)
     src = FileConfigSource(path, interval=0.02)
-    first = src.initial()
+    first = await src.initial()
     updates: list[MeshConfig] = []
     errors: list[ConfigError] = []
     task = asyncio.create_task(src.run(updates.append, errors.append))
@@ -297,7 +298,7 @@ async def test_file_source_applies_a_poisoned_deny_and_logs_it(
     path = tmp_path / "mesh.yaml"
     path.write_text(GOOD)
     src = FileConfigSource(path, interval=0.02)
-    assert src.initial().policy_errors == ()
+    assert (await src.initial()).policy_errors == ()
     updates: list[MeshConfig] = []
     errors: list[ConfigError] = []
     task = asyncio.create_task(src.run(updates.append, errors.append))

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from agent.downstream import Downstream, downstream_factory
-from agent.proxy_plain import PlainRelay
+from agent.plain import PlainRelay
 
 Handler = Callable[[Downstream], Awaitable[None]]
 

@@ -11,8 +11,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from agent.node import NodeAgent  # noqa: F401 - agent.node first, the order production imports in
-from agent.proxy_inbound import UpstreamConnector
+from agent.upstream import UpstreamConnector
 from tunnel.relay import connect_numeric
 
 LOOPS = {"uvloop": uvloop.run, "asyncio": asyncio.run}

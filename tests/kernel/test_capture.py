@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -100,12 +101,17 @@ def test_killed_agent_fails_closed_and_restart_recovers(mesh: Mesh) -> None:
     # Pinned link and maps survive the crash, the listener slots emptied with the process.
     st = mesh.capture("a").status()
     assert st.attached and st.link_id == link_before and not any(st.listeners.values())
-    assert talk(c, S, timeout=1.0) == "timeout"  # outbound: no plaintext around the agent
-    assert talk(u, S, timeout=1.0) == "timeout"  # inbound to the enrolled server
-    assert talk(mesh.node_ns("a"), (S[0], 15008), timeout=1.0) == "timeout"
+    # No plaintext around the agent, and no silent drop either: the guard resets the SYN.
+    started = time.monotonic()
+    assert talk(c, S, timeout=1.0) == "refused"  # outbound
+    refused_after = time.monotonic() - started
+    assert talk(u, S, timeout=1.0) == "refused"  # inbound to the enrolled server
+    assert talk(mesh.node_ns("a"), (S[0], 15008), timeout=1.0) == "refused"  # HBONE to it
     assert mesh.servers["s"].seen == []
-    assert mesh.capture("a").status().counters["drop_no_listener"] >= 1
-    assert mesh.capture("b").status().counters["drop_no_listener"] >= 2
+    guard_a, guard_b = mesh.capture("a").status().guard, mesh.capture("b").status().guard
+    assert guard_a["installed"] and guard_a["resetSyns"] >= 1
+    assert guard_b["installed"] and guard_b["resetSyns"] >= 2
+    print(f"refused {refused_after * 1000:.1f} ms after the SYN, with no agent on the node")
     # Restart: the same pins are reused (no reload) and traffic flows to the new listeners.
     both_agents(mesh)
     assert mesh.capture("a").status().link_id == link_before

@@ -1010,8 +1010,18 @@ VECTORS: list[tuple[str, list[dict[str, Any]], Connection, Verdict, tuple[str, .
         CODE_NO_POLICY,
     ),
     (
-        "invalid-deny-without-rules",
-        [authz("ns2", "bad", "{action: DENY}")],
+        # Issue 17: a DENY without rules is valid and never matches (it used to be refused as
+        # invalid and so denied everything it selected).
+        "deny-without-rules-is-a-no-op",
+        [authz("ns2", "noop", "{action: DENY}")],
+        conn(),
+        A,
+        (),
+        CODE_NO_POLICY,
+    ),
+    (
+        "invalid-deny-denies-everything-selected",
+        [authz("ns2", "bad", "{action: DENY, rules: [{from: [{source: {ipBlocks: [nope]}}]}]}")],
         conn(),
         D,
         ("ns2/bad",),
@@ -1223,6 +1233,20 @@ def test_check_port_level_permissive_exception() -> None:
     assert (d.verdict, d.policies) == (D, ("istio-system/mesh",))
 
 
+def test_trust_domain_comes_from_the_spiffe_id_whatever_its_path() -> None:
+    assert conn("spiffe://prod.example/ns/a/sa/b").source_trust_domain == "prod.example"
+    odd = conn("spiffe://prod.example/custom/workload")  # not Istio-shaped: no namespace/SA
+    assert (odd.source_trust_domain, odd.source_namespace, odd.source_service_account) == (
+        "prod.example",
+        "",
+        "",
+    )
+    assert conn(None).source_trust_domain == ""
+    idx = index(authz("ns2", "td", "{rules: [{from: [{source: {trustDomains: [prod.example]}}]}]}"))
+    assert idx.evaluate(odd).verdict is A  # trustDomains needs no Istio-shaped path
+    assert idx.evaluate(conn(None)).verdict is D  # plaintext never matches a positive trustDomains
+
+
 # ---- properties
 
 
@@ -1238,6 +1262,8 @@ _SOURCES = [
     {"ipBlocks": ["10.244.1.0/24"]},
     {"notIpBlocks": ["10.244.1.0/24"]},
     {"requestPrincipals": ["*"]},
+    {"trustDomains": ["cluster.local"]},
+    {"notTrustDomains": ["other.*"]},
 ]
 _OPS = [
     {"ports": ["8080"]},
@@ -1249,6 +1275,7 @@ _WHEN = [
     {"key": "source.ip", "values": ["10.244.0.0/16"]},
     {"key": "destination.port", "notValues": ["9090"]},
     {"key": "request.headers[x]", "values": ["y"]},
+    {"key": "source.trustDomain", "notValues": ["cluster.local"]},
 ]
 
 

@@ -21,6 +21,7 @@ from policy import (
     parse_policy,
 )
 from policy.model import MatchKind
+from policy.parse import NO_NAMESPACE_MESSAGE
 from tests.policy.util import authz, docs, peer
 
 ISTIO_EXAMPLE = """
@@ -132,8 +133,8 @@ ERROR_VECTORS: list[tuple[str, str, str]] = [
         "unknown-source-field",
         "{rules: [{from: [{source: {principal: [a]}}]}]}",
         "spec.rules[0].from[0].source.principal: unknown field (allowed: ipBlocks, namespaces, notIpBlocks, "
-        "notNamespaces, notPrincipals, notRemoteIpBlocks, notRequestPrincipals, notServiceAccounts, principals, "
-        "remoteIpBlocks, requestPrincipals, serviceAccounts)",
+        "notNamespaces, notPrincipals, notRemoteIpBlocks, notRequestPrincipals, notServiceAccounts, "
+        "notTrustDomains, principals, remoteIpBlocks, requestPrincipals, serviceAccounts, trustDomains)",
     ),
     (
         "unknown-spec-field",
@@ -246,10 +247,10 @@ ERROR_VECTORS: list[tuple[str, str, str]] = [
         'spec.action: invalid action "permit" (expected one of ALLOW, DENY, AUDIT, CUSTOM); enforced as DENY until fixed',
     ),
     (
-        "deny-without-rules",
-        "{action: DENY}",
-        "spec.rules: DENY action without `rules` is meaningless as it will never be triggered; add an empty rule "
-        "`{}` if you want it triggered for every connection",
+        "custom-without-rules",
+        "{action: CUSTOM, provider: {name: x}}",
+        "spec.rules: CUSTOM action without `rules` is meaningless as it will never be triggered; add an empty "
+        "rule `{}` if you want it triggered for every connection",
     ),
     (
         "custom-without-provider",
@@ -312,7 +313,8 @@ def test_every_error_is_reported_not_just_the_first() -> None:
     ("meta", "expected"),
     [
         ({"namespace": "ns"}, "metadata.name: required field is missing"),
-        ({"name": "p"}, "metadata.namespace: required field is missing"),
+        # Issue 17: one message, shared with mesh.config and lint (it was "required field is missing").
+        ({"name": "p"}, f"metadata.namespace: {NO_NAMESPACE_MESSAGE}"),
         ({"name": "p", "namespace": 5}, "metadata.namespace: expected a non-empty string, got integer"),
         (
             {"name": "p", "namespace": "ns", "annotations": {"istio.io/dry-run": "maybe"}},
