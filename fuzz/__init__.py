@@ -9,8 +9,11 @@ Engine: atheris (libFuzzer driving instrumented Python bytecode). A target is a 
   errors are caught inside (and checked to be the documented type / rule); anything that
   escapes is a bug;
 * ``SEEDS: list[bytes]`` — valid and near-valid inputs the corpus starts from;
-* optionally ``MAX_LEN: int`` (libFuzzer ``-max_len``) and ``INSTRUMENT: tuple[str, ...]``
-  (packages to instrument besides ours, e.g. the third-party parser underneath).
+* optionally ``MAX_LEN: int`` (libFuzzer ``-max_len``, default 4096).
+
+Coverage comes from every project package plus the pure-Python protocol libraries under them
+(``runner.INSTRUMENTED``); a target imports what it tests at module level, which is when the
+instrumentation happens.
 
 The runner discovers the modules, writes the seeds into ``fuzz/corpus/<name>/`` (the working
 corpus, kept between runs, not committed) and makes libFuzzer write crashing inputs to
