@@ -13,7 +13,6 @@ waiting on a complete first line that is not an HTTP/1.x request line (HTTP/0.9)
 
 from __future__ import annotations
 
-import logging
 import re
 from typing import Any
 
@@ -24,9 +23,6 @@ from serving.http import HttpApp, Response, _HttpConnection, _Server, json_respo
 MAX_LEN = 4096
 _STATUS_LINE = re.compile(rb"HTTP/1\.1 [1-5][0-9][0-9] ")
 _REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [\x21-\x7e]+ HTTP/[0-9]\.[0-9]")
-
-
-logging.disable(logging.CRITICAL)  # /boom logs a traceback per call: noise, and most of the time
 
 
 def _boom() -> Response:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import itertools
-import logging
 import struct
 from pathlib import Path
 from typing import Any
@@ -53,8 +52,6 @@ ALLOWED_CODES = {
     grpc.StatusCode.PERMISSION_DENIED,
     grpc.StatusCode.FAILED_PRECONDITION,
 }
-
-logging.disable(logging.CRITICAL)  # one log line per refused request would be all the fuzzer does
 
 _serials = itertools.count(1000)
 
