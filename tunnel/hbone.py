@@ -606,10 +606,13 @@ class HboneConnection:
 
         A stream h2 already closed takes nothing (0): the shell handles a batch's events after
         the core read all its frames, so a connection-level WINDOW_UPDATE can reach a stream
-        whose RST_STREAM sits later in the same read; raising here would kill the connection."""
+        whose RST_STREAM sits later in the same read; raising here would kill the connection.
+        Likewise a connection an error GOAWAY later in the read closed takes nothing (fuzz)."""
         h2c = self._h2
         stream = h2c.streams.get(stream_id)
         if stream is None or stream.state_machine.state not in _SENDABLE:
+            return 0
+        if h2c.state_machine.state is h2.connection.ConnectionState.CLOSED:
             return 0
         window = self.send_window(stream_id)
         if window <= 0:
@@ -769,7 +772,8 @@ class ClientConnection(HboneConnection):
             headers = _decode_headers(ev.headers or [])
             self._awaiting_response.discard(sid)
             status_text = headers.get(":status", "")
-            status = int(status_text) if status_text.isdigit() else 0
+            # ASCII only: str.isdigit() is also true for e.g. '¹', which int() refuses (fuzz).
+            status = int(status_text) if status_text.isascii() and status_text.isdigit() else 0
             out.append(ConnectResponse(sid, status, headers))
             if status != Status.OK and sid in self._streams:
                 # A non-2xx answer to CONNECT means no tunnel (RFC 9110 §9.3.6): drop the stream.
