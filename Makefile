@@ -18,7 +18,7 @@ test: setup lint
 
 lint:
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy agent bpf caserver cli cni credentials identity lab mesh policy serving sources tunnel waypoint
+	$(VENV)/bin/mypy agent bpf caserver cli cni credentials identity kube lab mesh policy serving sources tunnel waypoint
 	$(VENV)/bin/lint-imports
 
 bench: setup

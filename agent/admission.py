@@ -26,7 +26,8 @@ from typing import Protocol
 from agent.records import ConnectionRecord, Direction, Path, Security
 from identity.spiffe import SpiffeId
 from mesh.config import IPAddress, Node, Service, Workload
-from mesh.store import DestinationKind, Route
+from mesh.model import Waypoint
+from mesh.store import DestinationKind, MissingWaypoint, Route
 from policy import Connection, Decision, PolicyIndex
 
 # HBONE statuses (tunnel.hbone.Status values; plaintext paths answer every rejection with a reset).
@@ -44,7 +45,8 @@ class RejectKind(enum.StrEnum):
     UNKNOWN_SOURCE = "unknown-source"  # outbound from an address that is no enrolled local workload
     LOOP = "loop"  # outbound to one of the agent's own listeners
     NO_ENDPOINT = "no-endpoint"  # a service VIP with no endpoint on that port
-    WAYPOINT_UNSUPPORTED = "waypoint-unsupported"  # the destination needs a waypoint
+    WAYPOINT_UNSUPPORTED = "waypoint-unsupported"  # the destination needs a waypoint this agent cannot use
+    WAYPOINT_MISSING = "waypoint-missing"  # istio.io/use-waypoint names a waypoint the mesh lacks
     NO_CREDENTIAL = "no-credential"  # no valid certificate for the source identity
     UPSTREAM_FAILED = "upstream-failed"  # the pod (or passthrough destination) did not accept
 
@@ -266,6 +268,10 @@ class OutboundPlan:
     source_ip: IPAddress
     route: Route
     record: ConnectionRecord
+    # Set when the destination is waypoint-fronted: HBONE goes to the waypoint (its address
+    # and identity), the CONNECT authority stays the original destination (ztunnel's rule).
+    waypoint: Waypoint | None = None
+    original: tuple[str, int] | None = None
 
 
 def plan_outbound(
@@ -290,11 +296,35 @@ def plan_outbound(
     if route is None:
         return Rejected(SERVICE_UNAVAILABLE, RejectKind.NO_ENDPOINT,
                         f"{source.key} -> {dst}: service has no endpoint on that port")  # fmt: skip
-    if route.waypoint is not None:
-        # Bypassing a waypoint would skip its L7 policy: refuse until routing to it exists.
+    wp = route.waypoint
+    if isinstance(wp, MissingWaypoint):
+        # Going direct would skip the L7 policy the label asked for: refuse (fail closed).
+        return Rejected(SERVICE_UNAVAILABLE, RejectKind.WAYPOINT_MISSING,
+                        f"{source.key} -> {dst}: istio.io/use-waypoint names waypoint {wp.key}, which "
+                        "the mesh config does not declare")  # fmt: skip
+    if wp is not None and not isinstance(wp, Waypoint):
         return Rejected(SERVICE_UNAVAILABLE, RejectKind.WAYPOINT_UNSUPPORTED,
-                        f"{source.key} -> {dst}: destination has a waypoint, which this agent cannot "
-                        "route to yet")  # fmt: skip
+                        f"{source.key} -> {dst}: destination has a waypoint ({wp!r}) this agent cannot "
+                        "route to")  # fmt: skip
+    if wp is not None:
+        if source.spiffe_id == wp.spiffe_id:
+            # The waypoint's own upstream traffic is never sent back to it (a loop).
+            return Rejected(BAD_REQUEST, RejectKind.LOOP, f"{source.key} -> {dst}: from its own waypoint")
+        if not wp.addresses:
+            return Rejected(SERVICE_UNAVAILABLE, RejectKind.WAYPOINT_UNSUPPORTED,
+                            f"{source.key} -> {dst}: waypoint {wp.key} has no address")  # fmt: skip
+        record = ConnectionRecord(
+            direction=Direction.OUTBOUND,
+            path=Path.HBONE,
+            security=Security.MUTUAL_TLS,
+            destination=original,
+            source_workload=source,
+            source_identity=source.spiffe_id,
+            destination_identity=wp.spiffe_id,
+            service=route.service,
+            note=f"via waypoint {wp.key}",
+        )
+        return OutboundPlan(Path.HBONE, source, source_ip, route, record, waypoint=wp, original=original)
     dest = route.workload
     if route.kind is DestinationKind.WORKLOAD and dest is not None:
         path = Path.SAME_NODE if dest.node == local_node else Path.HBONE

@@ -26,8 +26,9 @@ async def deliver_local(ctx: ProxyContext, down: Downstream, admitted: Admitted)
             f"cannot connect to {rec.destination_key} at {ip}:{port}: {exc!r}",
             extra={"event": "upstream_failed", "destination_workload": rec.destination_key},
         )
+        # Counted as ztunnel counts it (istio_tcp_*{response_flags="CONNECT"}, in the tracker), not
+        # as a handshake failure: the mesh side worked, the pod did not answer.
         ctx.connections.failed(rec, RejectKind.UPSTREAM_FAILED.value, f"cannot connect to the pod: {exc!r}")
-        ctx.metrics.handshake_failures.labels("inbound", RejectKind.UPSTREAM_FAILED.value).inc()
         down.reset()
         return
     await relay_plain(ctx, down, up, rec)

@@ -14,7 +14,7 @@ from agent.admission import Rejected, RejectKind, admit_hbone, admit_plaintext
 from agent.context import ProxyContext
 from agent.delivery import deliver_local
 from agent.downstream import Downstream
-from agent.records import ConnectionRecord
+from agent.records import ConnectionRecord, baggage
 from agent.tracking import ConnectionTracker
 from mesh.config import parse_ip
 from tunnel.hbone import Status
@@ -87,7 +87,10 @@ class HboneInbound:
             reason = f"upstream connect failed: {exc!r}"
             ctx.connections.failed(rec, RejectKind.UPSTREAM_FAILED.value, reason, status=503)
             return Refuse(Status.SERVICE_UNAVAILABLE, RejectKind.UPSTREAM_FAILED.value, reason)
-        return Accept(sock, _CarriedStream(ctx.connections, rec))
+        dw = rec.destination_workload
+        # ztunnel's 200 carries the destination's baggage (who answered, for the source's telemetry).
+        headers = (("baggage", baggage(dw, ctx.metrics.cluster_id)),) if dw is not None else ()
+        return Accept(sock, _CarriedStream(ctx.connections, rec), response_headers=headers)
 
 
 def _refuse(ctx: ProxyContext, down: Downstream, rejected: Rejected) -> None:

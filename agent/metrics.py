@@ -8,12 +8,34 @@ so two agents in one test process (or the CA and the agent) never share counters
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+
+# ztunnel exports no ``*_created`` series; prometheus-client adds one per counter child unless
+# told not to (process-wide switch: every registry in this process renders without them).
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 UNKNOWN: Final = "unknown"
+# ztunnel's cluster ID default (its CLUSTER_ID), which source_cluster/destination_cluster carry.
+DEFAULT_CLUSTER_ID: Final = "Kubernetes"
+# istio_build's component label: dashboards select ``istio_build{component="ztunnel"}``, and the
+# agent stands in for ztunnel on the node.
+BUILD_COMPONENT: Final = "ztunnel"
+
+# Istio's response_flags values at ztunnel's destination reporter (src/proxy/metrics.rs).
+FLAG_NONE: Final = "-"
+FLAG_DENY: Final = "DENY"  # denied by authorization policy
+FLAG_CONNECT: Final = "CONNECT"  # no upstream connection could be made
 
 # Istio standard metric labels (istio.io/latest/docs/reference/config/metrics), in the order
 # ztunnel exports them for TCP.
@@ -69,8 +91,8 @@ class ConnectionLabels:
     destination_version: str = UNKNOWN
     destination_cluster: str = UNKNOWN
     request_protocol: str = "tcp"
-    response_flags: str = "-"
-    # "mutual_tls" for HBONE, "none" for plaintext (Istio's values).
+    response_flags: str = FLAG_NONE
+    # "mutual_tls" for HBONE (at both reporters, as ztunnel), "none" for plaintext.
     connection_security_policy: str = UNKNOWN
 
     def values(self) -> tuple[str, ...]:
@@ -116,14 +138,34 @@ SERIES_CACHE_LIMIT = 4096
 
 
 class AgentMetrics:
-    """All metrics of one agent, in one registry."""
+    """All metrics of one agent, in one registry.
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    ``cluster_id`` is what source_cluster/destination_cluster say for known workloads;
+    ``version`` goes to ``istio_build``'s ``tag``. ``process`` adds prometheus-client's
+    ``process_*`` series (this process's CPU, memory, file descriptors) to the registry.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        cluster_id: str = DEFAULT_CLUSTER_ID,
+        version: str = UNKNOWN,
+        process: bool = True,
+    ) -> None:
+        if not cluster_id:
+            raise ValueError("cluster_id: expected a non-empty string")
+        self.cluster_id = cluster_id
         # (opened, closed, sent, received) series per label set: resolving a child takes a lock
         # and a 20-tuple of label values, four times per connection, for the same few pairs.
         self._series: dict[ConnectionLabels, tuple[Any, Any, Any, Any]] = {}
+        self._failed: dict[tuple[ConnectionLabels, str], tuple[Any, Any]] = {}
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
+        if process:
+            ProcessCollector(registry=r)
+        self.build = Gauge("istio_build", "Istio component build info", ("component", "tag"), registry=r)
+        self.build.labels(BUILD_COMPONENT, version).set(1)
         self.tcp_connections_opened = Counter(
             "istio_tcp_connections_opened", "TCP connections opened", ISTIO_TCP_LABELS, registry=r
         )
@@ -140,6 +182,24 @@ class AgentMetrics:
             "istio_tcp_received_bytes",
             "Bytes received from the downstream (request direction) on TCP connections",
             ISTIO_TCP_LABELS,
+            registry=r,
+        )
+        # ztunnel's (unstable) failure counter: connections that never carried data, by
+        # response_flags (DENY: policy, CONNECT: no upstream).
+        self.tcp_connections_failed = Counter(
+            "istio_tcp_connections_failed",
+            "TCP connections that failed to establish (denied by policy or no upstream connection)",
+            ISTIO_TCP_LABELS,
+            registry=r,
+        )
+        # ztunnel's workload manager gauges (Istio's ztunnel dashboard): the pods this node's
+        # agent proxies, and those it has not yet been able to (no certificate or capture yet).
+        self.active_proxies = Gauge(
+            "workload_manager_active_proxy_count", "Enrolled local workloads being proxied", registry=r
+        )
+        self.pending_proxies = Gauge(
+            "workload_manager_pending_proxy_count",
+            "Enrolled local workloads not yet proxied (waiting for a certificate)",
             registry=r,
         )
         self.policy_decisions = Counter(
@@ -174,6 +234,16 @@ class AgentMetrics:
             "ztagent_open_tunnels", "Open HBONE streams by direction", ("direction",), registry=r
         )
         self.ready = Gauge("ztagent_ready", "1 when certificates and capture are in place", registry=r)
+        self.policies_last_good = Gauge(
+            "ztagent_policies_last_good_in_force",
+            "Policies whose latest version was refused; their last good version is enforced",
+            registry=r,
+        )
+        self.policies_invalid = Gauge(
+            "ztagent_policies_invalid",
+            "Policies that never had a good version, enforced fail-closed",
+            registry=r,
+        )
         # Certificate expiry and rotation failures (ztagent_cert_expiry_timestamp_seconds,
         # ztagent_cert_rotation_failures_total) are registered here by credentials'
         # CertificateManager, which owns those facts.
@@ -194,6 +264,24 @@ class AgentMetrics:
                 self._series.clear()
             self._series[labels] = got
         return got
+
+    def connection_failed(self, labels: ConnectionLabels, flag: str) -> None:
+        """A connection that was refused or could not be carried, counted as ztunnel counts it:
+        opened (with its labels as at open, ``response_flags="-"``) and the byte series created at
+        zero, then closed and failed with ``flag`` (``DENY``, ``CONNECT`` or ``-``)."""
+        opened, _closed, _sent, _received = self.connection_series(labels)
+        opened.inc()
+        got = self._failed.get((labels, flag))
+        if got is None:
+            # Resolved once per (label set, flag): a flood of denied connections between the same
+            # two workloads must not cost a dataclass copy and two child lookups each.
+            v = dataclasses.replace(labels, response_flags=flag).values()
+            got = (self.tcp_connections_closed.labels(*v), self.tcp_connections_failed.labels(*v))
+            if len(self._failed) >= SERIES_CACHE_LIMIT:
+                self._failed.clear()
+            self._failed[(labels, flag)] = got
+        got[0].inc()
+        got[1].inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -30,7 +30,7 @@ from tunnel.hbone import Authority
 log = logging.getLogger("ztagent.outbound")
 
 # Refusals that mean the mesh cannot carry this connection safely: logged as errors.
-_SERIOUS = frozenset({RejectKind.WAYPOINT_UNSUPPORTED, RejectKind.NO_CREDENTIAL})
+_SERIOUS = frozenset({RejectKind.WAYPOINT_UNSUPPORTED, RejectKind.WAYPOINT_MISSING, RejectKind.NO_CREDENTIAL})
 
 
 def _refuse(ctx: ProxyContext, down: Downstream, rejected: Rejected, **fields: object) -> None:
@@ -63,7 +63,7 @@ async def handle_outbound(ctx: ProxyContext, down: Downstream, original: tuple[s
 async def _hbone(ctx: ProxyContext, down: Downstream, plan: OutboundPlan) -> None:
     source, route, rec = plan.source, plan.route, plan.record
     dest = route.workload
-    assert dest is not None
+    assert dest is not None or plan.waypoint is not None
     try:
         cred = ctx.credential(source.spiffe_id)
     except LookupError as exc:
@@ -71,13 +71,26 @@ async def _hbone(ctx: ProxyContext, down: Downstream, plan: OutboundPlan) -> Non
                                     f"{source.key}: no certificate to present ({exc})"),
                 identity=str(source.spiffe_id))  # fmt: skip
         return
-    dst_ip, dst_port = route.address
-    agent_address = Authority.of(dst_ip, ctx.hbone_port)
+    wp = plan.waypoint
+    if wp is not None and plan.original is not None:
+        # ztunnel's waypoint path: HBONE to the waypoint's address, expecting its identity;
+        # the CONNECT authority is the original destination (the service VIP:port), so the
+        # waypoint knows which service (and policy) the connection is for.
+        dst_ip, dst_port = plan.original
+        agent_address = Authority.of(str(wp.addresses[0]), wp.hbone_port)
+        expected = (wp.spiffe_id,)
+        dest_key = f"waypoint {wp.key}"
+    else:
+        assert dest is not None
+        dst_ip, dst_port = route.address
+        agent_address = Authority.of(dst_ip, ctx.hbone_port)
+        expected = (dest.spiffe_id,)
+        dest_key = dest.key
     target = OutboundTarget(
         source=cred,
         destination=Authority.of(dst_ip, dst_port),
         agent_address=agent_address,
-        expected_identities=(dest.spiffe_id,),
+        expected_identities=expected,
         source_address=Authority.of(plan.source_ip, down.peer[1]),
         baggage=baggage(source),
     )
@@ -86,13 +99,13 @@ async def _hbone(ctx: ProxyContext, down: Downstream, plan: OutboundPlan) -> Non
     except TunnelError as exc:
         # The tunnel's message already says what is likely wrong (blocked port, no agent, ...).
         log.warning(
-            f"{source.key} -> {dest.key} ({dst_ip}:{dst_port}) over HBONE via {agent_address}: {exc}",
+            f"{source.key} -> {dest_key} ({dst_ip}:{dst_port}) over HBONE via {agent_address}: {exc}",
             extra={"event": "tunnel_failed", "kind": exc.kind, "status": exc.status,
-                   "source_workload": source.key, "destination_workload": dest.key},
+                   "source_workload": source.key, "destination_workload": dest_key},
         )  # fmt: skip
         if exc.status is None:
             ctx.metrics.handshake_failures.labels("outbound", exc.kind).inc()
-        if route.service is not None and exc.kind in ("connect-refused", "connect-timeout"):
+        if wp is None and route.service is not None and exc.kind in ("connect-refused", "connect-timeout"):
             ctx.store.mark_unhealthy(dst_ip, dst_port)  # the next connection fails over
         ctx.connections.failed(rec, exc.kind, str(exc), status=exc.status)
         return

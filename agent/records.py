@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.metrics import UNKNOWN, ConnectionLabels, ConnectionStats
+from agent.metrics import DEFAULT_CLUSTER_ID, ConnectionLabels, ConnectionStats
 from identity.spiffe import SpiffeId
 from mesh.config import IPAddress, Service, Workload
 from policy import Connection, Decision
@@ -56,7 +56,7 @@ CANONICAL_REVISION = "service.istio.io/canonical-revision"
 _ids = itertools.count(1)
 
 
-def _workload_labels(prefix: str, w: Workload | None, principal: str | None) -> dict[str, str]:
+def _workload_labels(prefix: str, w: Workload | None, principal: str | None, cluster: str) -> dict[str, str]:
     out: dict[str, str] = {}
     if principal:
         out[f"{prefix}_principal"] = principal
@@ -65,17 +65,37 @@ def _workload_labels(prefix: str, w: Workload | None, principal: str | None) -> 
     labels = w.labels
     app = labels.get("app.kubernetes.io/name") or labels.get("app")
     version = labels.get("app.kubernetes.io/version") or labels.get("version")
+    canonical = labels.get(CANONICAL_NAME) or app or w.name
+    revision = labels.get(CANONICAL_REVISION) or version or "latest"
     out.update(
         {
             f"{prefix}_workload": w.name,
             f"{prefix}_workload_namespace": w.namespace,
-            f"{prefix}_app": app or UNKNOWN,
-            f"{prefix}_version": version or UNKNOWN,
-            f"{prefix}_canonical_service": labels.get(CANONICAL_NAME) or app or w.name,
-            f"{prefix}_canonical_revision": labels.get(CANONICAL_REVISION) or version or "latest",
+            # ztunnel reports the canonical service and revision as app and version.
+            f"{prefix}_app": canonical,
+            f"{prefix}_version": revision,
+            f"{prefix}_canonical_service": canonical,
+            f"{prefix}_canonical_revision": revision,
+            f"{prefix}_cluster": cluster,
         }
     )
     return out
+
+
+def baggage(w: Workload, cluster_id: str = DEFAULT_CLUSTER_ID) -> str:
+    """W3C baggage for ``w`` in Istio's format (``k8s.cluster.name=...,k8s.namespace.name=...,
+    k8s.<type>.name=...,service.name=<canonical>,service.version=<revision>``): what the
+    destination puts on its HBONE 200 so the source's telemetry knows who answered. The mesh
+    model has pods, not their controllers, so the type is ``pod``."""
+    labels = _workload_labels("w", w, None, cluster_id)
+    items = (
+        ("k8s.cluster.name", cluster_id),
+        ("k8s.namespace.name", w.namespace),
+        ("k8s.pod.name", w.name),
+        ("service.name", labels["w_canonical_service"]),
+        ("service.version", labels["w_canonical_revision"]),
+    )
+    return ",".join(f"{k}={v}" for k, v in items)
 
 
 def decision_fields(d: Decision) -> dict[str, Any]:
@@ -143,11 +163,14 @@ class ConnectionRecord:
         w = self.destination_workload
         return w.key if w is not None else None
 
-    def labels(self) -> ConnectionLabels:
-        """The Istio TCP metric labels of this connection."""
+    def labels(self, cluster_id: str = DEFAULT_CLUSTER_ID) -> ConnectionLabels:
+        """The Istio TCP metric labels of this connection, as ztunnel derives them; known
+        workloads are in cluster ``cluster_id``."""
         fields: dict[str, Any] = {}
-        fields.update(_workload_labels("source", self.source_workload, self.source_principal))
-        fields.update(_workload_labels("destination", self.destination_workload, self.destination_principal))
+        fields.update(_workload_labels("source", self.source_workload, self.source_principal, cluster_id))
+        fields.update(
+            _workload_labels("destination", self.destination_workload, self.destination_principal, cluster_id)
+        )
         if self.service is not None:
             fields["destination_service"] = self.service.hostname
             fields["destination_service_name"] = self.service.name
@@ -156,13 +179,10 @@ class ConnectionRecord:
             # Istio reports the workload name as destination_service_name when no service was used.
             fields["destination_service_name"] = self.destination_workload.name
             fields["destination_service_namespace"] = self.destination_workload.namespace
-        # The source reporter of an HBONE connection reports "unknown", as Istio's sidecar
-        # source reporter did (ztunnel says mutual_tls: issue 17 aligns the metrics with it).
-        security = "unknown" if self.path is Path.HBONE and self.direction is Direction.OUTBOUND else None
+        # Both reporters of an HBONE connection say mutual_tls (ztunnel does; the workload
+        # dashboard's mTLS lock is drawn from it).
         return ConnectionLabels(
-            reporter=self.reporter,
-            connection_security_policy=security or self.security.value,
-            **fields,
+            reporter=self.reporter, connection_security_policy=self.security.value, **fields
         )
 
     def log_fields(self) -> dict[str, Any]:
@@ -202,4 +222,4 @@ class ConnectionRecord:
         self._pushed = (max(sent, ps), max(received, pr))
 
 
-__all__ = ["ConnectionRecord", "Direction", "Path", "Security", "decision_fields"]
+__all__ = ["ConnectionRecord", "Direction", "Path", "Security", "baggage", "decision_fields"]

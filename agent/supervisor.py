@@ -31,19 +31,25 @@ from dataclasses import dataclass, field
 from importlib.metadata import version as pkg_version
 from typing import TYPE_CHECKING, Any
 
+from agent import views
 from agent.admin import build_admin_app
 from agent.capture import Capture, StaticCapture, make_capture, parse_address
-from agent.metrics import AgentMetrics
+from agent.cni import CniEnrollment, state_path_for
+from agent.metrics import DEFAULT_CLUSTER_ID, AgentMetrics
 from agent.tracking import ConnectionTracker
 from agent.worker import DataPlaneWorker, NodeServices
+from cni.server import CniServer
 from credentials.client import CaClient, NodeCredentials
 from credentials.manager import CertificateManager
 from identity.spiffe import SpiffeId
-from mesh.config import ConfigError, MeshConfig, thaw
-from mesh.store import WorkloadStore, describe_workloads
-from policy import PolicyIndex, PolicySet
+from mesh.config import ConfigError, ConfigIssue, MeshConfig
+from mesh.errors import ChangeRefused
+from mesh.store import AppliedChanges, WorkloadStore
+from policy import PolicyIndex
 from serving.accesslog import AccessLog
 from serving.http import RunningSite, build_metrics_app, build_readiness_app, serve
+from sources.base import ConfigRefused as SourceRefused
+from sources.base import ConfigSource
 from sources.file import FileConfigSource
 from tunnel.client import HboneClient
 from tunnel.server import HboneServer
@@ -59,8 +65,8 @@ class StartupError(Exception):
 
 
 class ConfigRefused(Exception):
-    """A config (or one change of it) cannot be used on this node; nothing was changed.
-    The message names the object at fault."""
+    """A config this node cannot use (its node is missing, an invariant broken); nothing was
+    changed. The message names the object at fault."""
 
 
 @dataclass
@@ -83,11 +89,16 @@ class AgentOptions:
     cert_ttl: dt.timedelta | None = None
     drain_timeout: float = 5.0
     state_file: str | None = None  # JSON with the bound addresses, written once serving
+    namespace: str | None = None  # as kubectl -n: the namespace of documents that name none
+    cluster_id: str = DEFAULT_CLUSTER_ID  # source_cluster/destination_cluster (ztunnel's CLUSTER_ID)
+    cni_socket: str | None = None  # serve ztagent-cni here (agent/cni.py): pods enrolled as they are made
 
 
 @dataclass
 class _ConfigState:
     loaded_at: float
+    source: str | None = None
+    digest: str | None = None
     refused: list[str] = field(default_factory=list)
     refused_at: float | None = None
 
@@ -96,31 +107,45 @@ def build_store(cfg: MeshConfig, node: str) -> WorkloadStore:
     """The store for ``cfg`` as seen from ``node``; ConfigRefused if this node cannot use it."""
     try:
         return WorkloadStore(cfg, node)
-    except (KeyError, TypeError) as exc:
-        raise ConfigRefused(str(exc.args[0]) if exc.args else repr(exc)) from None
+    except ChangeRefused as exc:
+        raise ConfigRefused("; ".join(i.message for i in exc.issues)) from None
+    except TypeError as exc:  # a policy set that would be evaluated as empty (allow all)
+        raise ConfigRefused(str(exc)) from None
 
 
 class NodeAgent:
-    def __init__(self, options: AgentOptions, *, capture_backend: CaptureBackend | None = None) -> None:
+    def __init__(
+        self,
+        options: AgentOptions,
+        *,
+        capture_backend: CaptureBackend | None = None,
+        source: ConfigSource | None = None,
+        ca_client: CaClient | None = None,
+    ) -> None:
         self.options = options
         self.node_name = options.node
         self.hbone_port = options.hbone_port
-        self.metrics = AgentMetrics()
+        self.metrics = AgentMetrics(cluster_id=options.cluster_id, version=self.version)
         self.access_log = AccessLog(options.access_log)
         self.capture: Capture = make_capture(
             options.capture, options.node, backend=capture_backend, hbone_port=options.hbone_port
         )
         self.started_at = time.time()
-        self._source: FileConfigSource | None = None
+        # The mesh comes from an injected source: the config file by default, a Kubernetes watch
+        # or another importer behind the same interface (sources.base.ConfigSource).
+        self._source: ConfigSource = source or FileConfigSource(
+            options.config, interval=options.config_interval, default_namespace=options.namespace
+        )
         self._config_state: _ConfigState | None = None
-        self.config: MeshConfig | None = None
         self._store: WorkloadStore | None = None
+        self._stale_reported: dict[str, tuple[ConfigIssue, ...]] = {}
         self._certs: CertificateManager | None = None
         self._node_identity: SpiffeId | None = None
-        self._ca_client: CaClient | None = None
+        self._ca_client: CaClient | None = ca_client  # injected: token mode (credentials.client)
         self.worker: DataPlaneWorker | None = None
         self._sites: dict[str, RunningSite] = {}
         self._config_task: asyncio.Task[None] | None = None
+        self.cni_server: CniServer | None = None
         self._stopping = False
         self._stopped = asyncio.Event()
 
@@ -173,42 +198,48 @@ class NodeAgent:
             # /config_dump and /certs describe every identity on the node: never on the network.
             raise StartupError(f"--admin {o.admin}: the admin endpoint must listen on a loopback address")
         # 1. config
-        self._source = FileConfigSource(o.config, interval=o.config_interval)
         try:
             cfg = await self._source.initial()
         except ConfigError as exc:
             raise StartupError(f"config refused: {exc}") from None
         try:
-            self._install_config(cfg)
+            self._store = build_store(cfg, self.node_name)
         except ConfigRefused as exc:
             raise StartupError(str(exc)) from None
-        self._config_state = _ConfigState(loaded_at=time.time())
+        self._config_state = _ConfigState(loaded_at=time.time(), source=cfg.source, digest=cfg.digest)
+        self._report_policies()
 
         # 2. certificates for every enrolled local workload
-        if not o.ca or not o.node_credentials:
-            raise StartupError(
-                "--ca and --node-credentials are required (workload certificates come from the CA)"
-            )
-        try:
-            # The bootstrap credential plus the renewed one persisted beside it; at least one must
-            # be valid now. The client presents the newest valid one on every new connection.
-            node_creds = NodeCredentials.from_dir(o.node_credentials, now=dt.datetime.now(dt.UTC))
-            self._ca_client = CaClient(o.ca, node_creds)
-        except Exception as exc:
-            raise StartupError(f"node credentials in {o.node_credentials}: {exc}") from None
+        if self._ca_client is None:
+            if not o.ca or not o.node_credentials:
+                raise StartupError(
+                    "--ca and --node-credentials are required (workload certificates come from the CA)"
+                )
+            try:
+                # The bootstrap credential plus the renewed one persisted beside it; at least one
+                # must be valid now. The client presents the newest valid one on every connection.
+                node_creds = NodeCredentials.from_dir(o.node_credentials, now=dt.datetime.now(dt.UTC))
+                self._ca_client = CaClient(o.ca, node_creds)
+            except Exception as exc:
+                raise StartupError(f"node credentials in {o.node_credentials}: {exc}") from None
         self._ca_client.register_metrics(self.metrics.registry)
-        self._node_identity = node_creds.spiffe_id
+        self._node_identity = self._ca_client.node_identity  # None in token mode
         self._certs = CertificateManager(
             self._ca_client, self._ca_client.bundles(), registry=self.metrics.registry, ttl=o.cert_ttl
         )
         # The node's own credential is renewed like a workload's; the client picks it up.
         self._certs.on_rotate(self._ca_client.on_rotate)
         try:
-            await self._certs.start([self._node_identity, *self._local_identities()])
+            own = [self._node_identity] if self._node_identity is not None else []
+            await self._certs.start([*own, *self._local_identities()])
         except Exception as exc:
             raise StartupError(str(exc)) from None
 
         # 3. the data plane: listeners, HBONE server and client
+        cni = None
+        if o.cni_socket:  # pods come from the runtime: capture enrolls only those it has made
+            cni = CniEnrollment(self, state_path=state_path_for(o.cni_socket))
+            self.capture = cni.capture
         certs = self._certs
         self.worker = DataPlaneWorker(
             NodeServices(
@@ -234,9 +265,14 @@ class NodeAgent:
         try:
             self.capture.install()
             self.capture.set_listeners(out_sock, in_sock, hbone_sock)
+            if cni is not None:
+                cni.reconcile()  # before the socket is served and readiness can turn green
             self.capture.sync(self.store.local_enrolled)
         except Exception as exc:
             raise StartupError(f"capture ({o.capture}): {exc}") from None
+        if cni is not None and o.cni_socket:
+            self.cni_server = CniServer(cni, o.cni_socket)
+            await self.cni_server.start()
 
         # 5. admin, metrics, readiness; config watch
         self._sites["admin"] = await serve(build_admin_app(self), *parse_address(o.admin, "--admin"))
@@ -244,9 +280,7 @@ class NodeAgent:
         self._sites["readiness"] = await serve(
             build_readiness_app(self.ready), *parse_address(o.readiness, "--readiness")
         )
-        self._config_task = asyncio.get_running_loop().create_task(
-            self._source.run(self._on_config, self._on_config_error)
-        )
+        self._config_task = asyncio.get_running_loop().create_task(self._follow_config())
         addresses = self.addresses()
         log.info(
             f"ztagent {self.version} serving node {self.node_name}",
@@ -264,6 +298,8 @@ class NodeAgent:
             return
         self._stopping = True
         try:
+            if self.cni_server is not None:  # first: ADDs now fail "try again later" (fail closed)
+                await self.cni_server.close()
             if self._config_task is not None:
                 self._config_task.cancel()
             if self.worker is not None:
@@ -285,52 +321,87 @@ class NodeAgent:
 
     # -- config -----------------------------------------------------------------------------
 
-    def _install_config(self, cfg: MeshConfig) -> None:
-        """Build every derived index first, then swap them in together (raises ConfigRefused,
-        changing nothing, if the config cannot be used on this node)."""
-        store = build_store(cfg, self.node_name)
-        self.config, self._store = cfg, store
+    @property
+    def config(self) -> MeshConfig | None:
+        """The mesh as one snapshot (admin views; built on demand after a change)."""
+        return self._store.snapshot if self._store is not None else None
 
     def _local_identities(self) -> list[SpiffeId]:
         return sorted({w.spiffe_id for w in self.store.local_enrolled})
 
-    async def _on_config(self, cfg: MeshConfig) -> None:
-        old = self.config
-        try:
-            self._install_config(cfg)
-        except ConfigRefused as exc:
-            self._on_config_refused([f"{cfg.source}: {exc}"])
-            return
-        assert self._config_state is not None
-        self._config_state = _ConfigState(loaded_at=time.time())
-        self.metrics.config_reloads.labels("applied").inc()
-        log.info(
-            f"config applied (sha256 {cfg.digest[:12]})",
-            extra={"event": "config_applied", "digest": cfg.digest, "previous": old.digest if old else None},
-        )
-        await self._converge()
+    async def _follow_config(self) -> None:
+        """Apply the source's change sets to the store as they come; the last good state serves
+        through every refusal."""
+        async for event in self._source.changes():
+            if isinstance(event, SourceRefused):
+                # The source already logged it with every issue (file, document, field).
+                self._on_config_refused([str(i) for i in event.issues], logged=True)
+                continue
+            try:
+                applied = self.store.apply(event.changes, source=event.source, digest=event.digest)
+            except ChangeRefused as exc:
+                self._on_config_refused([str(i) for i in exc.issues])
+                continue
+            previous = self._config_state.digest if self._config_state is not None else None
+            self._config_state = _ConfigState(loaded_at=time.time(), source=event.source, digest=event.digest)
+            self.metrics.config_reloads.labels("applied").inc()
+            log.info(
+                f"config applied ({event.source} at {event.digest[:12]}): {len(event.changes)} change(s)",
+                extra={"event": "config_applied", "digest": event.digest, "previous": previous},
+            )
+            self._report_policies()
+            await self._converge(applied)
 
-    async def _converge(self) -> None:
-        """Bring certificates, capture and the data plane in line with the current store.
+    def _report_policies(self) -> None:
+        """Log each policy update refused while its last good version stays in force (once per
+        refusal), and keep the gauge current."""
+        stale = self.store.stale_policies
+        for key, issues in stale.items():
+            if self._stale_reported.get(key) != issues:
+                log.error(
+                    f"policy {key}: the update is refused and its last good version stays in force: "
+                    + "; ".join(str(i) for i in issues),
+                    extra={
+                        "event": "policy_update_refused",
+                        "policy": key,
+                        "errors": [str(i) for i in issues],
+                    },
+                )
+        for key in set(self._stale_reported) - set(stale):
+            log.info(f"policy {key}: a good version is in force again", extra={"event": "policy_recovered"})
+        self._stale_reported = stale
+        self.metrics.policies_last_good.set(len(stale))
+        self.metrics.policies_invalid.set(len(self.store.policy_errors))
+
+    async def _converge(self, applied: AppliedChanges | None = None) -> None:
+        """Bring certificates, capture and the data plane in line with the store after a change
+        (``None``: everything, as at start).
 
         Each step fails on its own: a certificate that cannot be had or a pod that cannot be
         enrolled is logged and shown in status and readiness, and the other steps still run."""
-        # Identities: fetch new ones before enrolling them, drop the ones that left.
-        certs = self.cert_manager
-        wanted = set(self._local_identities())
-        for sid in wanted - set(certs.identities()):
+        if applied is None or applied.local_enrolled_changed:
+            # Identities: fetch new ones before enrolling them, drop the ones that left.
+            certs = self.cert_manager
+            wanted = set(self._local_identities())
+            for sid in wanted - set(certs.identities()):
+                try:
+                    await certs.add_identity(sid)
+                except Exception as exc:
+                    log.error(f"cannot get a certificate for {sid}: {exc}",
+                              extra={"event": "cert_add_failed"})  # fmt: skip
+            for sid in set(certs.identities()) - wanted - {self._node_identity}:
+                certs.remove_identity(sid)
+            await self.data_plane.sync_hbone_listeners()
             try:
-                await certs.add_identity(sid)
+                self.capture.sync(self.store.local_enrolled)
             except Exception as exc:
-                log.error(f"cannot get a certificate for {sid}: {exc}", extra={"event": "cert_add_failed"})
-        for sid in set(certs.identities()) - wanted - {self._node_identity}:
-            certs.remove_identity(sid)
-        await self.data_plane.sync_hbone_listeners()
-        try:
-            self.capture.sync(self.store.local_enrolled)
-        except Exception as exc:
-            log.error(f"capture sync failed: {exc}", extra={"event": "capture_error"})
-        self.recheck_connections()
+                log.error(f"capture sync failed: {exc}", extra={"event": "capture_error"})
+        if applied is None or applied.recheck_all:
+            self.recheck_connections()
+        elif applied.recheck:
+            # Only connections to the workloads whose policy inputs changed (an open connection's
+            # source side is its authenticated identity and address, which no change rewrites).
+            self.data_plane.recheck(applied.recheck)
 
     def _on_config_refused(self, lines: list[str], *, logged: bool = False) -> None:
         self.metrics.config_reloads.labels("refused").inc()
@@ -342,10 +413,6 @@ class NodeAgent:
                 f"config update refused, the last good config keeps serving: {lines[0]}",
                 extra={"event": "config_refused", "errors": lines},
             )
-
-    def _on_config_error(self, exc: ConfigError) -> None:
-        # The source already logged it with every issue (file, document, field).
-        self._on_config_refused([str(i) for i in exc.issues], logged=True)
 
     def recheck_connections(self) -> int:
         """Re-evaluate every open inbound connection with the current policy; close the denied."""
@@ -401,6 +468,11 @@ class NodeAgent:
             counts = worker.tunnel_counts()
             self.metrics.open_tunnels.labels("inbound").set(counts["inbound"])
             self.metrics.open_tunnels.labels("outbound").set(counts["outbound"])
+            if self._store is not None:
+                held = {st.spiffe_id for st in self.cert_manager.status() if st.credential is not None}
+                pending = sum(1 for w in self._store.local_enrolled if w.spiffe_id not in held)
+                self.metrics.active_proxies.set(len(self._store.local_enrolled) - pending)
+                self.metrics.pending_proxies.set(pending)
 
         return build_metrics_app(self.metrics, before_scrape=before_scrape)
 
@@ -412,158 +484,69 @@ class NodeAgent:
             out.update({"hbone": [], "listeners": []})
         return out
 
-    def status(self) -> dict[str, Any]:
-        ready, reasons = self.ready()
-        problems = list(reasons)
+    # The views themselves are pure functions in agent.views; these gather their inputs.
+
+    def _view_config_state(self) -> views.ConfigState | None:
         cs = self._config_state
-        if cs is not None and cs.refused:
-            problems.append(
-                f"last config update refused ({len(cs.refused)} errors); serving the previous config"
-            )
-        certs = {c["identity"]: c for c in self.certs_list()}
-        workloads = []
-        for w in self.store.local_enrolled if self._store is not None else ():
-            workloads.append(
-                {
-                    "name": w.name,
-                    "namespace": w.namespace,
-                    "spiffeId": str(w.spiffe_id),
-                    "ips": [str(i) for i in w.ips],
-                    "cert": certs.get(str(w.spiffe_id)),
-                }
-            )
-        for c in certs.values():
-            if c.get("consecutiveFailures"):
-                problems.append(f"certificate renewal failing for {c['identity']}: {c.get('lastError')}")
+        if cs is None:
+            return None
+        stale = self._store.stale_policies if self._store is not None else {}
+        return views.ConfigState(cs.source, cs.digest, cs.loaded_at, cs.refused, cs.refused_at, stale)
+
+    def status(self) -> dict[str, Any]:
         worker = self.worker
-        return {
-            "version": self.version,
-            "node": self.node_name,
-            "startedAt": dt.datetime.fromtimestamp(self.started_at, dt.UTC).isoformat(),
-            "uptimeSeconds": round(time.time() - self.started_at, 1),
-            "healthy": not problems,
-            "ready": ready,
-            "problems": problems,
-            "capture": self.capture.status(),
-            "config": {
-                "source": self.config.source if self.config else None,
-                "digest": self.config.digest if self.config else None,
-                "loadedAt": _iso(cs.loaded_at) if cs else None,
-                "errors": cs.refused if cs else [],
-                "refusedAt": _iso(cs.refused_at) if cs and cs.refused_at else None,
-            },
-            "workloads": workloads,
-            "tunnels": (
-                worker.tunnel_counts()
-                if worker is not None
-                else {"inbound": 0, "outbound": 0, "pooledConnections": 0}
-            ),
-            "connections": (
-                {"open": len(worker.connections.open), **worker.connections.totals}
-                if worker is not None
-                else {"open": 0, "opened": 0, "closed": 0, "denied": 0}
-            ),
-            "recentDenials": list(worker.connections.recent_denials) if worker is not None else [],
-            "addresses": self.addresses(),
-        }
+        return views.status(
+            version=self.version,
+            node=self.node_name,
+            started_at=self.started_at,
+            now=time.time(),
+            ready=self.ready(),
+            config=self._view_config_state(),
+            store=self._store,
+            certs=self.certs_list(),
+            capture=self.capture.status(),
+            tunnels=worker.tunnel_counts() if worker is not None else None,
+            tracker=worker.connections if worker is not None else None,
+            recent_denials=worker.connections.recent_denials if worker is not None else (),
+            addresses=self.addresses(),
+        )
 
     def certs_list(self) -> list[dict[str, Any]]:
         if self._certs is None:
             return []
-        now = dt.datetime.now(dt.UTC)
-        out = []
-        for st in self._certs.status():
-            c = st.credential
-            entry: dict[str, Any] = {
-                "identity": str(st.spiffe_id),
-                "nextAction": st.next_action.isoformat(),
-                "consecutiveFailures": st.consecutive_failures,
-                "lastError": st.last_error or None,
-            }
-            if c is not None:
-                leaf = c.chain[0]
-                entry.update(
-                    {
-                        "serial": format(leaf.serial_number, "x"),
-                        "notBefore": c.not_before.isoformat(),
-                        "notAfter": c.not_after.isoformat(),
-                        "expiresInSeconds": round((c.not_after - now).total_seconds(), 1),
-                        "issuer": leaf.issuer.rfc4514_string(),
-                    }
-                )
-            out.append(entry)
-        return out
+        return views.certs_list(self._certs.status(), dt.datetime.now(dt.UTC))
 
     def certs(self) -> list[dict[str, Any]]:
         return self.certs_list()
 
     def config_dump(self) -> dict[str, Any]:
-        cfg = self.config
-        if cfg is None:
-            return {}
-        return {
-            "source": cfg.source,
-            "digest": cfg.digest,
-            "trustDomain": cfg.trust_domain.name,
-            "rootNamespace": cfg.root_namespace,
-            "nodes": [
-                {
-                    "name": n.name,
-                    "address": str(n.address),
-                    "podCIDR": str(n.pod_cidr) if n.pod_cidr else None,
-                }
-                for n in cfg.nodes
-            ],
-            "workloads": describe_workloads(self.store),
-            "services": [
-                {
-                    "name": s.name,
-                    "namespace": s.namespace,
-                    "vips": [str(v) for v in s.vips],
-                    "ports": [
-                        {"port": p.port, "targetPort": p.target_port, "name": p.name, "protocol": p.protocol}
-                        for p in s.ports
-                    ],
-                    "selector": dict(s.selector),
-                    "endpoints": [w.key for w in self.store.endpoints(s)],
-                }
-                for s in cfg.services
-            ],
-            "policies": [thaw(p.raw) for p in cfg.policies],
-        }
+        """ztunnel's ``/config_dump`` keys, plus ztagent's own (source, digest, nodes, documents)."""
+        certs = self._certs
+        worker = self.worker
+        dump = views.ztunnel_dump(
+            self.config,
+            self._store,
+            cluster_id=self.metrics.cluster_id,
+            statuses=certs.status() if certs is not None else [],
+            bundles=certs.bundles() if certs is not None else None,
+            tracker=worker.connections if worker is not None else None,
+            now=dt.datetime.now(dt.UTC),
+        )
+        if dump:
+            dump.update(views.config_dump(self.config, self._store))
+        return dump
 
     def workloads(self) -> list[dict[str, Any]]:
-        return describe_workloads(self.store)
+        return views.workloads(self._store)
 
     def policies(self) -> list[dict[str, Any]]:
-        cfg = self.config
-        if cfg is None:
-            return []
-        local = self.store.local_enrolled
-        index = self.policy_index
-        out = []
-        for doc in cfg.policies:
-            selects = []
-            if doc.kind == "AuthorizationPolicy":
-                for w in local:
-                    if any(
-                        p.key == f"{doc.namespace}/{doc.name}" for p in index.select(w.namespace, w.labels)
-                    ):
-                        selects.append(w.key)
-            out.append(
-                {
-                    "kind": doc.kind,
-                    "namespace": doc.namespace,
-                    "name": doc.name,
-                    "source": {"file": doc.file, "document": doc.document, "path": doc.path or None},
-                    "selectsLocal": selects,
-                    "spec": thaw(doc.raw.get("spec")),
-                }
-            )
-        ps = cfg.parsed_policies
-        if isinstance(ps, PolicySet) and ps.warnings:
-            out.append({"warnings": [str(w) for w in ps.warnings]})
-        return out
+        return views.policies(self.config, self._store)
+
+    def connections(self) -> list[dict[str, Any]]:
+        worker = self.worker
+        if worker is not None:
+            worker.connections.sync_all()
+        return views.connections(worker.connections if worker is not None else None, time.monotonic())
 
 
 def _iso(ts: float) -> str:

@@ -74,7 +74,9 @@ class _RejectionCounter:
         pass
 
     def rejected(self, kind: str, detail: str) -> None:
-        if kind != "denied":
+        # Denials are decisions, and an upstream that did not answer is istio_tcp_*{CONNECT}
+        # (ztunnel's flag); both are counted by the connection tracker, not as handshakes.
+        if kind not in ("denied", "upstream-failed"):
             self.metrics.handshake_failures.labels("inbound", kind).inc()
 
 

@@ -40,7 +40,7 @@ import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import grpc
 from cryptography import x509
@@ -50,6 +50,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from caserver.authz import Decision, Placement, authorize
 from caserver.store import SERVER_CERT_TTL, CaStore, issue_server_certificate
+from caserver.tokenauth import TokenCaller, bearer_token
 from credentials.identities import IMPERSONATED_IDENTITY, NODE_NAMESPACE, NODE_SERVICE_ACCOUNT, node_of
 from credentials.proto import ca_pb2, ca_pb2_grpc
 from identity.bundle import TrustBundleSet
@@ -57,6 +58,10 @@ from identity.ca import DEFAULT_WORKLOAD_TTL, CaError
 from identity.spiffe import SpiffeId, SpiffeIdError
 from identity.svid import SvidError, verify_svid
 from mesh.config import ConfigError, MeshConfig
+from mesh.diff import apply_changes
+from mesh.model import Snapshot
+from sources.base import ConfigRefused as SourceRefused
+from sources.base import ConfigSource
 from sources.file import FileConfigSource
 
 log = logging.getLogger("ztagent.ca.server")
@@ -79,6 +84,12 @@ class ConfigMismatch(Exception):
     pass
 
 
+class TokenReviewer(Protocol):
+    """Who a token belongs to (caserver.tokenauth.KubernetesTokenReviewer: a TokenReview)."""
+
+    async def review(self, token: str) -> TokenCaller: ...
+
+
 class CaServer(ca_pb2_grpc.IstioCertificateServiceServicer):
     """The certificate service. ``placement`` may be swapped at any time (config reload)."""
 
@@ -91,7 +102,15 @@ class CaServer(ca_pb2_grpc.IstioCertificateServiceServicer):
         clock: Clock = utc_now,
         registry: CollectorRegistry | None = None,
         server_cert_ttl: dt.timedelta = SERVER_CERT_TTL,
+        node_auth: str = "certificate",
+        token_reviewer: TokenReviewer | None = None,
     ) -> None:
+        if node_auth not in ("certificate", "token"):
+            raise ValueError(f"node_auth {node_auth!r}: expected certificate or token")
+        if node_auth == "token" and token_reviewer is None:
+            raise ValueError("node_auth token needs a token reviewer (TokenReview)")
+        self.node_auth = node_auth
+        self._reviewer = token_reviewer
         self.store = store
         self.server_cert_ttl = server_cert_ttl
         self._clock = clock
@@ -143,7 +162,7 @@ class CaServer(ca_pb2_grpc.IstioCertificateServiceServicer):
 
         await source.run(on_update, self._config_refused)
 
-    def _apply_config(self, cfg: MeshConfig) -> bool:
+    def _apply_config(self, cfg: MeshConfig, *, quiet: bool = False) -> bool:
         try:
             self.update_config(cfg)
         except ConfigMismatch as exc:
@@ -152,11 +171,29 @@ class CaServer(ca_pb2_grpc.IstioCertificateServiceServicer):
                 extra={"event": "ca_config_refused", "file": cfg.source},
             )
             return False
+        if quiet:  # a watch: the source logs each change set itself
+            return True
         log.info(
             f"config reloaded ({cfg.source}, sha256 {cfg.digest[:12]})",
             extra={"event": "ca_config_reloaded", "file": cfg.source, "digest": cfg.digest},
         )
         return True
+
+    async def follow(self, source: ConfigSource, initial: Snapshot) -> None:
+        """Follow a change-set source (the Kubernetes watch) from ``initial`` until cancelled:
+        each ChangeSet gives a new placement; a refused or unusable one keeps the last good."""
+        current = initial
+        async for ev in source.changes():
+            if isinstance(ev, SourceRefused):
+                self._config_refused(ev.error)
+                continue
+            try:
+                nxt = apply_changes(current, ev.changes, source=ev.source, digest=ev.digest)
+            except (TypeError, ValueError) as exc:
+                log.error(f"change set refused, keeping the last good placement: {exc}")
+                continue
+            if self._apply_config(nxt, quiet=True):
+                current = nxt
 
     def _config_refused(self, exc: ConfigError) -> None:
         log.error(f"config refused, keeping the last good one: {exc}", extra={"event": "ca_config_refused"})
@@ -199,8 +236,12 @@ class CaServer(ca_pb2_grpc.IstioCertificateServiceServicer):
 
     def server_credentials(self) -> grpc.ServerCredentials:
         initial = self._certificate_configuration(initial=True)
+        # Token mode: no client certificate (the token in the call's metadata is the node's
+        # credential); the TLS 1.3 check below still applies.
         return grpc.dynamic_ssl_server_credentials(
-            initial, self._certificate_configuration, require_client_authentication=True
+            initial,
+            self._certificate_configuration,
+            require_client_authentication=self.node_auth == "certificate",
         )
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -270,7 +311,7 @@ class CaServer(ca_pb2_grpc.IstioCertificateServiceServicer):
         await context.abort(code, msg)  # raises: ends the RPC with this status
         raise AssertionError("context.abort returned")
 
-    def _authenticate(
+    async def _authenticate(
         self, context: grpc.aio.ServicerContext[Any, Any], now: dt.datetime
     ) -> tuple[str | None, str]:
         """(node, "") for an authenticated node, or (None, reason)."""
@@ -278,6 +319,13 @@ class CaServer(ca_pb2_grpc.IstioCertificateServiceServicer):
         version = (ac.get("ssl_tls_version") or [b""])[0].decode("ascii", "replace")
         if version != "TLSv1.3":
             return None, f"TLS 1.3 is required, this connection uses {version or 'no TLS'}"
+        if self.node_auth == "token":
+            assert self._reviewer is not None
+            token, why = bearer_token(context.invocation_metadata() or ())
+            if token is None:
+                return None, why
+            reviewed = await self._reviewer.review(token)
+            return reviewed.node, reviewed.reason
         certs = ac.get("x509_pem_cert") or []
         if not certs:
             return None, "no client certificate: present a node credential (ztagent ca bootstrap-node)"
@@ -311,7 +359,7 @@ class CaServer(ca_pb2_grpc.IstioCertificateServiceServicer):
             request = ca_pb2.IstioCertificateRequest.FromString(raw)
         except DecodeError as exc:
             # Who sent it decides the answer: a stranger learns nothing beyond UNAUTHENTICATED.
-            node, why = self._authenticate(context, self._clock())
+            node, why = await self._authenticate(context, self._clock())
             if node is None:
                 log.warning(
                     f"CSR refused, caller not authenticated: {why}",
@@ -335,7 +383,7 @@ class CaServer(ca_pb2_grpc.IstioCertificateServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> ca_pb2.IstioCertificateResponse:
         now = self._clock()
-        node, why = self._authenticate(context, now)
+        node, why = await self._authenticate(context, now)
         if node is None:
             log.warning(
                 f"CSR refused, caller not authenticated: {why}",

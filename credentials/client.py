@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jwt
 from cryptography import x509
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
@@ -65,9 +66,9 @@ from credentials.node import (
 )
 from credentials.proto import ca_pb2
 from identity.bundle import BundleError, TrustBundle, TrustBundleSet
-from identity.ca import is_self_signed
+from identity.ca import is_self_signed, signing_trust_domain
 from identity.keys import build_csr, generate_key
-from identity.spiffe import SpiffeId
+from identity.spiffe import SpiffeId, TrustDomain
 from identity.svid import SvidError, WorkloadCredential, load_pem_chain, verify_svid
 from tunnel.tls import ALPN_H2, load_credential
 
@@ -222,6 +223,13 @@ def _kind_for(code: Status) -> str:
     }.get(code, "ca-error")
 
 
+def _check_address(address: str) -> None:
+    host, _, port = address.rpartition(":")
+    tcp = bool(host) and port.isdigit() and "/" not in host and not address.startswith("unix:")
+    if not (address.startswith("unix:/") or tcp):
+        raise ValueError(f"CA address {address!r}: expected unix:/absolute/path or host:port")
+
+
 def ca_client_context(node: NodeCredentials, credential: WorkloadCredential | None = None) -> ssl.SSLContext:
     """TLS 1.3 with a node credential (default: the newest), trusting the node's bundle for the
     CA's certificate, which must carry :data:`CA_SERVER_NAME` (checked as a DNS name, like any
@@ -284,10 +292,7 @@ class CaClient:
         impersonate: bool = True,
         server_name: str = CA_SERVER_NAME,
     ) -> None:
-        host, _, port = address.rpartition(":")
-        tcp = bool(host) and port.isdigit() and "/" not in host and not address.startswith("unix:")
-        if not (address.startswith("unix:/") or tcp):
-            raise ValueError(f"CA address {address!r}: expected unix:/absolute/path or host:port")
+        _check_address(address)
         self.address = address
         self.node = node
         self.timeout = timeout
@@ -301,6 +306,16 @@ class CaClient:
 
     def bundles(self) -> TrustBundleSet:
         return self.node.bundles
+
+    @property
+    def node_identity(self) -> SpiffeId | None:
+        """The node's own identity, renewed beside the workloads' (None in token mode)."""
+        return self.node.spiffe_id
+
+    def _call_metadata(self) -> list[tuple[str, str]]:
+        """Request metadata of a CreateCertificate call (none: the TLS client certificate is
+        the node's credential)."""
+        return []
 
     def _choose(self) -> tuple[WorkloadCredential, NoValidNodeCredential | None]:
         """The credential for the next connection, and why it will fail if none is valid.
@@ -452,9 +467,12 @@ class CaClient:
         if self._impersonate:
             value = struct_pb2.Value(string_value=str(spiffe_id))
             request.metadata.CopyFrom(struct_pb2.Struct(fields={IMPERSONATED_IDENTITY: value}))
+        metadata = self._call_metadata()
         channel, problem = self._get_channel()
         try:
-            raw = await channel.call(CREATE_CERTIFICATE, request.SerializeToString(), timeout=self.timeout)
+            raw = await channel.call(
+                CREATE_CERTIFICATE, request.SerializeToString(), timeout=self.timeout, metadata=metadata
+            )
         except GrpcError as exc:
             kind = _kind_for(exc.code)
             if kind == "unreachable":
@@ -538,7 +556,187 @@ class CaClient:
         if cred.spiffe_id != spiffe_id:
             raise bad(f"certificate is for {cred.spiffe_id}")
         try:
-            verify_svid(cred.chain, self.node.bundles, self._clock())
+            verify_svid(cred.chain, self.bundles(), self._clock())
         except SvidError as exc:
             raise bad(f"issued certificate does not verify against our trust bundle: {exc}") from None
         return cred
+
+
+# -- token mode (Kubernetes): no node credential, a projected service-account token ----------
+
+TOKEN = "token"  # NodeCredentialStatus.in_use in token mode
+BEARER = "Bearer "  # istio-agent's form: metadata ``authorization: Bearer <token>``
+
+
+@dataclass(frozen=True)
+class TokenCredentials:
+    """How a node proves itself in Kubernetes: its pod's projected, audience-bound
+    service-account token (re-read on every call: the kubelet rewrites it at 80 % of its life)
+    and the trust bundle that verifies the CA's serving certificate (``--ca-root-cert``)."""
+
+    token_path: Path
+    bundles: TrustBundleSet
+    trust_domain: TrustDomain
+
+    @classmethod
+    def from_files(
+        cls,
+        token_path: str | os.PathLike[str],
+        root_cert: str | os.PathLike[str],
+        *,
+        trust_domain: str | None = None,
+    ) -> TokenCredentials:
+        """The trust domain comes from the root's SPIFFE URI SAN (``ztagent ca init`` writes
+        one), else ``trust_domain``; the token must be readable now."""
+        try:
+            pem = Path(root_cert).read_bytes()
+            roots = load_pem_chain(pem)
+        except (OSError, SvidError) as exc:
+            raise CaClientError("bad-credentials", f"--ca-root-cert {root_cert}: {exc}") from None
+        td = signing_trust_domain(roots[0]) or (TrustDomain(trust_domain) if trust_domain else None)
+        if td is None:
+            raise CaClientError(
+                "bad-credentials",
+                f"--ca-root-cert {root_cert}: the root names no SPIFFE trust domain (URI SAN); "
+                "give the trust domain explicitly",
+            )
+        try:
+            bundle = TrustBundle.from_pem(td, pem)
+        except BundleError as exc:
+            raise CaClientError("bad-credentials", f"--ca-root-cert {root_cert}: {exc}") from None
+        creds = cls(Path(token_path), TrustBundleSet.of(bundle), td)
+        creds.read_token()
+        return creds
+
+    def read_token(self) -> str:
+        try:
+            token = self.token_path.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CaClientError(
+                "bad-credentials", f"service-account token {self.token_path} unreadable: {exc}"
+            ) from None
+        if not token or any(c.isspace() for c in token):
+            raise CaClientError(
+                "bad-credentials", f"service-account token {self.token_path} is empty or not one token"
+            )
+        return token
+
+    def expiry(self) -> dt.datetime | None:
+        """The token's ``exp`` as it claims it (unverified: the CA's TokenReview decides; this
+        is for status and metrics only), None when unreadable."""
+        try:
+            claims = jwt.decode(self.read_token(), options={"verify_signature": False})
+            return dt.datetime.fromtimestamp(int(claims["exp"]), dt.UTC)
+        except (CaClientError, jwt.PyJWTError, KeyError, TypeError, ValueError):
+            return None
+
+
+class _TokenCollector(Collector):
+    def __init__(self, client: TokenCaClient) -> None:
+        self._client = client
+
+    def collect(self) -> Any:
+        expiry = GaugeMetricFamily(
+            "ztagent_node_credential_expiry_timestamp_seconds",
+            "NotAfter of the node's credentials for the CA (token: the service-account token's exp)",
+            labels=["credential"],
+        )
+        valid = GaugeMetricFamily(
+            "ztagent_node_credential_valid",
+            "1 if the node credential is valid now, else 0 (expired or not yet valid)",
+            labels=["credential"],
+        )
+        exp = self._client.token.expiry()
+        if exp is not None:
+            expiry.add_metric([TOKEN], exp.timestamp())
+        valid.add_metric([TOKEN], 1.0 if exp is not None and exp > self._client._clock() else 0.0)
+        return [expiry, valid]
+
+
+class TokenCaClient(CaClient):
+    """The CA client in Kubernetes mode: TLS verifying the CA by ``--ca-root-cert``, no client
+    certificate, and the projected token in the ``authorization`` metadata of every call, as
+    istio-agent sends it (``Bearer <token>``). There is no node identity to renew."""
+
+    def __init__(
+        self,
+        address: str,
+        token: TokenCredentials,
+        *,
+        timeout: float = 10.0,
+        clock: Clock = utc_now,
+        impersonate: bool = True,
+        server_name: str = CA_SERVER_NAME,
+    ) -> None:
+        _check_address(address)
+        self.address = address
+        self.token = token
+        self.timeout = timeout
+        self._clock = clock
+        self._impersonate = impersonate
+        self._server_name = server_name
+        self._channel = None
+        self._channel_cred = None
+        self._in_use = TOKEN
+        self._draining = {}
+
+    def bundles(self) -> TrustBundleSet:
+        return self.token.bundles
+
+    @property
+    def node_identity(self) -> SpiffeId | None:
+        return None
+
+    def _call_metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", BEARER + self.token.read_token())]
+
+    def _get_channel(self) -> tuple[UnaryChannel, NoValidNodeCredential | None]:
+        if self._channel is None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+            ctx.load_verify_locations(cadata=self.token.bundles.all_roots_pem().decode("ascii"))
+            ctx.set_alpn_protocols([ALPN_H2])
+            self._channel = UnaryChannel(self.address, ctx, self._server_name)
+        return self._channel, None
+
+    def node_credential_status(self) -> NodeCredentialStatus:
+        exp = self.token.expiry()
+        end = exp or dt.datetime.max.replace(tzinfo=dt.UTC)
+        if exp is None:
+            problem = (
+                f"{causes.describe(causes.OTHER)}: service-account token {self.token.token_path} unreadable"
+            )
+            return NodeCredentialStatus(None, end, None, problem, causes.OTHER)
+        if exp <= self._clock():
+            reason = causes.NODE_CREDENTIAL_EXPIRED
+            problem = (
+                f"{causes.describe(reason)}: service-account token {self.token.token_path} expired at "
+                f"{exp.isoformat()} (the kubelet rotates it: is the projected volume mounted?)"
+            )
+            return NodeCredentialStatus(None, end, None, problem, reason)
+        return NodeCredentialStatus(TOKEN, end, None, "", "")
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        registry.register(_TokenCollector(self))
+
+    def set_node_credential(self, cred: WorkloadCredential, *, persist: bool = True) -> None:
+        raise ValueError("a token-authenticated CA client has no node credential to renew")
+
+    def on_rotate(self, spiffe_id: SpiffeId, cred: WorkloadCredential | None) -> None:
+        return None
+
+    def _error(
+        self, exc: GrpcError, kind: str, spiffe_id: SpiffeId, problem: NoValidNodeCredential | None
+    ) -> CaClientError:
+        what = f"{exc.code.name}: {exc.details}"
+        if kind == "unreachable" and exc.transport != CLOSED_BEFORE_HTTP2:
+            msg = (
+                f"{causes.describe(causes.CA_UNREACHABLE)}: no answer from the CA at {self.address} "
+                f"for {spiffe_id}: {what}"
+            )
+            return CaClientError(kind, msg, spiffe_id, reason=causes.CA_UNREACHABLE)
+        msg = (
+            f"{causes.describe(causes.CA_REFUSED)}: the CA at {self.address} refused {spiffe_id} "
+            f"(service-account token {self.token.token_path}): {what}"
+        )
+        return CaClientError(kind, msg, spiffe_id, reason=causes.CA_REFUSED)

@@ -25,6 +25,7 @@ import math
 import ssl
 import struct
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import h2.config
@@ -270,7 +271,9 @@ class _Connection(asyncio.Protocol):
         self.calls.pop(stream_id, None)
         self._flush()
 
-    def start(self, path: str, message: bytes, timeout: float) -> tuple[int, asyncio.Future[bytes]]:
+    def start(
+        self, path: str, message: bytes, timeout: float, metadata: Sequence[tuple[str, str]] = ()
+    ) -> tuple[int, asyncio.Future[bytes]]:
         if not self.usable or self.transport is None:
             if not self.heard:
                 raise GrpcError(Status.UNAVAILABLE, CLOSED_BEFORE_HTTP2_TEXT, transport=CLOSED_BEFORE_HTTP2)
@@ -285,6 +288,9 @@ class _Connection(asyncio.Protocol):
             ("te", "trailers"),
             ("grpc-timeout", grpc_timeout(timeout)),
             ("user-agent", "ztagent-grpc-unary"),
+            # Custom metadata are plain lowercase headers (PROTOCOL-HTTP2.md "Custom-Metadata"),
+            # e.g. ("authorization", "Bearer <token>") as istio-agent sends its token.
+            *((k.lower(), v) for k, v in metadata),
         ]
         call = _Call(asyncio.get_running_loop().create_future())
         self.calls[sid] = call
@@ -384,13 +390,16 @@ class UnaryChannel:
         self._conn = proto
         return proto
 
-    async def call(self, path: str, request: bytes, *, timeout: float) -> bytes:
-        """Send one request message and return the response message, or raise GrpcError."""
+    async def call(
+        self, path: str, request: bytes, *, timeout: float, metadata: Sequence[tuple[str, str]] = ()
+    ) -> bytes:
+        """Send one request message (with ``metadata`` as request headers) and return the
+        response message, or raise GrpcError."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         conn = await self._connection(timeout)
         remaining = max(0.001, deadline - loop.time())
-        sid, future = conn.start(path, request, remaining)
+        sid, future = conn.start(path, request, remaining, metadata)
         try:
             return await asyncio.wait_for(future, remaining)
         except TimeoutError:

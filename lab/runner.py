@@ -52,6 +52,7 @@ class UpOptions:
     ready_timeout: float = 90.0
     log_level: str = "info"
     extra_agent_args: tuple[str, ...] = ()
+    cni: str | None = None  # "ptp" | "bridge": pods made by the real CNI plugins (lab/cni.py)
 
 
 def ztagent_argv() -> list[str]:
@@ -146,10 +147,25 @@ def up(opts: UpOptions) -> LabState:
 
     cfg = load_config(opts.config)  # ConfigError names file, document and field
     spec = LabSpec.from_config(opts.name, cfg)
-    state = build(spec, opts.root, config=os.path.abspath(opts.config))
+    if opts.cni is not None and not opts.agents:
+        raise LabError("--cni needs the agents: the CNI plugin holds every pod back until one enrolls it")
+    # With --cni the topology has nodes only; the runtime makes the pods once the agents serve.
+    state = build(spec if opts.cni is None else LabSpec(spec.name, spec.nodes, ()), opts.root,
+                  config=os.path.abspath(opts.config))
     try:
+        if opts.cni is not None:
+            from lab import cni
+
+            for node in spec.nodes:
+                info = state.nodes[node.name]
+                info["cni"] = cni.prepare_node(state.dir, node.name, str(info["netns"]), opts.cni,
+                                               node.pod_cidr)
+            state.save()
         if opts.agents:
             _start_processes(state, cfg, opts)
+        if opts.cni is not None:
+            for pod in spec.pods:
+                cni.add_pod(state, pod)
     except BaseException:
         teardown(state)
         raise
@@ -181,6 +197,8 @@ def _start_processes(state: LabState, cfg: Any, opts: UpOptions) -> None:
         argv = ["nsenter", f"--net=/run/netns/{info['netns']}", *zt, "run", "--config", config,
                 "--node", node, "--ca", f"unix:{sock}", "--node-credentials", creds[node],
                 "--log-level", opts.log_level, *opts.extra_agent_args]
+        if info.get("cni"):
+            argv += ["--cni-socket", str(info["cni"]["socket"])]
         proc = _spawn(state, f"agent-{node}", argv, env={PIN_ROOT_ENV: pins})
         agents.append((f"agent {node}", proc, state.processes[-1].log))
     watched = [("ca", ca, state.processes[0].log), *agents]
@@ -188,6 +206,37 @@ def _start_processes(state: LabState, cfg: Any, opts: UpOptions) -> None:
         ns, addr = str(info["netns"]), str(info["address"])
         _wait(lambda: _ready(ns, addr), opts.ready_timeout,  # noqa: B023 (called before the next loop)
               f"agent on {node} to be ready (/healthz/ready on {addr}:{READY_PORT})", watched)
+    _start_waypoints(state, cfg, opts, zt, config, ca_dir, watched)
+
+
+def waypoint_pod(state: LabState, wp: Any) -> tuple[str, str]:
+    """(pod ref, address) of the lab pod a waypoint runs in: the pod that owns one of the
+    Gateway's addresses (declare it as a workload, ``enrolled: false``, as Istio's waypoint pod
+    is not captured). A waypoint without one cannot run in the lab: say so."""
+    for ref, info in state.pods.items():
+        for a in wp.addresses:
+            if str(a) in info["ips"]:
+                return ref, str(a)
+    raise LabError(f"waypoint {wp.key}: none of its addresses ({', '.join(map(str, wp.addresses))}) is a "
+                   "pod of the lab; declare a workload with that IP (enrolled: false) for it to run in")
+
+
+def _start_waypoints(state: LabState, cfg: Any, opts: UpOptions, zt: list[str], config: str, ca_dir: str,
+                     watched: list[tuple[str, subprocess.Popen[bytes], str | None]]) -> None:  # fmt: skip
+    """One `ztagent waypoint` per Gateway, in its pod's namespace, with a certificate for its
+    identity issued from the lab CA's files (12 h: a lab's lifetime; no rotation yet)."""
+    for wp in getattr(cfg, "waypoints", ()):
+        ref, addr = waypoint_pod(state, wp)
+        creds = os.path.join(state.dir, "waypoints", f"{wp.namespace}-{wp.name}")
+        _run_step([*zt, "ca", "issue", "--dir", ca_dir, "--id", str(wp.spiffe_id), "--ttl", "12h",
+                   "--out", creds], f"ca issue {wp.spiffe_id}")  # fmt: skip
+        ns = str(state.pods[ref]["netns"])
+        argv = ["ip", "netns", "exec", ns, *zt, "waypoint", "--config", config, "--name", wp.key,
+                "--credentials", creds, "--log-level", opts.log_level]  # fmt: skip
+        proc = _spawn(state, f"waypoint-{wp.namespace}-{wp.name}", argv)
+        watched.append((f"waypoint {wp.key}", proc, state.processes[-1].log))
+        _wait(lambda: _ready(ns, addr), opts.ready_timeout,  # noqa: B023 (called before the next loop)
+              f"waypoint {wp.key} to be ready (/healthz/ready on {addr}:{READY_PORT})", watched)
 
 
 def restart_agent(state: LabState, node: str, ready_timeout: float = 90.0) -> int:
@@ -244,6 +293,11 @@ def describe(state: LabState, cfg: Any | None = None) -> str:
         mode = "" if ref not in enrolled else "enrolled" if enrolled[ref] else "not enrolled"
         lines.append(f"  pod  {ref:<24} {','.join(info['ips']):<15} on {info['node']:<8} {mode}")
     if cfg is not None:
+        for wp in getattr(cfg, "waypoints", ()):
+            proc = next((p for p in state.processes if p.role == f"waypoint-{wp.namespace}-{wp.name}"), None)
+            where = f"pid {proc.pid}" if proc else "not started"
+            addrs = ",".join(map(str, wp.addresses))
+            lines.append(f"  waypoint {wp.key:<20} {addrs:<15} {wp.spiffe_id}  {where}")
         for svc in cfg.services:
             ports = ",".join(str(p.port) for p in svc.ports)
             vips = ",".join(map(str, svc.vips))

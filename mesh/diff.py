@@ -93,6 +93,7 @@ def apply_changes(
         parsed_policies=parsed,
         policy_errors=errors,
         waypoints=_typed(objs[Kind.WAYPOINT].values(), Waypoint),
+        namespace_labels=settings.namespace_labels,
     )
 
 

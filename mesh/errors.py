@@ -55,14 +55,11 @@ class ConfigError(Exception):
         return str(self.args[0])
 
 
-class ChangeRefused(ConfigError, KeyError):
+class ChangeRefused(ConfigError):
     """A change (or a whole snapshot) the store cannot apply: it would break an invariant (an IP
     owned twice, a workload on an unknown node, this agent's node removed). The store is left
     exactly as it was.
 
     Each issue names the source (``file``), the object kind (``kind``, e.g. ``Workload``), and
     the field (``path``, prefixed by the object's key: ``ns1/web.ips[0]``).
-
-    ``KeyError`` is a base only for the transition: today's agent catches ``KeyError`` for "the
-    store refused this config"; drop it once the agent catches :class:`ChangeRefused`.
     """

@@ -25,6 +25,14 @@ POLICY_API_VERSIONS: Final = ("security.istio.io/v1", "security.istio.io/v1beta1
 POLICY_KINDS: Final = ("AuthorizationPolicy", "PeerAuthentication", "RequestAuthentication")
 DEFAULT_ROOT_NAMESPACE: Final = "istio-system"
 HBONE_PORT: Final = 15008
+# Istio's waypoint binding (Gateway API + labels), read verbatim.
+GATEWAY_API_VERSIONS: Final = ("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1")
+WAYPOINT_GATEWAY_CLASS: Final = "istio-waypoint"
+USE_WAYPOINT_LABEL: Final = "istio.io/use-waypoint"
+USE_WAYPOINT_NAMESPACE_LABEL: Final = "istio.io/use-waypoint-namespace"
+WAYPOINT_FOR_LABEL: Final = "istio.io/waypoint-for"
+USE_WAYPOINT_NONE: Final = "none"  # opts a service or workload out of its namespace's waypoint
+_NO_LABELS: Final[Mapping[str, str]] = MappingProxyType({})
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -51,10 +59,13 @@ class Kind(enum.Enum):
 
 @dataclass(frozen=True)
 class MeshSettings:
-    """The mesh-wide values (one per mesh; its key is ``""``)."""
+    """The mesh-wide values (one per mesh; its key is ``""``). ``namespace_labels`` are the
+    labels of the Kubernetes ``Namespace`` documents in the config (``istio.io/use-waypoint``);
+    a namespace without a document has none."""
 
     trust_domain: TrustDomain
     root_namespace: str = DEFAULT_ROOT_NAMESPACE
+    namespace_labels: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def key(self) -> str:
@@ -105,6 +116,8 @@ class Service:
     vips: tuple[IPAddress, ...]
     ports: tuple[ServicePort, ...]
     selector: Mapping[str, str]
+    # The Service's own labels (istio.io/use-waypoint).
+    labels: Mapping[str, str] = field(default_factory=lambda: _NO_LABELS)
 
     @property
     def key(self) -> str:
@@ -135,7 +148,8 @@ class WaypointFor(enum.Enum):
 class Waypoint:
     """An L7 proxy that traffic to bound services/workloads must go through (Istio ambient's
     waypoint Gateway). Parsed from the MeshConfig's ``waypoints:`` list; the routing that binds
-    workloads and services to it (``istio.io/use-waypoint``) is the waypoint issue's."""
+    workloads and services to it is ``istio.io/use-waypoint`` (mesh/store.py ``waypoint_for``).
+    Also read from a Gateway API ``Gateway`` of class ``istio-waypoint`` (mesh/parse.py)."""
 
     name: str
     namespace: str
@@ -235,10 +249,11 @@ class Snapshot:
     # e.g. a new DENY: serving the poisoned policy is the safer reading (DESIGN.md §5).
     policy_errors: tuple[ConfigIssue, ...] = field(default=(), compare=False)
     waypoints: tuple[Waypoint, ...] = ()
+    namespace_labels: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def settings(self) -> MeshSettings:
-        return MeshSettings(self.trust_domain, self.root_namespace)
+        return MeshSettings(self.trust_domain, self.root_namespace, self.namespace_labels)
 
     def node(self, name: str) -> Node | None:
         for n in self.nodes:

@@ -24,15 +24,18 @@ from types import MappingProxyType
 from typing import Any
 
 from identity.spiffe import SpiffeId, SpiffeIdError, TrustDomain
-from mesh import names
+from kube import names
 from mesh.errors import ConfigError, ConfigIssue
 from mesh.model import (
     API_VERSION,
     DEFAULT_ROOT_NAMESPACE,
+    GATEWAY_API_VERSIONS,
     HBONE_PORT,
     MESH_KIND,
     POLICY_API_VERSIONS,
     POLICY_KINDS,
+    WAYPOINT_FOR_LABEL,
+    WAYPOINT_GATEWAY_CLASS,
     IPAddress,
     IPNetwork,
     Node,
@@ -48,7 +51,7 @@ from mesh.model import (
 )
 from mesh.yamlstrict import YamlSyntaxError, load_documents
 from policy import parse_policies
-from policy.parse import join_path, type_name
+from policy.parse import NO_NAMESPACE_HINT, join_path, type_name
 
 # A policy parser takes the envelope-checked documents and returns (parsed, issues), where the
 # issues are spec errors of policies that ``parsed`` still enforces fail-closed (they become
@@ -125,7 +128,7 @@ def _ns_required(ctx: _Ctx) -> set[str]:
 
 def _namespace_or_default(ctx: _Ctx, path: str, m: Mapping[str, Any]) -> str | None:
     # The field is required unless the caller gave a default (as ``kubectl -n`` does).
-    if "namespace" not in m and ctx.default_namespace is not None:
+    if m.get("namespace") in (None, "") and ctx.default_namespace is not None:
         return ctx.default_namespace
     return _namespace(ctx, join_path(path, "namespace"), m.get("namespace"))
 
@@ -323,7 +326,7 @@ def _parse_services(ctx: _Ctx, raw: Any, ip_owner: dict[IPAddress, str]) -> list
             p,
             item,
             required={"name", "vips", "ports"} | _ns_required(ctx),
-            optional={"selector", "namespace"},
+            optional={"selector", "namespace", "labels"},
         )
         if m is None:
             continue
@@ -331,6 +334,7 @@ def _parse_services(ctx: _Ctx, raw: Any, ip_owner: dict[IPAddress, str]) -> list
         name = _str(ctx, join_path(p, "name"), m["name"], names.SERVICE_NAME)
         ns = _namespace_or_default(ctx, p, m)
         selector = _labels(ctx, join_path(p, "selector"), m.get("selector"))
+        svc_labels = _labels(ctx, join_path(p, "labels"), m.get("labels"))
         vips: list[IPAddress] = []
         raw_vips = _list(ctx, join_path(p, "vips"), m["vips"], allow_missing=False)
         if isinstance(m["vips"], list) and not raw_vips:
@@ -380,12 +384,15 @@ def _parse_services(ctx: _Ctx, raw: Any, ip_owner: dict[IPAddress, str]) -> list
             ports.append(ServicePort(port=port, target_port=target, name=pname, protocol="TCP"))
         if len(ctx.issues) != n_issues or name is None or ns is None or selector is None:
             continue
+        if svc_labels is None:
+            continue
         key = f"{ns}/{name}"
         if key in keys:
             ctx.err(join_path(p, "name"), f"duplicate service {key} (also {keys[key]})")
             continue
         keys[key] = p
-        out.append(Service(name=name, namespace=ns, vips=tuple(vips), ports=tuple(ports), selector=selector))
+        out.append(Service(name=name, namespace=ns, vips=tuple(vips), ports=tuple(ports), selector=selector,
+                           labels=svc_labels))  # fmt: skip
     return out
 
 
@@ -415,11 +422,18 @@ def _policy_doc(ctx: _Ctx, path: str, raw: Any, document: int) -> PolicyDocument
         ok = False
     else:
         name = _name(ctx, join_path(path, "metadata.name"), meta.get("name"))
-        ns = _namespace_or_default(ctx, join_path(path, "metadata"), meta)
+        if meta.get("namespace") in (None, "") and ctx.default_namespace is None:
+            # The policy package's own words, so lint, the CLI and the loader say the same thing.
+            ctx.err(join_path(path, "metadata.namespace"),
+                    f"{NO_NAMESPACE_HINT} (or defaultNamespace in the MeshConfig); the config is "
+                    "refused until then")  # fmt: skip
+            ok = False
+        else:
+            ns = _namespace_or_default(ctx, join_path(path, "metadata"), meta)
     if not ok or name is None or ns is None:
         return None
     assert isinstance(kind, str) and isinstance(api, str) and isinstance(meta, dict)
-    if "namespace" not in meta:
+    if meta.get("namespace") in (None, ""):
         # Defaulted: the document is stored with its namespace, as ``kubectl apply -n`` stores
         # it, so the policy parser sees the namespace the envelope check resolved.
         raw = {**raw, "metadata": {**meta, "namespace": ns}}
@@ -497,6 +511,104 @@ def _parse_waypoints(ctx: _Ctx, raw: Any, td: TrustDomain | None) -> list[Waypoi
     return out
 
 
+def _parse_gateway(ctx: _Ctx, doc: dict[str, Any], td: TrustDomain | None) -> Waypoint | None:
+    """A Gateway API ``Gateway`` of class ``istio-waypoint``, verbatim: the Istio way to declare
+    a waypoint. Istio's controller would give it a Service address; a config file has no
+    controller, so ``spec.addresses`` (Gateway API's own field, ``type: IPAddress``) must say
+    where its HBONE listener is. The service account is the Gateway's name (Istio's waypoint
+    Deployment); ``istio.io/waypoint-for`` selects the traffic (default service)."""
+    m = _mapping(ctx, "", doc, required={"apiVersion", "kind", "metadata", "spec"}, optional={"status"})
+    if m is None:
+        return None
+    n_issues = len(ctx.issues)
+    if m["apiVersion"] not in GATEWAY_API_VERSIONS:
+        ctx.err("apiVersion", f"unsupported apiVersion {m['apiVersion']!r} (expected "
+                              f"{' or '.join(GATEWAY_API_VERSIONS)})")  # fmt: skip
+    meta = _mapping(ctx, "metadata", m["metadata"], required={"name"},
+                    optional={"namespace", "labels", "annotations"})  # fmt: skip
+    spec = _mapping(ctx, "spec", m["spec"], required={"gatewayClassName", "addresses"},
+                    optional={"listeners", "infrastructure"})  # fmt: skip
+    if meta is None or spec is None:
+        return None
+    name = _name(ctx, "metadata.name", meta["name"])
+    ns = _namespace_or_default(ctx, "metadata", meta)
+    labels = _labels(ctx, "metadata.labels", meta.get("labels"))
+    if spec["gatewayClassName"] != WAYPOINT_GATEWAY_CLASS:
+        ctx.err("spec.gatewayClassName", f"only {WAYPOINT_GATEWAY_CLASS!r} Gateways (waypoints) are "
+                                         f"supported, got {spec['gatewayClassName']!r}")  # fmt: skip
+    port = HBONE_PORT
+    for j, raw in enumerate(_list(ctx, "spec.listeners", spec.get("listeners"))):
+        lp = f"spec.listeners[{j}]"
+        lm = _mapping(ctx, lp, raw, required={"name", "port", "protocol"}, optional={"allowedRoutes"})
+        if lm is None:
+            continue
+        lport = _port(ctx, join_path(lp, "port"), lm["port"])
+        if lm["protocol"] != "HBONE":
+            ctx.err(join_path(lp, "protocol"), f"a waypoint listens with HBONE, got {lm['protocol']!r}")
+        elif lport is not None:
+            port = lport
+    addrs: list[IPAddress] = []
+    raw_addrs = _list(ctx, "spec.addresses", spec["addresses"], allow_missing=False)
+    if isinstance(spec["addresses"], list) and not raw_addrs:
+        ctx.err("spec.addresses", "a waypoint needs at least one address")
+    for j, ra in enumerate(raw_addrs):
+        ap = f"spec.addresses[{j}]"
+        am = _mapping(ctx, ap, ra, required={"value"}, optional={"type"})
+        if am is None:
+            continue
+        if am.get("type", "IPAddress") != "IPAddress":
+            ctx.err(join_path(ap, "type"), f"only IPAddress addresses are supported, got {am['type']!r}")
+            continue
+        a = _ip(ctx, join_path(ap, "value"), am["value"])
+        if a is not None:
+            addrs.append(a)
+    traffic_for = (labels or {}).get(WAYPOINT_FOR_LABEL, WaypointFor.SERVICE.value)
+    allowed_for = [f.value for f in WaypointFor]
+    if traffic_for not in allowed_for:
+        ctx.err(f"metadata.labels.{WAYPOINT_FOR_LABEL}",
+                f"expected one of {', '.join(allowed_for)}, got {traffic_for!r}")  # fmt: skip
+    if len(ctx.issues) != n_issues or name is None or ns is None or labels is None or td is None:
+        return None
+    try:
+        sid = SpiffeId.for_workload(td, ns, name)
+    except SpiffeIdError as exc:
+        ctx.err("metadata.name", f"cannot form a SPIFFE ID: {exc}")
+        return None
+    return Waypoint(name=name, namespace=ns, service_account=name, addresses=tuple(addrs), spiffe_id=sid,
+                    hbone_port=port, traffic_for=WaypointFor(traffic_for))  # fmt: skip
+
+
+def _parse_namespace(ctx: _Ctx, doc: dict[str, Any]) -> tuple[str, Mapping[str, str]] | None:
+    """A Kubernetes ``v1`` ``Namespace`` document: only its name and labels matter here."""
+    m = _mapping(ctx, "", doc, required={"apiVersion", "kind", "metadata"}, optional={"spec", "status"})
+    if m is None:
+        return None
+    if m["apiVersion"] != "v1":
+        ctx.err("apiVersion", f"a Namespace is apiVersion v1, got {m['apiVersion']!r}")
+        return None
+    meta = _mapping(ctx, "metadata", m["metadata"], required={"name"}, optional={"labels", "annotations"})
+    if meta is None:
+        return None
+    name = _namespace(ctx, "metadata.name", meta["name"])
+    labels = _labels(ctx, "metadata.labels", meta.get("labels"))
+    if name is None or labels is None:
+        return None
+    return name, labels
+
+
+def _declared_default_namespace(docs: list[Any], file: str, issues: list[ConfigIssue]) -> str | None:
+    """``defaultNamespace`` of the first MeshConfig document, if it sets a valid one."""
+    for idx, doc in enumerate(docs):
+        if isinstance(doc, dict) and doc.get("kind") == MESH_KIND and "defaultNamespace" in doc:
+            value = doc["defaultNamespace"]
+            problem = names.NAMESPACE.check(value) if isinstance(value, str) else "expected a string"
+            if problem is not None:
+                issues.append(ConfigIssue(file, idx, MESH_KIND, "defaultNamespace", f"{value!r}: {problem}"))
+                return None
+            return str(value)
+    return None
+
+
 def parse_config(
     text: str,
     *,
@@ -522,8 +634,13 @@ def parse_config(
     except YamlSyntaxError as exc:
         raise ConfigError([ConfigIssue(file, exc.document, None, "", f"invalid YAML: {exc}")]) from None
 
+    if default_namespace is None:
+        # The MeshConfig's own default (an explicit -n wins, as kubectl's does over a context).
+        default_namespace = _declared_default_namespace(docs, file, issues)
     mesh_docs: list[tuple[int, dict[str, Any]]] = []
     policy_docs: list[PolicyDocument] = []
+    gateway_docs: list[tuple[int, dict[str, Any]]] = []
+    namespace_labels: dict[str, Mapping[str, str]] = {}
     for idx, doc in enumerate(docs):
         if doc is None:
             continue  # empty document (e.g. a trailing '---'): harmless
@@ -533,6 +650,14 @@ def parse_config(
             ctx.err("", f"expected a mapping, got {type_name(doc)}")
         elif kind == MESH_KIND:
             mesh_docs.append((idx, doc))
+        elif kind == "Gateway":
+            gateway_docs.append((idx, doc))  # needs the trust domain: parsed below
+        elif kind == "Namespace":
+            got = _parse_namespace(ctx, doc)
+            if got is not None:
+                if got[0] in namespace_labels:
+                    ctx.err("metadata.name", f"duplicate Namespace {got[0]}")
+                namespace_labels[got[0]] = got[1]
         elif kind is None:
             ctx.err("kind", "required field is missing")
         else:
@@ -561,7 +686,8 @@ def parse_config(
         "",
         doc,
         required={"apiVersion", "kind", "trustDomain"},
-        optional={"rootNamespace", "nodes", "workloads", "services", "waypoints", "policies"},
+        optional={"rootNamespace", "defaultNamespace", "nodes", "workloads", "services", "waypoints",
+                  "policies"},
     )
     if m is None:
         raise ConfigError(issues)
@@ -581,6 +707,15 @@ def parse_config(
     workloads = _parse_workloads(ctx, m.get("workloads"), td, {n.name: n for n in nodes}, ip_owner)
     services = _parse_services(ctx, m.get("services"), ip_owner)
     waypoints = _parse_waypoints(ctx, m.get("waypoints"), td)
+    wp_keys = {w.key for w in waypoints}
+    for gidx, gdoc in gateway_docs:
+        gw = _parse_gateway(_Ctx(file, gidx, "Gateway", issues, default_namespace), gdoc, td)
+        if gw is not None:
+            if gw.key in wp_keys:
+                _Ctx(file, gidx, "Gateway", issues).err("metadata.name", f"duplicate waypoint {gw.key}")
+                continue
+            wp_keys.add(gw.key)
+            waypoints.append(gw)
     for j, raw in enumerate(_list(ctx, "policies", m.get("policies"))):
         pd = _policy_doc(ctx, f"policies[{j}]", raw, idx)
         if pd is not None:
@@ -617,6 +752,7 @@ def parse_config(
         parsed_policies=parsed,
         policy_errors=tuple(policy_issues),
         waypoints=tuple(waypoints),
+        namespace_labels=MappingProxyType(namespace_labels),
     )
 
 

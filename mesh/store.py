@@ -33,8 +33,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kube.names import NAMESPACE
 from mesh.errors import ChangeRefused, ConfigIssue
 from mesh.model import (
+    USE_WAYPOINT_LABEL,
+    USE_WAYPOINT_NAMESPACE_LABEL,
+    USE_WAYPOINT_NONE,
     Delete,
     IPAddress,
     Kind,
@@ -48,11 +52,11 @@ from mesh.model import (
     Snapshot,
     Upsert,
     Waypoint,
+    WaypointFor,
     Workload,
     kind_of,
     parse_ip,
 )
-from mesh.names import NAMESPACE
 from mesh.parse import PolicyParser, default_policy_parser
 from policy import PolicyIndex, PolicySet
 
@@ -83,6 +87,25 @@ class DestinationKind(enum.Enum):
 
 
 @dataclass(frozen=True)
+class MissingWaypoint:
+    """A ``istio.io/use-waypoint`` label names a waypoint the mesh does not have."""
+
+    namespace: str
+    name: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def _use_waypoint(labels: Mapping[str, str], namespace: str) -> tuple[str, str] | None:
+    name = labels.get(USE_WAYPOINT_LABEL)
+    if name is None:
+        return None
+    return labels.get(USE_WAYPOINT_NAMESPACE_LABEL, namespace), name
+
+
+@dataclass(frozen=True)
 class Route:
     """Where an outbound connection goes, decided from its original destination."""
 
@@ -92,7 +115,7 @@ class Route:
     node: Node | None = None  # destination workload's node (HBONE goes to its agent)
     service: Service | None = None
     service_port: ServicePort | None = None
-    waypoint: Any = None  # seam: set when traffic must go through a waypoint (later issue)
+    waypoint: Waypoint | MissingWaypoint | None = None  # traffic must go through this waypoint
 
 
 @dataclass(frozen=True)
@@ -277,6 +300,10 @@ class WorkloadStore:
                     self._by_vip[(vip, p.port)] = (s, p)
         self._waypoints: dict[str, Waypoint] = {w.key: w for w in config.waypoints}
         self._policies: dict[str, PolicyDocument] = {p.key: p for p in config.policies}
+        self._good_policies: dict[str, PolicyDocument] = {
+            k: d for k, d in self._policies.items() if not self._policy_issues(d)
+        }
+        self._stale: dict[str, tuple[ConfigIssue, ...]] = {}
         # Sorted views, rebuilt on the first query after a change to what they cover.
         self._endpoints_view: dict[str, tuple[Workload, ...]] = {}
         self._services_of_view: dict[str, tuple[Service, ...]] = {}
@@ -319,6 +346,7 @@ class WorkloadStore:
                 parsed_policies=self._parsed_policies,
                 policy_errors=self._policy_errors,
                 waypoints=tuple(self._waypoints.values()),
+                namespace_labels=self._settings.namespace_labels,
             )
         return self._snapshot
 
@@ -454,13 +482,36 @@ class WorkloadStore:
 
     # -- routing ------------------------------------------------------------------------------
 
-    def waypoint_for(self, workload: Workload | None, service: Service | None) -> Any:
-        """Seam for the waypoint issue: the waypoint that must see this traffic, or None.
+    def waypoint_for(
+        self, workload: Workload | None, service: Service | None
+    ) -> Waypoint | MissingWaypoint | None:
+        """The waypoint that must see traffic to ``service`` (a VIP) or, when ``service`` is
+        None, to ``workload`` addressed by its own IP; None when the traffic goes direct.
 
-        Waypoints are in the model (``waypoints:``) but not yet bound to workloads or services
-        (``istio.io/use-waypoint``): until that lands, no traffic goes through one.
+        Istio's binding: the ``istio.io/use-waypoint`` label on the addressed object (the
+        Service for service traffic, the pod for pod-IP traffic) wins over its namespace's; the
+        value ``none`` opts the object out of its namespace's waypoint;
+        ``istio.io/use-waypoint-namespace`` names the waypoint's namespace (default: the
+        object's). A waypoint is only used for the traffic its ``istio.io/waypoint-for`` takes
+        (service, workload, all; none takes nothing). A label naming a waypoint that does not
+        exist yields :class:`MissingWaypoint`: the caller must refuse, since going direct would
+        skip the L7 policy someone asked for (fail closed; istiod would leave it unbound).
         """
-        return None
+        if service is not None:
+            labels, ns, wanted = service.labels, service.namespace, (WaypointFor.SERVICE, WaypointFor.ALL)
+        elif workload is not None:
+            labels, ns, wanted = workload.labels, workload.namespace, (WaypointFor.WORKLOAD, WaypointFor.ALL)
+        else:
+            return None
+        ref = _use_waypoint(labels, ns)
+        if ref is None:
+            ref = _use_waypoint(self._settings.namespace_labels.get(ns, {}), ns)
+        if ref is None or ref[1] == USE_WAYPOINT_NONE:
+            return None
+        wp = self._waypoints.get(f"{ref[0]}/{ref[1]}")
+        if wp is None:
+            return MissingWaypoint(ref[0], ref[1])
+        return wp if wp.traffic_for in wanted else None
 
     def route(
         self,
@@ -540,8 +591,18 @@ class WorkloadStore:
                 pending[(ch.kind, ch.key)] = _Pending(None, True, i)
             else:
                 raise TypeError(f"not a MeshChange: {ch!r}")
-        # A source may resend an object unchanged (a Kubernetes resync does): nothing to do.
+        # A source may resend an object unchanged (a Kubernetes resync does): nothing to do. A
+        # policy sent again exactly as its good version in force ends that policy's refusal.
+        recovered = {
+            key
+            for (kind, key), p in pending.items()
+            if kind is Kind.POLICY
+            and key in self._stale
+            and not p.deleted
+            and p.obj == self._stored(kind, key)
+        }
         pending = {k: p for k, p in pending.items() if p.deleted or p.obj != self._stored(*k)}
+        stale = self._keep_last_good(pending)
         issues.extend(self._check(pending, src))
         new_index: PolicyIndex | None = None
         parsed, errors = self._parsed_policies, self._policy_errors
@@ -557,6 +618,9 @@ class WorkloadStore:
         if issues:
             raise ChangeRefused(issues)
         result = self._commit(pending)
+        self._commit_last_good(pending, stale)
+        for key in recovered:
+            self._stale.pop(key, None)
         if new_index is not None:
             self.policy_index, self._parsed_policies, self._policy_errors = new_index, parsed, errors
         self._source = src
@@ -564,6 +628,65 @@ class WorkloadStore:
             self._digest = digest
         self._snapshot = None
         return result
+
+    # -- last good version, per policy ---------------------------------------------------------
+    # One typo in one policy must not be an outage: a new version of a policy that fails to
+    # parse is not applied when the store holds a good version of it; the good one stays in
+    # force and the refusal is reported (``stale_policies``). Only a policy that never had a good
+    # version goes in poisoned, enforced fail-closed. The same rule serves a Kubernetes watch,
+    # where policies change one object at a time.
+
+    def _policy_issues(self, doc: PolicyDocument) -> tuple[ConfigIssue, ...]:
+        _parsed, issues = self._policy_parser([doc])
+        return tuple(issues)
+
+    def _keep_last_good(
+        self, pending: dict[tuple[Kind, str], _Pending]
+    ) -> dict[str, tuple[ConfigIssue, ...] | None]:
+        """Swap refused new versions of good policies back to their good version, in place.
+        Returns, per touched policy key, its refusal (kept last good) or None (good/deleted)."""
+        verdicts: dict[str, tuple[ConfigIssue, ...] | None] = {}
+        for (kind, key), p in list(pending.items()):
+            if kind is not Kind.POLICY:
+                continue
+            if not isinstance(p.obj, PolicyDocument):
+                verdicts[key] = None
+                continue
+            issues = self._policy_issues(p.obj)
+            good = self._good_policies.get(key)
+            if issues and good is not None:
+                verdicts[key] = issues
+                if good == self._policies.get(key):
+                    del pending[(kind, key)]  # nothing changes: the good version is in force
+                else:
+                    pending[(kind, key)] = _Pending(good, p.deleted, p.order)
+            else:
+                verdicts[key] = issues or None
+        return verdicts
+
+    def _commit_last_good(
+        self,
+        pending: Mapping[tuple[Kind, str], _Pending],
+        verdicts: Mapping[str, tuple[ConfigIssue, ...] | None],
+    ) -> None:
+        for key, refused in verdicts.items():
+            p = pending.get((Kind.POLICY, key))
+            if refused is not None and key in self._good_policies:
+                self._stale[key] = refused
+                continue
+            self._stale.pop(key, None)
+            if p is None or not isinstance(p.obj, PolicyDocument):
+                self._good_policies.pop(key, None)
+            elif refused is None:
+                self._good_policies[key] = p.obj
+            else:
+                self._good_policies.pop(key, None)  # never good: in force poisoned (fail closed)
+
+    @property
+    def stale_policies(self) -> dict[str, tuple[ConfigIssue, ...]]:
+        """Policies whose latest version was refused (``Kind/ns/name`` -> why); their last good
+        version is in force."""
+        return dict(self._stale)
 
     def _cur(self, pending: Mapping[tuple[Kind, str], _Pending], kind: Kind, key: str) -> MeshObject | None:
         """The object of ``kind``/``key`` as it would be after the batch."""

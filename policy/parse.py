@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, Final, TypeVar
 
+from kube import names
 from policy.model import (
     Action,
     AuthorizationPolicy,
@@ -63,12 +64,12 @@ API_GROUP: Final = "security.istio.io"
 
 # The one message for a document that has no namespace and was given no default. mesh.config and
 # lint use this text too, so the loader, the agent's log and `policy lint` say the same thing.
+# What every loader says of a policy without a namespace and no default (lint, the CLI, the
+# config file), so the message is one; each adds what it does meanwhile.
+NO_NAMESPACE_HINT: Final = "no namespace: set metadata.namespace or pass -n / a default namespace"
 NO_NAMESPACE_MESSAGE: Final = (
-    "no namespace: set metadata.namespace or pass -n / a default namespace "
-    "(until then the policy is enforced mesh-wide, failing closed)"
+    f"{NO_NAMESPACE_HINT} (until then the policy is enforced mesh-wide, failing closed)"
 )
-# RFC 1123 label, as Kubernetes requires of namespace names.
-_DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 KINDS: Final = ("AuthorizationPolicy", "PeerAuthentication", "RequestAuthentication")
 
 _T = TypeVar("_T")
@@ -102,10 +103,6 @@ _REPLACED_KEYS: Final = {
     "destination.user": "is deprecated (only supported in v1alpha1)",
 }
 
-_LABEL_KEY = re.compile(
-    r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
-)
-_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
 
 
 class PolicyParseError(ValueError):
@@ -390,7 +387,7 @@ def _timestamp(ctx: _Ctx, path: str, v: Any) -> datetime | None:
 
 def valid_namespace(ns: str) -> bool:
     """A Kubernetes namespace name: an RFC 1123 label of at most 63 characters."""
-    return len(ns) <= 63 and _DNS1123_LABEL.fullmatch(ns) is not None
+    return names.NAMESPACE.check(ns) is None
 
 
 def _meta(ctx: _Ctx, doc: Mapping[str, Any]) -> Meta:
@@ -476,10 +473,10 @@ def _selector(ctx: _Ctx, path: str, v: Any) -> Selector | None:
         elif "*" in k or "*" in val:
             ctx.err(p, f"wildcard is not supported in selector: {_q(f'{k}={val}')}")
             bad = True
-        elif not _LABEL_KEY.fullmatch(k) or len(k.rsplit("/", 1)[-1]) > 63:
+        elif not names.is_label_key(k):
             ctx.err(p, f"invalid label key {_q(k)}")
             bad = True
-        elif len(val) > 63 or not _LABEL_VALUE.fullmatch(val):
+        elif not names.is_label_value(val):
             ctx.err(p, f"invalid label value {_q(val)}")
             bad = True
         else:

@@ -16,6 +16,7 @@ APT_PACKAGES=(
   nginx-light                                             # 1 KB HTTP responder behind wrk in bench/
   prometheus                                              # real scraper for the metrics test
   containernetworking-plugins                             # real CNI plugins (ptp, bridge, host-local) for cni/
+  kubectl                                                 # real client for tests/kubeapi (v1.32, in the image; Debian's kubernetes-client is 1.20)
   python3-venv
 )
 missing=()

@@ -17,7 +17,8 @@ import json
 import logging
 import re
 import socket
-from collections.abc import Callable
+import urllib.parse
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -57,18 +58,27 @@ class Response:
 
 
 Handler = Callable[[], Response]
+# A POST route gets the query string's parameters (last value wins); the body is not read.
+PostHandler = Callable[[Mapping[str, str]], Response]
 
 
 @dataclass
 class HttpApp:
-    """GET routes: exact path -> handler. Handlers run on the event loop and must not block."""
+    """GET routes: exact path -> handler; and the few POST routes an operator needs (ztunnel's
+    ``POST /logging?level=...``). Handlers run on the event loop and must not block."""
 
     routes: dict[str, Handler] = field(default_factory=dict)
+    post_routes: dict[str, PostHandler] = field(default_factory=dict)
 
     def add_get(self, path: str, handler: Handler) -> None:
         if not path.startswith("/"):
             raise ValueError(f"route {path!r} must start with /")
         self.routes[path] = handler
+
+    def add_post(self, path: str, handler: PostHandler) -> None:
+        if not path.startswith("/"):
+            raise ValueError(f"route {path!r} must start with /")
+        self.post_routes[path] = handler
 
 
 def json_response(data: Any, status: int = 200) -> Response:
@@ -95,13 +105,16 @@ def build_metrics_app(metrics: Renderable, *, before_scrape: Callable[[], None] 
 
 
 def build_readiness_app(ready: Callable[[], tuple[bool, list[str]]]) -> HttpApp:
-    """``/healthz/ready``: 200 when ready, else 503 with the reasons (what is not in place yet)."""
+    """``/healthz/ready``: 200 when ready, else 500 with the reasons (what is not in place yet).
+
+    500, not 503, because ztunnel's readiness server answers 500 while not ready, and probes and
+    scripts written for ztunnel check for it."""
 
     def check() -> Response:
         ok, reasons = ready()
         if ok:
             return Response(b"ready\n")
-        return Response(("not ready: " + "; ".join(reasons) + "\n").encode(), 503)
+        return Response(("not ready, pending: " + ", ".join(sorted(reasons)) + "\n").encode(), 500)
 
     app = HttpApp()
     app.add_get("/healthz/ready", check)
@@ -228,23 +241,25 @@ class _HttpConnection(asyncio.Protocol):
         req, self.request = self.request, None
         assert req is not None
         method = req.method.decode("ascii", "replace")
-        path = req.target.decode("ascii", "replace").split("?", 1)[0]
-        if method not in ("GET", "HEAD"):
-            resp = Response(f"method {method} not allowed: GET or HEAD\n".encode(), 405)
-            extra = [(b"allow", b"GET, HEAD")]
+        path, _, query = req.target.decode("ascii", "replace").partition("?")
+        app = self.server.app
+        post = app.post_routes.get(path)
+        allowed = b"GET, HEAD, POST" if post is not None else b"GET, HEAD"
+        if method == "POST" and post is not None:
+            extra: list[tuple[bytes, bytes]] = []
+            params = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
+            resp = self._call(path, lambda: post(params))
+        elif method not in ("GET", "HEAD"):
+            resp = Response(f"method {method} not allowed: {allowed.decode()}\n".encode(), 405)
+            extra = [(b"allow", allowed)]
         else:
             extra = []
-            handler = self.server.app.routes.get(path)
+            handler = app.routes.get(path)
             if handler is None:
-                known = ", ".join(sorted(self.server.app.routes))
+                known = ", ".join(sorted(app.routes))
                 resp = Response(f"no such endpoint {path}; try one of: {known}\n".encode(), 404)
             else:
-                try:
-                    resp = handler()
-                except Exception as exc:
-                    # A bug in one endpoint must not take the listener (or the agent) down.
-                    log.exception(f"admin endpoint {path} failed", extra={"event": "admin_error"})
-                    resp = Response(f"internal error: {exc!r}\n".encode(), 500)
+                resp = self._call(path, handler)
         self._send(resp, extra, head=method == "HEAD")
         if self.transport is None:
             return
@@ -258,6 +273,15 @@ class _HttpConnection(asyncio.Protocol):
             return
         self.line_checked = False
         self._arm_deadline()  # the next request gets its own REQUEST_TIMEOUT
+
+    @staticmethod
+    def _call(path: str, handler: Handler) -> Response:
+        try:
+            return handler()
+        except Exception as exc:
+            # A bug in one endpoint must not take the listener (or the agent) down.
+            log.exception(f"admin endpoint {path} failed", extra={"event": "admin_error"})
+            return Response(f"internal error: {exc!r}\n".encode(), 500)
 
     def _send(self, resp: Response, extra: list[tuple[bytes, bytes]], *, head: bool = False) -> None:
         headers = [

@@ -13,8 +13,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PRODUCT_PACKAGES = (
-    "agent", "bpf", "caserver", "cli", "cni", "credentials", "identity", "lab", "mesh", "policy", "serving",
-    "sources", "tunnel", "waypoint",
+    "agent", "bpf", "caserver", "cli", "cni", "credentials", "identity", "kube", "lab", "mesh", "policy",
+    "serving", "sources", "tunnel", "waypoint",
 )  # fmt: skip
 
 

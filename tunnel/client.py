@@ -28,7 +28,7 @@ from identity.bundle import TrustBundleSet
 from identity.spiffe import SpiffeId
 from identity.svid import WorkloadCredential
 
-from . import hbone
+from . import fdtls, hbone
 from .hbone import Authority, ErrorCode
 from .relay import (
     KEEPALIVE_INTERVAL,
@@ -78,6 +78,10 @@ class ClientConfig:
     pool_idle_timeout: float = POOL_IDLE_TIMEOUT
     stream_idle_timeout: float = STREAM_IDLE_TIMEOUT
     max_streams_per_connection: int = hbone.CLIENT_MAX_STREAMS_PER_CONNECTION
+    # OpenSSL on the socket's fd (tunnel.fdtls) instead of the loop's memory-BIO SSL transport.
+    # Off by default: measured slower as a Python transport under the asyncio protocol layering
+    # (bench/ab.py, tunnel/fdtls.py's docstring); kept, tested, for the integrated pump.
+    tls_on_fd: bool = False
 
 
 PoolKey = tuple[SpiffeId, frozenset[SpiffeId], Authority]
@@ -511,12 +515,18 @@ class HboneClient:
             raise
         remaining = max(0.1, timeout - (time.monotonic() - started))
         try:
-            await asyncio.wait_for(
-                self.loop.create_connection(
-                    lambda: session, sock=sock, ssl=ctx, server_hostname="", ssl_handshake_timeout=remaining
-                ),
-                remaining + 1,
-            )
+            if self.config.tls_on_fd:
+                await fdtls.start_tls(
+                    self.loop, sock, ctx, lambda: session, server_side=False, timeout=remaining
+                )
+            else:
+                await asyncio.wait_for(
+                    self.loop.create_connection(
+                        lambda: session, sock=sock, ssl=ctx, server_hostname="",
+                        ssl_handshake_timeout=remaining,
+                    ),
+                    remaining + 1,
+                )  # fmt: skip
         except ssl.SSLError as exc:
             sock.close()
             raise TunnelError(

@@ -19,7 +19,7 @@ import functools
 import ipaddress
 import re
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -804,14 +804,28 @@ class ServerConnection(HboneConnection):
             raise HboneError("CONNECT without :authority; HBONE needs ip:port")
         return Authority.parse(authority)
 
-    def respond(self, stream_id: int, status: Status | int, *, end_stream: bool | None = None) -> None:
-        """Answer a CONNECT. Non-200 answers end the stream (there is no tunnel behind them)."""
+    def respond(
+        self,
+        stream_id: int,
+        status: Status | int,
+        *,
+        end_stream: bool | None = None,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """Answer a CONNECT. Non-200 answers end the stream (there is no tunnel behind them).
+        ``headers`` go on a 200 only (ztunnel's ``baggage``); names must be lowercase tokens."""
         if stream_id not in self._streams:
             return
         code = int(status)
         done = code != Status.OK if end_stream is None else end_stream
+        block = [(b":status", str(code).encode())]
+        if code == Status.OK:
+            for name, value in headers:
+                if not name or name != name.lower() or name.startswith(":"):
+                    raise HboneError(f"response header {name!r}: expected a lowercase regular header name")
+                block.append((name.encode("ascii"), value.encode("ascii")))
         try:
-            self._h2.send_headers(stream_id, [(b":status", str(code).encode())], end_stream=done)
+            self._h2.send_headers(stream_id, block, end_stream=done)
         except h2.exceptions.StreamClosedError:
             self._streams.pop(stream_id, None)
             return

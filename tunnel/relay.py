@@ -309,6 +309,168 @@ class HeldConnection(asyncio.Protocol):
             close_gracefully(transport)
 
 
+# --- in-process hand-off ------------------------------------------------------------------------
+PIPE_WRITE_HIGH = 256 * 1024
+PIPE_WRITE_LOW = 64 * 1024
+
+
+class PipeTransport(asyncio.Transport):
+    """One end of an in-process byte pipe: what this end's protocol writes reaches the other
+    end's protocol, on the next loop iteration (never re-entrantly, like a socket transport).
+
+    It exists so a tunnel stream can carry bytes to in-process code (the waypoint's HTTP
+    parser) without a socketpair: two kernel copies and two extra descriptors per stream.
+    Backpressure is asyncio's: bytes the reader has paused for are held in the writer's buffer,
+    and above ``PIPE_WRITE_HIGH`` the writer's protocol gets ``pause_writing()`` (then
+    ``resume_writing()`` below ``PIPE_WRITE_LOW``), so held bytes stay bounded by the high mark
+    plus one write. ``write_eof`` is a half-close (the peer's ``eof_received``); ``abort`` is a
+    reset (the peer's ``connection_lost`` with ConnectionResetError)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, extra: dict[str, Any] | None = None) -> None:
+        super().__init__(extra)
+        self._loop = loop
+        self._protocol: asyncio.BaseProtocol | None = None
+        self.peer: PipeTransport | None = None
+        self._buffer = bytearray()  # written here, not yet taken by the peer's protocol
+        self._eof_pending = False  # write_eof() called; delivered after the buffer
+        self._eof_sent = False
+        self._closing = False
+        self._lost = False
+        self._reading = True  # our protocol accepts data (pause_reading/resume_reading)
+        self._write_paused = False
+        self._flush_scheduled = False
+        self._high, self._low = PIPE_WRITE_HIGH, PIPE_WRITE_LOW
+
+    # -- BaseTransport
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        assert self._protocol is not None
+        return self._protocol
+
+    def is_closing(self) -> bool:
+        return self._closing or self._lost
+
+    def close(self) -> None:
+        """Flush, FIN, then both ends are lost (a graceful close)."""
+        if self._closing or self._lost:
+            return
+        self._closing = True
+        self._eof_pending = True
+        self._schedule()
+
+    def abort(self) -> None:
+        if self._lost:
+            return
+        self._buffer.clear()
+        peer = self.peer
+        self._lose(None)
+        if peer is not None:
+            peer._buffer.clear()
+            peer._lose(ConnectionResetError("the other end of the in-process pipe was reset"))
+
+    # -- ReadTransport (about what our protocol receives)
+    def is_reading(self) -> bool:
+        return self._reading and not self._lost
+
+    def pause_reading(self) -> None:
+        self._reading = False
+
+    def resume_reading(self) -> None:
+        if not self._reading:
+            self._reading = True
+            if self.peer is not None:
+                self.peer._schedule()
+
+    # -- WriteTransport
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._high = PIPE_WRITE_HIGH if high is None else high
+        self._low = min(self._high, self._high // 4 if low is None else low)
+
+    def get_write_buffer_size(self) -> int:
+        return len(self._buffer)
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (self._low, self._high)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._eof_pending or self._lost:
+            return  # like a closed socket transport: silently dropped
+        if not data:
+            return
+        self._buffer += data
+        self._schedule()
+        if not self._write_paused and len(self._buffer) > self._high and self._protocol is not None:
+            self._write_paused = True
+            cast(asyncio.Protocol, self._protocol).pause_writing()
+
+    def writelines(self, list_of_data: Any) -> None:
+        for d in list_of_data:
+            self.write(d)
+
+    def write_eof(self) -> None:
+        if self._eof_pending or self._lost:
+            return
+        self._eof_pending = True
+        self._schedule()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    # -- the pipe
+    def _schedule(self) -> None:
+        if not self._flush_scheduled and not self._lost:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        peer = self.peer
+        if self._lost or peer is None:
+            return
+        if peer._lost:
+            self._buffer.clear()
+            self._lose(None)
+            return
+        if self._buffer and peer._reading and peer._protocol is not None:
+            data, self._buffer = bytes(self._buffer), bytearray()
+            cast(asyncio.Protocol, peer._protocol).data_received(data)
+        if self._write_paused and len(self._buffer) <= self._low and self._protocol is not None:
+            self._write_paused = False
+            cast(asyncio.Protocol, self._protocol).resume_writing()
+        if self._buffer or not self._eof_pending or self._eof_sent:
+            return
+        self._eof_sent = True
+        keep_open = cast(asyncio.Protocol, peer._protocol).eof_received() if peer._protocol else False
+        if not keep_open:
+            peer.close()  # the protocol asked for it, as asyncio's transports do
+        if self._closing:
+            self._lose(None)
+        if peer._eof_sent:
+            peer._lose(None)  # both directions are finished
+
+    def _lose(self, exc: Exception | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        proto = self._protocol
+        if proto is not None:
+            self._loop.call_soon(proto.connection_lost, exc)
+
+
+def pipe(
+    loop: asyncio.AbstractEventLoop,
+    extra_a: dict[str, Any] | None = None,
+    extra_b: dict[str, Any] | None = None,
+) -> tuple[PipeTransport, PipeTransport]:
+    """Two connected :class:`PipeTransport` ends (give each a protocol, then call its
+    ``connection_made``)."""
+    a, b = PipeTransport(loop, extra_a), PipeTransport(loop, extra_b)
+    a.peer, b.peer = b, a
+    return a, b
+
+
 class TunnelStream:
     """Relays one HTTP/2 stream to one TCP transport, both directions."""
 
@@ -386,6 +548,29 @@ class TunnelStream:
         then ``p.connection_made(transport)``. Cheaper than :meth:`attach`, which builds a new
         transport from a socket."""
         return _TcpSide(self)
+
+    def attach_protocol(
+        self, protocol: asyncio.Protocol, extra: dict[str, Any] | None = None
+    ) -> PipeTransport:
+        """Relay this stream to an in-process protocol instead of a socket (no socketpair, no
+        kernel copies): ``protocol`` gets ``connection_made(transport)`` with a
+        :class:`PipeTransport` whose writes go into the stream and whose ``pause_reading`` /
+        ``pause_writing`` carry backpressure both ways, exactly as a TCP transport would (an
+        ``asyncio.StreamReaderProtocol`` works as is). ``extra`` is what the protocol's
+        ``get_extra_info`` answers (e.g. ``peername``). On the server, call before the 200
+        with :meth:`hold` so nothing is sent on the stream before its response headers.
+        Returns the protocol's transport."""
+        ours, theirs = pipe(self.session.loop, None, extra)
+        side = _TcpSide(self)
+        ours.set_protocol(side)
+        theirs.set_protocol(protocol)
+        side.connection_made(ours)
+        protocol.connection_made(theirs)
+        return theirs
+
+    def hold(self) -> None:
+        """Keep bytes from the local side out of the stream until :meth:`start_sending`."""
+        self._may_send = False
 
     def start_sending(self) -> None:
         """The response headers are out: let TCP bytes flow into the stream."""

@@ -30,7 +30,7 @@ from identity.bundle import TrustBundleSet
 from identity.spiffe import SpiffeId
 from identity.svid import WorkloadCredential
 
-from . import hbone
+from . import fdtls, hbone
 from .hbone import Authority, IpAddress, Status
 from .relay import (
     KEEPALIVE_INTERVAL,
@@ -101,6 +101,11 @@ class Accept:
 
     upstream: socket.socket | None = None
     observer: StreamObserver | None = None
+    # Headers for the 200 (ztunnel answers with the destination's ``baggage``).
+    response_headers: tuple[tuple[str, str], ...] = ()
+    # In-process hand-off (the waypoint): the stream is relayed to this protocol through a
+    # tunnel.relay.PipeTransport instead of a socket; ``upstream`` must then be None.
+    protocol: Callable[[], asyncio.Protocol] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +164,10 @@ class ServerConfig:
     keepalive_timeout: float = KEEPALIVE_TIMEOUT
     stream_idle_timeout: float = STREAM_IDLE_TIMEOUT
     max_concurrent_streams: int = hbone.SERVER_MAX_CONCURRENT_STREAMS
+    # OpenSSL on the socket's fd (tunnel.fdtls) instead of the loop's memory-BIO SSL transport.
+    # Off by default: measured slower as a Python transport under the asyncio protocol layering
+    # (bench/ab.py, tunnel/fdtls.py's docstring); kept, tested, for the integrated pump.
+    tls_on_fd: bool = False
 
 
 def _callback_admission(server: HboneServer) -> Admission:
@@ -294,7 +303,10 @@ class _ServerSession(H2Session):
                     sock.close()
                 st.abort()
                 return
-            if sock is None:
+            if outcome.protocol is not None:
+                st.hold()  # nothing on the stream before the 200
+                st.attach_protocol(outcome.protocol(), {"peername": (str(source.ip), source.port)})
+            elif sock is None:
                 try:
                     async with asyncio.timeout(server.config.upstream_connect_timeout):
                         await st.connect(req.authority)  # connect + attach in one step
@@ -307,7 +319,7 @@ class _ServerSession(H2Session):
                     st.abort()
                     return
             assert isinstance(self.core, hbone.ServerConnection)
-            self.core.respond(st.stream_id, Status.OK)
+            self.core.respond(st.stream_id, Status.OK, headers=outcome.response_headers)
             self.request_flush()
             server.stats["tunnels_opened"] += 1
             _safe(server.observer.tunnel_opened, st.info)
@@ -438,9 +450,15 @@ class HboneServer:
         conn.setblocking(False)
         set_nodelay(conn)
         try:
-            await self.loop.connect_accepted_socket(
-                lambda: session, conn, ssl=ctx, ssl_handshake_timeout=self.config.handshake_timeout
-            )
+            if self.config.tls_on_fd:
+                await fdtls.start_tls(
+                    self.loop, conn, ctx, lambda: session, server_side=True,
+                    timeout=self.config.handshake_timeout,
+                )  # fmt: skip
+            else:
+                await self.loop.connect_accepted_socket(
+                    lambda: session, conn, ssl=ctx, ssl_handshake_timeout=self.config.handshake_timeout
+                )
         except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
             self._reject("tls-handshake", f"{peer} -> {local}: TLS handshake failed: {exc}")
             conn.close()

@@ -8,7 +8,9 @@
     ztagent ca bootstrap-node --dir D --node NAME [--ttl 30d] --out DIR [-o json]
     ztagent ca bundle --dir D [--format pem|jwks]
     ztagent ca serve  --dir D --config F --listen unix:/path|host:port [--default-ttl 1h] [--max-ttl 24h]
-                      [--metrics HOST:PORT]
+                      [--metrics HOST:PORT] [--readiness HOST:PORT]
+    ztagent ca serve  --dir D --config-source kubernetes [--kubeconfig K] --node-auth token
+                      [--token-audience ztagent-ca] [--agent-service-account NS/SA] --listen ...
 
 Output is stable: ``issue`` and ``bootstrap-node`` print ``key: value`` lines in a fixed order
 (RFC 3339 UTC times), or one JSON object with ``-o json``. Errors go to stderr as ``error: ...``
@@ -17,9 +19,10 @@ with exit status 1 (2 for usage errors) and leave every file as it was.
 Bootstrap. ``bootstrap-node`` is the file-based way to give a node agent its first credential:
 run it where the CA directory is, copy the output directory to the node (``ztagent run
 --node-credentials DIR``). In Kubernetes the agent would instead present its projected
-service-account token (audience ``ztagent-ca``) on a first CreateCertificate call; the CA would
-check it with a TokenReview, read the pod's ``spec.nodeName``, and issue the node identity, the
-way istiod authenticates ztunnel by token. That token path is not implemented here.
+service-account token (audience ``ztagent-ca``) on every CreateCertificate call; the CA checks it
+with a TokenReview, takes the node from the review (or the bound pod's ``spec.nodeName``) and
+issues only identities of pods on that node (``--node-auth token``, caserver.tokenauth), the way
+istiod authenticates ztunnel by token.
 
 Lifetimes. ``issue --ttl`` is held to the CA's maximum workload TTL (``--max-ttl``, default the
 same 24 h as ``ca serve --max-ttl``): the offline path must not mint what the online one refuses.
@@ -48,13 +51,17 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from caserver import store as ca_store
 from caserver.server import CaServer, ConfigMismatch
+from caserver.tokenauth import DEFAULT_AGENT_SERVICE_ACCOUNTS, DEFAULT_AUDIENCE, KubernetesTokenReviewer
 from credentials.identities import NodeNameError, node_identity
 from identity.ca import DEFAULT_MAX_TTL, DEFAULT_WORKLOAD_TTL, CaError
 from identity.keys import build_csr, generate_key, key_to_pem
 from identity.spiffe import SpiffeId, SpiffeIdError
 from mesh.config import ConfigError
+from serving.http import RunningSite, build_readiness_app
+from serving.http import serve as serve_http
 from serving.logging import setup_logging
 from sources.file import FileConfigSource
+from sources.kubernetes import CA_RESOURCES, KubernetesConfigSource, client_factory
 
 _DURATION = re.compile(r"(\d+)([smhd])")
 # See "Lifetimes" above.
@@ -142,7 +149,31 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     v = csub.add_parser("serve", help="serve istio.v1.auth.IstioCertificateService to node agents")
     v.add_argument("--dir", required=True, help="CA directory")
-    v.add_argument("--config", required=True, help="mesh config file (workload placement)")
+    v.add_argument("--config", help="mesh config file (workload placement); --config-source file")
+    v.add_argument(
+        "--config-source",
+        choices=("file", "kubernetes"),
+        default="file",
+        help="where workload placement comes from: --config FILE (default), or a watch of the API "
+        "server's Pods and Namespaces (in-cluster credentials unless --kubeconfig)",
+    )
+    v.add_argument("--kubeconfig", help="kubeconfig for --config-source kubernetes (default: in-cluster)")
+    v.add_argument(
+        "--node-auth",
+        choices=("certificate", "token"),
+        default="certificate",
+        help="how node agents authenticate: a node credential (mTLS, default) or their projected "
+        "service-account token, checked by TokenReview (--config-source kubernetes)",
+    )
+    v.add_argument("--token-audience", default=DEFAULT_AUDIENCE, help="audience the token must carry")
+    v.add_argument(
+        "--agent-service-account",
+        action="append",
+        default=None,
+        metavar="NS/SA",
+        help="service account node agents run as (repeatable; default ztagent-system/ztagent)",
+    )
+    v.add_argument("--readiness", metavar="HOST:PORT", help="serve /healthz/ready here (port 0: any)")
     v.add_argument("--listen", required=True, help="unix:/absolute/path or host:port (port 0: any)")
     v.add_argument("--default-ttl", type=parse_duration, default=DEFAULT_WORKLOAD_TTL)
     v.add_argument("--max-ttl", type=parse_duration, default=DEFAULT_MAX_TTL)
@@ -297,13 +328,57 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return asyncio.run(_serve(args))
 
 
+def _host_port(flag: str, value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"{flag} {value!r}: expected host:port")
+    return host.strip("[]"), int(port)
+
+
 async def _serve(args: argparse.Namespace) -> int:
+    kube: KubernetesConfigSource | None = None
+    reviewer: KubernetesTokenReviewer | None = None
+    source: FileConfigSource | KubernetesConfigSource
+    if args.config_source == "file" and not args.config:
+        return _err("--config FILE is required with --config-source file")
+    if args.config_source == "kubernetes" and args.config:
+        return _err("--config is for --config-source file; Kubernetes mode reads the API server")
+    if args.node_auth == "token" and args.config_source != "kubernetes":
+        return _err("--node-auth token needs --config-source kubernetes (the TokenReview and the pod watch)")
     try:
         st = ca_store.load(args.dir, max_ttl=args.max_ttl)
-        source = FileConfigSource(args.config, interval=args.config_poll)
+        if args.config_source == "kubernetes":
+            # Pods and Namespaces only: what the CA's ClusterRole grants (deploy/rbac.yaml).
+            kube = KubernetesConfigSource(
+                args.kubeconfig, trust_domain=st.trust_domain, resources=CA_RESOURCES, cluster_id="Kubernetes"
+            )
+            source = kube
+        else:
+            source = FileConfigSource(args.config, interval=args.config_poll)
         cfg = await source.initial()
+        if args.node_auth == "token":
+            assert kube is not None
+            watched = kube
+
+            def pod_node(ns: str, name: str) -> str | None:
+                node = ((watched.raw("pods", ns, name) or {}).get("spec") or {}).get("nodeName")
+                return str(node) if node else None
+
+            reviewer = KubernetesTokenReviewer(
+                client_factory(args.kubeconfig),
+                audience=args.token_audience,
+                agent_service_accounts=args.agent_service_account or DEFAULT_AGENT_SERVICE_ACCOUNTS,
+                pod_node=pod_node,
+            )
         registry = CollectorRegistry()
-        server = CaServer(st, cfg, default_ttl=args.default_ttl, registry=registry)
+        server = CaServer(
+            st,
+            cfg,
+            default_ttl=args.default_ttl,
+            registry=registry,
+            node_auth=args.node_auth,
+            token_reviewer=reviewer,
+        )
     except ca_store.CaStoreError as exc:
         return _err(str(exc))
     except ConfigError as exc:
@@ -311,16 +386,22 @@ async def _serve(args: argparse.Namespace) -> int:
     except (ConfigMismatch, ValueError) as exc:
         return _err(str(exc))
     metrics_server = None
+    readiness: RunningSite | None = None
     try:
         if args.metrics:
-            host, _, port = args.metrics.rpartition(":")
-            if not host or not port.isdigit():
-                return _err(f"--metrics {args.metrics!r}: expected host:port")
-            metrics_server, _ = start_http_server(int(port), host, registry)
+            host, port = _host_port("--metrics", args.metrics)
+            metrics_server, _ = start_http_server(port, host, registry)
         address = await server.start(args.listen)
+        if args.readiness:
+            # Ready once the signing key is loaded, the placement synced (initial LIST or file)
+            # and the gRPC port bound: all true by now, and a replica that lost them exits.
+            readiness = await serve_http(
+                build_readiness_app(lambda: (True, [])), *_host_port("--readiness", args.readiness)
+            )
     except (OSError, ValueError) as exc:
         if metrics_server is not None:
             metrics_server.shutdown()
+        await server.stop()
         return _err(str(exc))
     info = {
         "event": "serving",
@@ -332,6 +413,9 @@ async def _serve(args: argparse.Namespace) -> int:
     }
     if metrics_server is not None:
         info["metrics"] = f"{args.metrics.rpartition(':')[0]}:{metrics_server.server_port}"
+    if readiness is not None:
+        info["readiness"] = f"{readiness.host}:{readiness.port}"
+    info["node_auth"] = args.node_auth
     if args.output == "json":
         print(json.dumps(info), flush=True)
     else:
@@ -344,7 +428,11 @@ async def _serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    watcher = asyncio.create_task(server.watch_config(source), name="ca-config-watch")
+    if kube is not None:
+        watcher = asyncio.create_task(server.follow(kube, cfg), name="ca-config-watch")
+    else:
+        assert isinstance(source, FileConfigSource)
+        watcher = asyncio.create_task(server.watch_config(source), name="ca-config-watch")
     try:
         await stop.wait()
     finally:
@@ -354,4 +442,10 @@ async def _serve(args: argparse.Namespace) -> int:
         await server.stop(grace=2.0)
         if metrics_server is not None:
             metrics_server.shutdown()
+        if readiness is not None:
+            await readiness.close()
+        if reviewer is not None:
+            await reviewer.close()
+        if kube is not None:
+            await kube.close()
     return 0

@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     u.add_argument("--no-agents", action="store_true", help="topology only: no CA, no agents")
     u.add_argument("--ready-timeout", type=float, default=90.0, help="seconds to wait for readiness")
     u.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    u.add_argument("--cni", choices=("ptp", "bridge"), default=None,
+                   help="make pods with Debian's real CNI plugins (ptp or bridge + host-local) and "
+                   "ztagent-cni chained, as a container runtime does, instead of the lab's own wiring")
     u.set_defaults(func=cmd_up)
 
     d = lsub.add_parser("down", help="remove a lab (processes, namespaces, pins, state) by recorded names")
@@ -77,7 +80,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("ztagent lab up: needs root (network namespaces, eBPF)", file=sys.stderr)
         return 1
     opts = UpOptions(config=args.config, name=args.name, root=_root(), agents=not args.no_agents,
-                     ready_timeout=args.ready_timeout, log_level=args.log_level)
+                     ready_timeout=args.ready_timeout, log_level=args.log_level, cni=args.cni)
     try:
         state = up(opts)
         cfg = load_config(args.config)

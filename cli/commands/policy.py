@@ -98,7 +98,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "when the config knows it; otherwise unknown, which fails closed)",
     )
     c.add_argument(
-        "--destination", required=True, metavar="NAMESPACE/WORKLOAD", help="the destination workload"
+        "--destination",
+        metavar="NAMESPACE/WORKLOAD",
+        help="the destination workload (L4; required without --waypoint)",
     )
     c.add_argument(
         "--destination-labels",
@@ -107,10 +109,45 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     c.add_argument(
         "--port",
-        required=True,
         type=int,
         metavar="PORT",
-        help="destination workload (target) port, as the destination agent sees it",
+        help="destination workload (target) port, as the destination agent sees it (L4: required); "
+        "with --waypoint the port the request was sent to (default: the service's first port, else 80)",
+    )
+    l7 = c.add_argument_group(
+        "L7 (a request at a waypoint)",
+        "With --waypoint the request is decided as that waypoint decides it: RequestAuthentication "
+        "(--jwt checked with --jwks), then the AuthorizationPolicies bound with targetRefs to the "
+        "Gateway or to --service; the same code as `ztagent waypoint`.",
+    )
+    l7.add_argument("--waypoint", metavar="NAMESPACE/NAME", help="the waypoint's Gateway")
+    l7.add_argument("--service", metavar="NAMESPACE/NAME", help="the service the request is addressed to")
+    l7.add_argument("--method", default="GET", help="HTTP method (default GET)")
+    l7.add_argument("--path", help="request-target: path and query, as sent (required with --waypoint)")
+    l7.add_argument("--host", help="Host / :authority (default: the service's hostname)")
+    l7.add_argument(
+        "-H",
+        "--header",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="a request header (repeatable; repeated names are kept in order)",
+    )
+    l7.add_argument("--jwt", metavar="TOKEN|@FILE", help="sent as 'authorization: Bearer TOKEN'")
+    l7.add_argument(
+        "--jwks",
+        action="append",
+        default=[],
+        metavar="[URI=]FILE",
+        help="the JWKS document a jwksUri serves (FILE alone: for every jwksUri); repeatable",
+    )
+    l7.add_argument(
+        "--at", type=float, metavar="EPOCH_SECONDS", help="evaluate tokens at this time (default now)"
+    )
+    l7.add_argument(
+        "--custom",
+        choices=("allow", "deny"),
+        help="the ext_authz provider's answer, when a CUSTOM policy matches (offline: not asked)",
     )
     c.add_argument(
         "--root-namespace", help=f"mesh root namespace (default: the config's, else {DEFAULT_ROOT_NAMESPACE})"
@@ -317,6 +354,8 @@ def _find_workload(mesh: MeshConfig | None, namespace: str, name: str) -> Worklo
 
 def _build_connection(args: argparse.Namespace, inputs: Inputs) -> tuple[Connection, list[str]]:
     notes: list[str] = []
+    if args.destination is None or args.port is None:
+        raise BadInput("--destination and --port are required (or --waypoint for a request at a waypoint)")
     ns, sep, name = args.destination.partition("/")
     if not sep or not ns or not name or "/" in name:
         raise BadInput(f"--destination: {args.destination!r} is not NAMESPACE/WORKLOAD")
@@ -381,6 +420,8 @@ def _uses_source_ip(inputs: Inputs) -> bool:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    if args.waypoint is not None:
+        return run_check_l7(args)
     try:
         inputs = load_inputs(
             [*args.files, *args.more_files], strict_policies=True, default_namespace=args.namespace
@@ -409,6 +450,121 @@ def run_check(args: argparse.Namespace) -> int:
     for w in inputs.warnings:
         print(f"warning: {w}", file=sys.stderr)
     return EXIT_ALLOW if decision.allowed else EXIT_DENY
+
+
+# --------------------------------------------------------------------------------------------
+# check, L7: one request at a waypoint (waypoint.decide, the waypoint's own code)
+
+
+def _ns_name(flag: str, text: str) -> tuple[str, str]:
+    ns, sep, name = text.partition("/")
+    if not sep or not ns or not name or "/" in name:
+        raise BadInput(f"{flag}: {text!r} is not NAMESPACE/NAME")
+    return ns, name
+
+
+def _read_arg(flag: str, text: str) -> str:
+    if not text.startswith("@"):
+        return text
+    try:
+        with open(text[1:], encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError as exc:
+        raise BadInput(f"{flag}: cannot read {text[1:]}: {exc}") from None
+
+
+def run_check_l7(args: argparse.Namespace) -> int:
+    import time
+
+    from mesh.model import Waypoint
+    from policy.jwt import JwksError, JwksStore, rules_from_policy
+    from policy.l7 import CustomOutcome, L7PolicyIndex
+    from waypoint.decide import RequestFacts, WaypointPolicies, decide
+
+    try:
+        inputs = load_inputs(
+            [*args.files, *args.more_files], strict_policies=True, default_namespace=args.namespace
+        )
+        wns, wname = _ns_name("--waypoint", args.waypoint)
+        mesh = inputs.mesh
+        wp = next((w for w in mesh.waypoints if w.key == args.waypoint), None) if mesh else None
+        if wp is None:
+            if mesh is not None and mesh.waypoints:
+                have = ", ".join(w.key for w in mesh.waypoints)
+                raise BadInput(
+                    f"--waypoint {args.waypoint}: the config declares no such Gateway (has: {have})"
+                )
+            td = str(mesh.trust_domain) if mesh else "cluster.local"
+            wp = Waypoint(wname, wns, wname, (), SpiffeId.for_workload(td, wns, wname))
+        svc = None
+        if args.service is not None:
+            sns, sname = _ns_name("--service", args.service)
+            svc = (
+                next((x for x in mesh.services if x.namespace == sns and x.name == sname), None)
+                if mesh
+                else None
+            )
+        if args.path is None:
+            raise BadInput("--path is required with --waypoint")
+        headers: list[tuple[str, str]] = []
+        for h in args.header:
+            n, sep, v = h.partition(":")
+            if not sep or not n.strip():
+                raise BadInput(f"-H/--header: {h!r} is not 'NAME: VALUE'")
+            headers.append((n.strip().lower(), v.strip()))
+        if args.jwt is not None:
+            headers.append(("authorization", "Bearer " + _read_arg("--jwt", args.jwt)))
+        now = args.at if args.at is not None else time.time()
+        root = args.root_namespace or (mesh.root_namespace if mesh else DEFAULT_ROOT_NAMESPACE)
+        stores: dict[str, JwksStore] = {}
+        uris = {r.key for ra in inputs.policy_set.request_authentication for r in rules_from_policy(ra)
+                if r.rule.jwks_uri}  # fmt: skip
+        for item in args.jwks:
+            uri, sep, path = item.rpartition("=")
+            targets = [uri] if sep and uri else sorted(uris)
+            doc = _read_arg("--jwks", "@" + path)
+            for u in targets:
+                try:
+                    stores.setdefault(u, JwksStore(u)).update(doc, now)
+                except JwksError as exc:
+                    raise BadInput(f"--jwks {item}: {exc}") from None
+        pols = WaypointPolicies(wp, L7PolicyIndex(inputs.policy_set.authorization, root),
+                                inputs.policy_set.request_authentication, root,
+                                inputs.policy_set.authorization, stores)  # fmt: skip
+        sref = _ns_name("--service", args.service) if args.service else (None, None)
+        target = pols.target(sref[0], sref[1])
+        port = args.port or (svc.ports[0].port if svc and svc.ports else 80)
+        host = args.host or (f"{svc.hostname}:{port}" if svc else f"{args.service or 'example'}:{port}")
+        principal = None
+        if not args.plaintext:
+            raw = args.source_principal
+            try:
+                principal = str(SpiffeId.parse(raw if raw.startswith("spiffe://") else "spiffe://" + raw))
+            except SpiffeIdError as exc:
+                raise BadInput(f"--source-principal: {raw!r} is not a SPIFFE ID ({exc})") from None
+        facts = RequestFacts(args.method, args.path, host, tuple(headers), principal, args.source_ip,
+                             str(svc.vips[0]) if svc and svc.vips else None, port)  # fmt: skip
+        out = decide(pols, target, facts, now)
+        if out.pending_custom is not None and args.custom is not None:
+            out = decide(pols, target, facts, now, CustomOutcome(out.pending_custom, args.custom == "allow"))
+    except BadInput as exc:
+        print(f"ztagent policy check: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.output == "json":
+        print(json.dumps(out.to_dict(), indent=2))
+    else:
+        verdict = "ALLOW" if out.allowed else "DENY"
+        print(f"{verdict} {', '.join(out.policies) if out.policies else '(no policy)'}")
+        print(f"  status: {out.status}" + (f" ({out.body})" if out.body else ""))
+        print(f"  reason: {out.reason}")
+        if out.request is not None:
+            print(f"  normalized path: {out.request.path}")
+        print(f"  request principal: {out.request_principal or '(none)'}")
+        if out.pending_custom:
+            print(f"  CUSTOM: provider {out.pending_custom} would be asked (pass --custom allow|deny)")
+    for w in inputs.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    return EXIT_ALLOW if out.allowed else EXIT_DENY
 
 
 # --------------------------------------------------------------------------------------------

@@ -55,7 +55,11 @@ class Prometheus:
 
 
 @contextlib.contextmanager
-def prometheus_scraping(targets: list[str], interval: str = "1s") -> Iterator[Prometheus]:
+def prometheus_scraping(
+    targets: list[str], interval: str = "1s", *, target_labels: dict[str, dict[str, str]] | None = None
+) -> Iterator[Prometheus]:
+    """Prometheus scraping ``targets``; ``target_labels`` adds labels per target (as Kubernetes
+    service discovery adds ``pod``), so dashboards that select on them can be evaluated."""
     if not os.path.exists(PROMETHEUS):
         import pytest
 
@@ -72,7 +76,9 @@ def prometheus_scraping(targets: list[str], interval: str = "1s") -> Iterator[Pr
                         {
                             "job_name": "ztagent",
                             "metrics_path": "/metrics",
-                            "static_configs": [{"targets": targets}],
+                            "static_configs": [
+                                {"targets": [t], "labels": (target_labels or {}).get(t, {})} for t in targets
+                            ],
                         }
                     ],
                 },

@@ -132,7 +132,8 @@ async def test_service_vip_over_hbone_with_identity_metrics_and_logs(mesh: Mesh)
     wl = await mesh.admin("node-b", "/workloads")
     assert {w["name"]: w["enrolled"] for w in wl}["legacy"] is False
     dump = await mesh.admin("node-b", "/config_dump")
-    assert dump["services"][0]["endpoints"] == ["ns2/httpbin"]
+    # ztunnel's config_dump shape (issue 17): endpoints keyed by workload UID.
+    assert list(dump["services"][0]["endpoints"]) == ["Kubernetes//Pod/ns2/httpbin"]
     status = await mesh.admin("node-a", "/status")
     assert status["healthy"] and status["ready"] and status["tunnels"]["pooledConnections"] >= 1
 
@@ -396,6 +397,58 @@ async def test_closed_port_on_the_pod_resets_and_is_logged(mesh: Mesh) -> None:
         and failed[-1]["destination_workload"] == "ns2/httpbin"
     )
     m = await mesh.metrics_text("node-b")
-    assert samples(m, "ztagent_handshake_failures_total", direction="inbound", reason="upstream-failed") == [
-        1
-    ]
+    # Issue 17: an upstream connect failure is ztunnel's response_flags="CONNECT", not a handshake
+    # failure.
+    assert samples(m, "ztagent_handshake_failures_total", direction="inbound", reason="upstream-failed") == []
+    flagged = dict(reporter="destination", destination_workload="httpbin", response_flags="CONNECT")
+    assert samples(m, "istio_tcp_connections_failed_total", **flagged) == [1]
+    assert samples(m, "istio_tcp_connections_closed_total", **flagged) == [1]
+
+
+async def test_a_broken_policy_update_keeps_its_last_good_version_and_traffic_flows(mesh: Mesh) -> None:
+    """One typo in one policy is not an outage: the update is refused for that policy alone,
+    its last good version stays in force, open and new connections flow, and status, a metric
+    and the log name it."""
+    mesh.set_policies(ALLOW_SLEEP_ONLY, STRICT_NS2)
+    await mesh.wait_applied()
+    r, w = await mesh.connect_as(mesh.sleep_ip, "node-a", f"{mesh.vip}:8000")
+    try:
+        w.write(b"ping")
+        await w.drain()
+        assert await asyncio.wait_for(r.readexactly(4), 5) == b"ping"
+        broken = ALLOW_SLEEP_ONLY.replace("action: ALLOW", "action: ALOW")
+        mesh.set_policies(broken, STRICT_NS2)
+        await mesh.wait_applied()
+        # The open connection survives (no re-check denied it) ...
+        w.write(b"pong")
+        await w.drain()
+        assert await asyncio.wait_for(r.readexactly(4), 5) == b"pong"
+    finally:
+        w.close()
+    # ... new connections from the allowed principal still pass, the others are still denied.
+    assert await mesh.roundtrip(mesh.sleep_ip, "node-a", f"{mesh.vip}:8000", b"new") == b"new"
+    assert await mesh.roundtrip(mesh.other_ip, "node-a", f"{mesh.vip}:8000", b"x") == b""
+    st = await mesh.admin("node-b", "/status")
+    stale = st["config"]["stalePolicies"]
+    assert list(stale) == ["AuthorizationPolicy/ns2/allow-sleep"]
+    assert "ALOW" in stale["AuthorizationPolicy/ns2/allow-sleep"][0]
+    assert st["healthy"] is False and any("last good version in force" in p for p in st["problems"])
+    m = await mesh.metrics_text("node-b")
+    assert samples(m, "ztagent_policies_last_good_in_force") == [1]
+    assert samples(m, "ztagent_policies_invalid") == [0]
+    # Fixed again: back to normal.
+    mesh.set_policies(ALLOW_SLEEP_ONLY, STRICT_NS2)
+    await mesh.wait_applied()
+    st = await mesh.admin("node-b", "/status")
+    assert st["config"]["stalePolicies"] == {}
+    assert samples(await mesh.metrics_text("node-b"), "ztagent_policies_last_good_in_force") == [0]
+
+
+async def test_a_policy_that_never_parsed_is_enforced_fail_closed(mesh: Mesh) -> None:
+    """Without a good version to keep, an invalid ALLOW allows nothing."""
+    mesh.set_policies(ALLOW_SLEEP_ONLY.replace("action: ALLOW", "action: ALOW"))
+    await mesh.wait_applied()
+    assert await mesh.roundtrip(mesh.sleep_ip, "node-a", f"{mesh.vip}:8000", b"x") == b""
+    m = await mesh.metrics_text("node-b")
+    assert samples(m, "ztagent_policies_invalid") == [1]
+    assert samples(m, "ztagent_policies_last_good_in_force") == [0]

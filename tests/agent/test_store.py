@@ -10,6 +10,7 @@ import textwrap
 import pytest
 
 from mesh.config import parse_config
+from mesh.errors import ChangeRefused
 from mesh.store import DestinationKind, LoadBalancing, WorkloadStore
 
 CFG = textwrap.dedent(
@@ -75,7 +76,8 @@ def test_lookups(store: WorkloadStore) -> None:
 
 
 def test_unknown_local_node_is_refused() -> None:
-    with pytest.raises(KeyError, match="node-z"):
+    # A domain error (issue 11: KeyError no longer means "config refused").
+    with pytest.raises(ChangeRefused, match="node-z"):
         WorkloadStore(parse_config(CFG), "node-z")
 
 

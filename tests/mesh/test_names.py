@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mesh import names
+from kube import names
 
 VALID = [
     (names.NAMESPACE, "ns1"),

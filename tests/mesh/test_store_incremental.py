@@ -206,7 +206,7 @@ def test_refused_changes_name_the_field_and_leave_the_store_unchanged(
     msgs = [str(i) for i in ei.value.issues]
     assert any(m.startswith("mesh.yaml: ") and expected in m for m in msgs), msgs
     assert answers(store) == before and store.policy_index is index_before
-    assert isinstance(ei.value, KeyError)  # today's agent still catches KeyError (transition)
+    assert not isinstance(ei.value, KeyError)  # a domain error, not a lookup failure
 
 
 def test_moves_and_swaps_in_one_batch_need_no_ordering() -> None:
@@ -293,3 +293,33 @@ def test_waypoints_are_kept_and_reported() -> None:
     assert store.snapshot.waypoints == (wp,) and store.waypoint_for(None, None) is None  # not bound yet
     ap = store.apply([Delete(Kind.WAYPOINT, "ns1/waypoint")])
     assert ap.waypoints_changed == {"ns1/waypoint"} and store.waypoint("ns1", "waypoint") is None
+
+
+def test_a_broken_update_of_a_good_policy_keeps_the_good_version_in_force() -> None:
+    """Last good, per object: one typo in one policy is not an outage."""
+    store = _store()
+    good_index = store.policy_index
+    broken = pol("p0", "ns1", {"action": "DENI", "rules": [{}]})
+    ap = store.apply([Upsert(broken)])
+    assert store.policy_index is good_index and not ap.policies_changed  # nothing changed in force
+    assert list(store.stale_policies) == ["AuthorizationPolicy/ns1/p0"]
+    assert "DENI" in str(store.stale_policies["AuthorizationPolicy/ns1/p0"][0])
+    assert store.policy_errors == ()  # the poisoned version is not the one in force
+    # Sent again as it was (the source's view is the broken one; a fix resends the good text).
+    store.apply([Upsert(INITIAL.policies[0])])
+    assert store.stale_policies == {}
+    # A new good version replaces the old one; a later broken one keeps *that* one.
+    newer = pol("p0", "ns1", {"action": "DENY", "rules": [{"to": [{"operation": {"ports": ["80"]}}]}]})
+    store.apply([Upsert(newer)])
+    store.apply([Upsert(broken)])
+    assert [d.raw for d in store.snapshot.policies if d.name == "p0"] == [newer.raw]
+    # Deleting the policy ends its refusal too.
+    store.apply([Delete(Kind.POLICY, "AuthorizationPolicy/ns1/p0")])
+    assert store.stale_policies == {}
+
+
+def test_a_policy_that_never_had_a_good_version_goes_in_poisoned() -> None:
+    store = _store()
+    store.apply([Upsert(pol("p9", "ns1", {"action": "DENI", "rules": [{}]}))])
+    assert store.stale_policies == {}
+    assert any("DENI" in str(e) for e in store.policy_errors)
