@@ -816,6 +816,11 @@ class ServerConnection(HboneConnection):
         ``headers`` go on a 200 only (ztunnel's ``baggage``); names must be lowercase tokens."""
         if stream_id not in self._streams:
             return
+        if self._h2.state_machine.state is h2.connection.ConnectionState.CLOSED:
+            # An error GOAWAY later in the same read closed the connection: nothing can be sent
+            # (h2 raised ProtocolError out of the shell's answer; fuzz finding).
+            self._streams.pop(stream_id, None)
+            return
         code = int(status)
         done = code != Status.OK if end_stream is None else end_stream
         block = [(b":status", str(code).encode())]

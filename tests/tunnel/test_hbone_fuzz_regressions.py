@@ -45,3 +45,19 @@ def test_send_data_after_an_error_goaway_in_the_same_read_takes_nothing() -> Non
     ]
     assert c.send_data(sid, b"pending bytes from the pod") == 0
     c.data_to_send()
+
+
+def test_respond_after_an_error_goaway_in_the_same_read_is_dropped_not_raised() -> None:
+    # The server side of the same case: one read carries a CONNECT and then the client's error
+    # GOAWAY; the shell answers the CONNECT and h2 raised ProtocolError (SEND_HEADERS in CLOSED).
+    c, s = ClientConnection(), ServerConnection()
+    s.receive_data(c.data_to_send())
+    c.receive_data(s.data_to_send())
+    sid = c.open_stream(DEST)
+    c.goaway(ErrorCode.PROTOCOL_ERROR)
+    events = s.receive_data(c.data_to_send())
+    (req,) = [e for e in events if isinstance(e, hbone.ConnectRequest)]
+    assert any(isinstance(e, hbone.ConnectionTerminated) for e in events)
+    s.respond(req.stream_id, Status.OK)
+    assert not s.stream_is_open(sid)
+    s.data_to_send()
