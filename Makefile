@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup lab lab-down test lint bench soak clean
+.PHONY: setup lab lab-down test lint bench soak fuzz clean
 
 setup:
 	bash scripts/setup.sh
@@ -26,6 +26,12 @@ bench: setup
 
 soak: setup
 	$(PY) -m bench.soak
+
+# Coverage-guided fuzzing (atheris) of every parser, >= 1 000 000 inputs each, one target after
+# another; prints inputs run and crashes per target (crashing inputs in fuzz/crashes/<target>/).
+FUZZ_RUNS ?= 1000000
+fuzz: setup
+	$(PY) -m fuzz all --runs $(FUZZ_RUNS) -q
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -399,7 +399,10 @@ class CaServer(ca_pb2_grpc.IstioCertificateServiceServicer):
                 f"validity_duration {request.validity_duration} is negative",
             )
         ttl = self.default_ttl
-        if request.validity_duration:
+        # Compared as seconds first: an int64 near its maximum overflows timedelta (fuzz finding).
+        if request.validity_duration > self.store.ca.max_ttl.total_seconds():
+            ttl = self.store.ca.max_ttl + dt.timedelta(seconds=1)
+        elif request.validity_duration:
             ttl = dt.timedelta(seconds=request.validity_duration)
         if ttl > self.store.ca.max_ttl:
             await self._fail(

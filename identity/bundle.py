@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -20,6 +20,16 @@ from identity.spiffe import SpiffeIdError, TrustDomain
 
 # A bundle with more roots than this is almost certainly a mistake (or an attack on parse time).
 MAX_ROOTS = 64
+# What cryptography raises for a certificate or CSR it cannot read (at load or, lazily, when the
+# extensions or names are first touched). Only ValueError is documented as such; InvalidVersion,
+# DuplicateExtension and UnsupportedGeneralNameType are plain Exceptions, and catching ValueError
+# alone let them escape untyped (found by fuzz/targets/svid.py).
+CERT_PARSE_ERRORS: Final = (
+    ValueError,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+)
 
 
 class BundleError(ValueError):
@@ -66,15 +76,26 @@ def _jwk_for(cert: x509.Certificate) -> dict[str, Any]:
     return jwk
 
 
+def _name(cert: x509.Certificate) -> str:
+    try:
+        return repr(cert.subject.rfc4514_string())
+    except CERT_PARSE_ERRORS:  # an undecodable subject still gets a name in the message
+        return f"serial {cert.serial_number:x}"
+
+
 def _check_root(cert: x509.Certificate) -> None:
     try:
         bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
         raise BundleError(
-            "root-not-ca", f"bundle certificate {cert.subject.rfc4514_string()!r} has no basicConstraints"
+            "root-not-ca", f"bundle certificate {_name(cert)} has no basicConstraints"
+        ) from None
+    except CERT_PARSE_ERRORS as exc:  # duplicate or undecodable extensions (parsed lazily)
+        raise BundleError(
+            "malformed-certificate", f"bundle certificate {_name(cert)} has malformed extensions: {exc}"
         ) from None
     if not bc.ca:
-        raise BundleError("root-not-ca", f"bundle certificate {cert.subject.rfc4514_string()!r} is not a CA")
+        raise BundleError("root-not-ca", f"bundle certificate {_name(cert)} is not a CA")
 
 
 def load_pem_roots(pem: bytes) -> tuple[x509.Certificate, ...]:
@@ -85,7 +106,7 @@ def load_pem_roots(pem: bytes) -> tuple[x509.Certificate, ...]:
         raise BundleError("pem", "a PEM certificate block is truncated (BEGIN without END)")
     try:
         certs = tuple(x509.load_pem_x509_certificates(pem))
-    except ValueError as exc:
+    except CERT_PARSE_ERRORS as exc:
         raise BundleError("pem", f"bad PEM certificate data: {exc}") from None
     if len(certs) > MAX_ROOTS:
         raise BundleError("too-many-roots", f"{len(certs)} certificates, at most {MAX_ROOTS}")
@@ -143,7 +164,7 @@ class TrustBundle:
                 continue
             try:
                 roots.append(x509.load_der_x509_certificate(base64.b64decode(x5c[0], validate=True)))
-            except (ValueError, TypeError) as exc:
+            except (*CERT_PARSE_ERRORS, TypeError) as exc:
                 raise BundleError("jwks", f"keys[{i}].x5c[0] is not a DER certificate: {exc}") from None
         seq = doc.get("spiffe_sequence", 0)
         hint = doc.get("spiffe_refresh_hint", 300)

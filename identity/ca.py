@@ -18,12 +18,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from identity.bundle import TrustBundle
+from identity.bundle import CERT_PARSE_ERRORS, TrustBundle
 from identity.keys import generate_key
 from identity.spiffe import SpiffeId, SpiffeIdError, TrustDomain
 
@@ -279,7 +279,7 @@ class CertificateAuthority:
             raise CaError("ca-chain-pem", "no PEM certificate in the CA chain")
         try:
             certs = x509.load_pem_x509_certificates(chain_pem)
-        except ValueError as exc:
+        except CERT_PARSE_ERRORS as exc:
             raise CaError("ca-chain-pem", f"cannot read the CA chain: {exc}") from None
         key_der = _pub_der(key)
         signing = [c for c in certs if _pub_der(c) == key_der]
@@ -378,7 +378,14 @@ class CertificateAuthority:
         return self._issue(csr, spiffe_id, ttl=ttl, now=now)
 
     def _check_csr_identity(self, csr: x509.CertificateSigningRequest) -> SpiffeId:
-        pub = csr.public_key()
+        try:
+            pub = csr.public_key()
+        except UnsupportedAlgorithm as exc:  # an algorithm OID cryptography does not know (fuzz)
+            raise CaError(
+                "csr-key-type", f"CSR key is of an unknown type ({exc}); workload keys must be ECDSA P-256"
+            ) from None
+        except ValueError as exc:  # e.g. an EC point that is not on its curve
+            raise CaError("csr-malformed", f"the CSR's public key cannot be read: {exc}") from None
         if isinstance(pub, rsa.RSAPublicKey):
             raise CaError("csr-key-type", f"CSR key is RSA-{pub.key_size}; workload keys must be ECDSA P-256")
         if isinstance(pub, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
@@ -401,7 +408,7 @@ class CertificateAuthority:
             raise CaError(
                 "csr-no-san", "the CSR has no subjectAltName; exactly one SPIFFE URI SAN is required"
             ) from None
-        except ValueError as exc:  # duplicate or unparseable extensions
+        except CERT_PARSE_ERRORS as exc:  # duplicate or unparseable extensions
             raise CaError("csr-malformed", f"CSR extensions cannot be parsed: {exc}") from None
         others = [n for n in san if not isinstance(n, x509.UniformResourceIdentifier)]
         if others:
@@ -500,7 +507,7 @@ def _parse_csr(csr_pem: bytes | str) -> x509.CertificateSigningRequest:
     try:
         csr = x509.load_pem_x509_csr(csr_pem)
         csr.extensions  # noqa: B018 - force parsing now so malformed extensions fail here
-    except ValueError as exc:
+    except CERT_PARSE_ERRORS as exc:  # e.g. a CSR "version 5", or two SAN extensions (fuzz)
         raise CaError("csr-malformed", f"the CSR cannot be parsed: {exc}") from None
     return csr
 

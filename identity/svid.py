@@ -3,7 +3,7 @@
 :func:`verify_svid` applies the X509-SVID spec (§3-§5) at an injected time:
 
 1. leaf rules (§5.2, §4.1, §4.3, §4.4): exactly one URI SAN holding a valid SPIFFE ID with a
-   non-root path; not a CA; keyUsage present with digitalSignature and without
+   non-root path; not a CA; keyUsage present, critical, with digitalSignature and without
    keyCertSign/cRLSign; if EKU is present it carries serverAuth and clientAuth;
 2. signing-certificate rules (§3.2): every other certificate in the presented chain is a CA
    with keyCertSign, and its SPIFFE ID, if any, has no path;
@@ -26,13 +26,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from identity.bundle import TrustBundleSet
+from identity.bundle import CERT_PARSE_ERRORS, TrustBundleSet
 from identity.spiffe import SpiffeId, SpiffeIdError
 
 MAX_CHAIN_LENGTH = 8  # leaf + intermediates; deeper chains are not something a mesh issues
@@ -49,7 +49,10 @@ class SvidError(Exception):
 
 
 def _describe(cert: x509.Certificate) -> str:
-    subject = cert.subject.rfc4514_string()
+    try:
+        subject = cert.subject.rfc4514_string()
+    except CERT_PARSE_ERRORS:  # names are decoded lazily; a bad one must not hide the real refusal
+        subject = ""
     return f"certificate {subject!r}" if subject else f"certificate serial {cert.serial_number:x}"
 
 
@@ -66,7 +69,7 @@ def load_pem_chain(data: bytes) -> list[x509.Certificate]:
         raise SvidError("pem", "a PEM certificate block is truncated (BEGIN without END)")
     try:
         certs = x509.load_pem_x509_certificates(data)
-    except ValueError as exc:
+    except CERT_PARSE_ERRORS as exc:
         raise SvidError("pem", f"cannot parse PEM certificate: {exc}") from None
     return certs
 
@@ -74,7 +77,7 @@ def load_pem_chain(data: bytes) -> list[x509.Certificate]:
 def _extensions(cert: x509.Certificate) -> x509.Extensions:
     try:
         return cert.extensions
-    except ValueError as exc:  # duplicate or undecodable extensions
+    except CERT_PARSE_ERRORS as exc:  # duplicate or undecodable extensions
         raise SvidError(
             "malformed-certificate", f"{_describe(cert)} has malformed extensions: {exc}"
         ) from None
@@ -111,11 +114,16 @@ def leaf_spiffe_id(cert: x509.Certificate) -> SpiffeId:
     except x509.ExtensionNotFound:
         pass  # absent basicConstraints means cA=false (RFC 5280 §4.2.1.9 DEFAULT FALSE)
     try:
-        ku = exts.get_extension_for_class(x509.KeyUsage).value
+        ku_ext = exts.get_extension_for_class(x509.KeyUsage)
     except x509.ExtensionNotFound:
         raise SvidError(
             "leaf-no-key-usage", "leaf has no keyUsage extension (required on every SVID)"
         ) from None
+    if not ku_ext.critical:
+        # X509-SVID §4.3: "MUST be set on all SVIDs, and MUST be marked critical". A verifier
+        # that does not know the extension must refuse the certificate, not ignore the limits.
+        raise SvidError("leaf-key-usage-not-critical", "leaf keyUsage extension is not marked critical")
+    ku = ku_ext.value
     if not ku.digital_signature:
         raise SvidError("leaf-no-digital-signature", "leaf keyUsage lacks digitalSignature")
     if ku.key_cert_sign:
@@ -274,9 +282,13 @@ class WorkloadCredential:
             raise SvidError("empty-chain", "a credential needs at least its leaf certificate")
         pub = serialization.PublicFormat.SubjectPublicKeyInfo
         der = serialization.Encoding.DER
-        if self.private_key.public_key().public_bytes(der, pub) != self.chain[0].public_key().public_bytes(
-            der, pub
-        ):
+        try:
+            leaf_key = self.chain[0].public_key().public_bytes(der, pub)
+        except (ValueError, UnsupportedAlgorithm) as exc:  # e.g. an EC point not on its curve (fuzz)
+            raise SvidError(
+                "malformed-certificate", f"the leaf's public key cannot be read: {exc}"
+            ) from None
+        if self.private_key.public_key().public_bytes(der, pub) != leaf_key:
             raise SvidError("key-mismatch", "the private key does not match the leaf certificate")
         leaf_id = leaf_spiffe_id(self.chain[0])
         if leaf_id != self.spiffe_id:

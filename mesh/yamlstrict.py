@@ -53,7 +53,11 @@ def load_documents(text: str) -> list[Any]:
     """Every document of the stream (None for an empty one); raises :class:`YamlSyntaxError`."""
     try:
         return list(yaml.load_all(text, Loader=StrictLoader))
-    except yaml.YAMLError as exc:
+    except RecursionError:  # PyYAML's composer recurses once per nesting level (fuzz finding)
+        raise YamlSyntaxError("nested too deeply", None, None, None) from None
+    except (yaml.YAMLError, ValueError) as exc:
+        # PyYAML's constructors raise plain ValueError for a well-formed scalar they cannot build
+        # (`2024-02-30`, `!!int x`); a refusal like any other, never an escape from the parser.
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
         if mark is None:

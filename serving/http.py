@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import socket
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -42,6 +43,11 @@ MAX_CONNECTIONS = 256
 WRITE_HIGH = 256 * 1024  # unread responses buffered per connection before we stop reading
 WRITE_LOW = 64 * 1024
 SERVER_HEADER = b"ztagent"
+# An HTTP/1.x request line (RFC 9112 §3). h11 only looks at a request once its whole head is in,
+# so a line without a version (HTTP/0.9's "GET /", which never sends a blank line after it) left
+# the client waiting the full REQUEST_TIMEOUT for nothing; it is answered as soon as it is complete.
+# Same grammar as h11's request_line, so nothing h11 would accept is refused here.
+_REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [\x21-\x7e]+ HTTP/[0-9]\.[0-9]")
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,7 @@ class _HttpConnection(asyncio.Protocol):
         self.eof = False  # the client's FIN, given to h11 after the input before it
         self.eof_fed = False
         self.writing_paused = False
+        self.line_checked = False  # the current request's first line was seen to be HTTP/1.x
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -193,9 +200,19 @@ class _HttpConnection(asyncio.Protocol):
                 status = exc.error_status_hint
                 self._fail(status, f"bad request: {exc}")
                 return
-            if event is h11.NEED_DATA or event is h11.PAUSED:
+            if event is h11.NEED_DATA:
+                if not self.line_checked and self.conn.their_state is h11.IDLE:
+                    self._check_request_line()
+                return
+            if event is h11.PAUSED:
                 return
             if isinstance(event, h11.Request):
+                names = {name for name, _ in event.headers}
+                if b"content-length" in names and b"transfer-encoding" in names:
+                    # RFC 9112 §6.3: a request smuggling vector (a proxy in front may frame the body
+                    # by the other header); a server MAY reject it and MUST close the connection.
+                    self._fail(400, "bad request: both Content-Length and Transfer-Encoding")
+                    return
                 self.request, self.body_seen = event, 0
             elif isinstance(event, h11.Data):
                 self.body_seen += len(event.data)
@@ -207,6 +224,18 @@ class _HttpConnection(asyncio.Protocol):
             elif isinstance(event, h11.ConnectionClosed):
                 self.close()
                 return
+
+    def _check_request_line(self) -> None:
+        buf = self.conn.trailing_data[0]
+        end = buf.find(b"\n", 0, MAX_REQUEST_HEAD)
+        if end < 0:
+            return
+        self.line_checked = True
+        line = buf[:end].rstrip(b"\r")
+        if not _REQUEST_LINE.fullmatch(line):
+            # Answered in HTTP/1.1 and closed: a 0.9 client shows the text, a 1.x client that sent
+            # garbage gets the 400 h11 would give once the head completed, only without the wait.
+            self._fail(400, f"bad request: {line[:60]!r} is not an HTTP/1.x request line (no HTTP/0.9)")
 
     def _respond(self) -> None:
         req, self.request = self.request, None
@@ -242,6 +271,7 @@ class _HttpConnection(asyncio.Protocol):
         except h11.LocalProtocolError:
             self.close()  # the client did not finish its side (e.g. a body we did not read)
             return
+        self.line_checked = False
         self._arm_deadline()  # the next request gets its own REQUEST_TIMEOUT
 
     @staticmethod

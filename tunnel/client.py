@@ -273,7 +273,10 @@ class HboneClient:
         ``agent_address``. Returns once the server answered 200 and relaying has started; the
         stream owns ``sock`` from then on (await ``stream.done`` for the final :class:`TunnelInfo`).
         On failure raises :class:`TunnelError` and resets ``sock``."""
-        if source_address is None:
+        if source_address is None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Only an IP socket's peer is a source address; a socketpair end (in-process callers,
+            # docs/contracts.md) has none and goes without `forwarded: for=` (its peer name is ""
+            # or a path, which raised IndexError here).
             try:
                 peer = sock.getpeername()
                 source_address = Authority.of(peer[0].split("%")[0], peer[1])
@@ -490,8 +493,9 @@ class HboneClient:
             sock.close()
             raise TunnelError(
                 "connect-timeout",
-                f"no answer from {where} within {timeout:g}s: is port {agent.port} blocked by a "
-                "NetworkPolicy/firewall, or is the node down?",
+                f"no answer from {where} within {timeout:g}s: the HBONE port {agent.port} may be "
+                "blocked between the nodes (a NetworkPolicy or a firewall dropping it), or the node "
+                "is down",
             ) from None
         except ConnectionRefusedError:
             sock.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -53,14 +54,24 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {args.admin}: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    if args.output == "json":
-        json.dump(status, sys.stdout, indent=2)
-        print()
-    elif args.output == "yaml":
-        yaml.safe_dump(status, sys.stdout, sort_keys=False)
-    else:
-        render_table(status, sys.stdout)
-    return EXIT_HEALTHY if status.get("healthy") else EXIT_UNHEALTHY
+    code = EXIT_HEALTHY if status.get("healthy") else EXIT_UNHEALTHY
+    try:
+        if args.output == "json":
+            json.dump(status, sys.stdout, indent=2)
+            print()
+        elif args.output == "yaml":
+            yaml.safe_dump(status, sys.stdout, sort_keys=False)
+        else:
+            render_table(status, sys.stdout)
+        sys.stdout.flush()  # inside the try: a small output is only written here (or at exit)
+    except BrokenPipeError:
+        # The reader is gone (`ztagent status | head`): stop quietly, as CLI tools do. Python's
+        # documented idiom: point stdout at /dev/null so the flush at exit cannot fail again.
+        # The exit code still says what the status was (the status was read; only output stopped).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return code
 
 
 def _fmt_duration(seconds: float | None) -> str:

@@ -220,3 +220,43 @@ async def test_trickling_bytes_does_not_hold_a_connection_and_the_oldest_is_evic
             iw.close()
     finally:
         await s.close()
+
+
+def _until_closed(port: int, data: bytes, timeout: float) -> bytes:
+    """Send ``data`` and read until the server closes; we never half-close (a waiting client)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):  # socket.timeout (a failure) if the server never answers
+            out += chunk
+        return out
+
+
+async def test_content_length_with_transfer_encoding_is_refused_and_closed(site: RunningSite) -> None:
+    # RFC 9112 §6.3: a request smuggling vector. The chunked body is empty, so a server that
+    # frames by Transfer-Encoding sees the GET after it as a second request; we answer 400 and
+    # close, so nothing after the ambiguous request is ever read.
+    smuggle = (
+        b"POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\nGET /count HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    out = await asyncio.to_thread(_until_closed, site.port, smuggle, 5)
+    assert out.startswith(b"HTTP/1.1 400") and b"Transfer-Encoding" in out, out[:200]
+    assert out.count(b"HTTP/1.1 ") == 1 and b"connection: close" in out.lower()
+
+
+async def test_an_http09_request_is_answered_at_once_not_left_waiting(site: RunningSite) -> None:
+    # "GET /" with no version and no blank line after it: h11 waits for a head that never comes,
+    # which left the client hanging for REQUEST_TIMEOUT (10 s). Now: 400 and close, promptly.
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    out = await asyncio.to_thread(_until_closed, site.port, b"GET /count\r\n", 3)
+    assert loop.time() - started < 2
+    assert out.startswith(b"HTTP/1.1 400") and b"HTTP/0.9" in out, out[:200]
+    # A request line that is fine on its own is still given the time to send its headers.
+    with socket.create_connection(("127.0.0.1", site.port), timeout=5) as s:
+        s.sendall(b"GET /count HTTP/1.1\r\n")
+        await asyncio.sleep(0.3)
+        s.sendall(b"Host: x\r\nConnection: close\r\n\r\n")
+        got = await asyncio.to_thread(s.recv, 65536)
+    assert got.startswith(b"HTTP/1.1 200"), got[:80]

@@ -313,6 +313,13 @@ BAD_REQUESTS = [
         ["exceeds this CA's maximum 86400s"],
     ),
     (
+        # fuzz/targets/ca_request.py: an int64 near its maximum overflowed timedelta (UNKNOWN)
+        "ttl-int64-max",
+        ca_pb2.IstioCertificateRequest(csr=_good_csr, validity_duration=2**63 - 1),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["exceeds this CA's maximum 86400s"],
+    ),
+    (
         "impersonation-mismatch",
         ca_pb2.IstioCertificateRequest(
             csr=_good_csr, metadata=_meta(struct_pb2.Value(string_value=f"spiffe://{TD}/ns/ns2/sa/httpbin"))

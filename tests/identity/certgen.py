@@ -62,6 +62,7 @@ class Spec:
     ca: bool | None = False  # None: omit basicConstraints
     path_length: int | None = None
     key_usage: x509.KeyUsage | None = LEAF_KU
+    key_usage_critical: bool = True  # X509-SVID §4.3 says MUST; False builds the broken shape
     eku: Sequence[x509.ObjectIdentifier] | None = tuple(BOTH_EKU)
     not_before: dt.datetime = NOW - dt.timedelta(minutes=2)
     not_after: dt.datetime = NOW + dt.timedelta(hours=1)
@@ -111,7 +112,7 @@ def build(
     if spec.ca is not None:
         b = b.add_extension(x509.BasicConstraints(ca=spec.ca, path_length=spec.path_length), critical=True)
     if spec.key_usage is not None:
-        b = b.add_extension(spec.key_usage, critical=True)
+        b = b.add_extension(spec.key_usage, critical=spec.key_usage_critical)
     if spec.eku is not None:
         b = b.add_extension(x509.ExtendedKeyUsage(list(spec.eku)), critical=False)
     return b.sign(signer, hashes.SHA256())

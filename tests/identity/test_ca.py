@@ -198,6 +198,32 @@ def test_requested_extensions_are_ignored(root_ca: CertificateAuthority) -> None
     assert kuse.digital_signature and not kuse.key_cert_sign and not kuse.crl_sign
 
 
+@pytest.mark.parametrize("which", ["root", "plug-in intermediate"])
+def test_issued_key_usage_is_always_critical(
+    which: str, root_ca: CertificateAuthority, plugin_ca: CertificateAuthority
+) -> None:
+    # X509-SVID §4.3: keyUsage MUST be critical on every SVID, and verify_svid now refuses a leaf
+    # without it (leaf-key-usage-not-critical). Whatever the CSR asks for (here a non-critical
+    # keyUsage of its own), what the CA issues carries a critical one and passes our own validator.
+    ca = root_ca if which == "root" else plugin_ca
+    req = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(WORKLOAD_ID)]), critical=True
+        )
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=False
+        )
+        .sign(key(22), hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+    )
+    issued = ca.sign_csr(req, allowed=allow_all, now=NOW)
+    for cert in (issued.certificate, ca.certificate):  # the leaf and the CA that signed it
+        assert cert.extensions.get_extension_for_class(x509.KeyUsage).critical
+    assert verify_svid(issued.chain, TrustBundleSet.of(ca.bundle), NOW) == SID
+
+
 def test_openssl_accepts_our_chain(tmp_path: Path, plugin_ca: CertificateAuthority) -> None:
     # An independent implementation agrees the CA's output is a valid X.509 chain.
     issued = plugin_ca.sign_csr(csr_for(), allowed=allow_all, ttl=HOUR, now=NOW)
@@ -511,6 +537,22 @@ def test_bundle_refusals(pem: bytes | Callable[[], bytes], rule: str) -> None:
     assert info.value.rule == rule
 
 
+def _root_with_undecodable_san() -> bytes:
+    # Found by fuzz/targets/svid.py: cryptography parses extensions lazily, so a root whose URI
+    # SAN is not IA5 loads fine and raised a bare ValueError from the basicConstraints check.
+    der = bytearray(build_cert(ca_spec("odd root"), key(32)).public_bytes(serialization.Encoding.DER))
+    at = der.find(f"spiffe://{TD}".encode())
+    der[at] = 0xFF  # same length, so the DER stays well formed; the IA5String does not
+    cert = x509.load_der_x509_certificate(bytes(der))
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def test_bundle_root_with_malformed_extensions_is_a_bundle_error() -> None:
+    with pytest.raises(BundleError) as info:
+        TrustBundle.from_pem(TD, _root_with_undecodable_san())
+    assert info.value.rule == "malformed-certificate"
+
+
 _seg = st.text(st.sampled_from("abcXYZ019._-"), min_size=1, max_size=40).filter(
     lambda s: s not in (".", "..")
 )
@@ -523,3 +565,66 @@ def test_any_valid_id_round_trips_through_issuance_and_verification(segments: li
     ca = CertificateAuthority.create_root(TD, NOW - HOUR, key=key(20))
     issued = ca.sign_csr(build_csr(key(22), sid), allowed=lambda i: i == sid, now=NOW)
     assert verify_svid(issued.chain, TrustBundleSet.of(ca.bundle), NOW) == sid
+
+
+def _bump_version(der: bytes, tlv: bytes, to: int) -> bytes:
+    out = bytearray(der)
+    at = out.find(tlv)
+    assert at > 0
+    out[at + len(tlv) - 1] = to
+    return bytes(out)
+
+
+def _armor(der: bytes, label: str) -> bytes:
+    body = base64.encodebytes(der)
+    return f"-----BEGIN {label}-----\n".encode() + body + f"-----END {label}-----\n".encode()
+
+
+def test_unknown_x509_and_csr_versions_are_typed_refusals(root_ca: CertificateAuthority) -> None:
+    # Found by the fuzz targets: cryptography raises x509.InvalidVersion (not a ValueError) for a
+    # certificate or CSR with an unknown version; it escaped the bundle loader, the plug-in CA
+    # loader and sign_csr, where the CA server turned it into UNKNOWN with a traceback.
+    root_der = root_ca.certificate.public_bytes(serialization.Encoding.DER)
+    bad_root = _armor(_bump_version(root_der, bytes([0xA0, 0x03, 0x02, 0x01, 0x02]), 3), "CERTIFICATE")
+    with pytest.raises(BundleError) as binfo:
+        TrustBundle.from_pem(TD, bad_root)
+    assert binfo.value.rule == "pem"
+    with pytest.raises(CaError) as linfo:
+        CertificateAuthority.load(bad_root, root_ca.key_pem())
+    assert linfo.value.rule == "ca-chain-pem"
+    csr_der = x509.load_pem_x509_csr(csr_for()).public_bytes(serialization.Encoding.DER)
+    bad_csr = _armor(_bump_version(csr_der, bytes([0x02, 0x01, 0x00]), 5), "CERTIFICATE REQUEST")
+    with pytest.raises(CaError) as cinfo:
+        root_ca.sign_csr(bad_csr, allowed=allow_all, now=NOW)
+    assert cinfo.value.rule == "csr-malformed"
+
+
+def test_a_csr_with_two_san_extensions_is_malformed(root_ca: CertificateAuthority) -> None:
+    # Same class as the svid fuzz finding: DuplicateExtension is not a ValueError, so it escaped
+    # sign_csr and the CA server answered UNKNOWN. SAN + issuerAltName, then the OID patched.
+    uri = x509.UniformResourceIdentifier(WORKLOAD_ID)
+    der = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(x509.SubjectAlternativeName([uri]), critical=True)
+        .add_extension(x509.IssuerAlternativeName([uri]), critical=False)
+        .sign(key(22), hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+    ian_oid = bytes([0x06, 0x03, 0x55, 0x1D, 0x12])
+    dup = _armor(der.replace(ian_oid, ian_oid[:-1] + b"\x11"), "CERTIFICATE REQUEST")
+    with pytest.raises(CaError) as info:
+        root_ca.sign_csr(dup, allowed=allow_all, now=NOW)
+    assert info.value.rule == "csr-malformed"
+
+
+def test_a_csr_with_an_unknown_key_algorithm_is_a_key_type_refusal(root_ca: CertificateAuthority) -> None:
+    # Found by fuzz/targets/ca_request.py: cryptography raises UnsupportedAlgorithm for a key
+    # OID it does not know; it escaped sign_csr and the CA server answered UNKNOWN.
+    der = x509.load_pem_x509_csr(csr_for()).public_bytes(serialization.Encoding.DER)
+    ec_oid = bytes([0x06, 0x07, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x02, 0x01])  # id-ecPublicKey
+    assert der.count(ec_oid) == 1
+    odd = _armor(der.replace(ec_oid, ec_oid[:-2] + b"\x42\x01"), "CERTIFICATE REQUEST")  # ...10045.66.1
+    with pytest.raises(CaError) as info:
+        root_ca.sign_csr(odd, allowed=allow_all, now=NOW)
+    assert info.value.rule == "csr-key-type"

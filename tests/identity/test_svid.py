@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime as dt
 from collections.abc import Callable
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from identity.bundle import TrustBundle, TrustBundleSet
@@ -98,6 +99,7 @@ LEAF_RULES = [
     ("leaf-is-ca", Spec(ca=True)),
     ("leaf-is-ca", Spec(ca=True, key_usage=ku(digital_signature=True, key_cert_sign=True))),
     ("leaf-no-key-usage", Spec(key_usage=None)),
+    ("leaf-key-usage-not-critical", Spec(key_usage_critical=False)),
     ("leaf-no-digital-signature", Spec(key_usage=ku(key_encipherment=True))),
     ("leaf-key-cert-sign", Spec(key_usage=ku(digital_signature=True, key_cert_sign=True))),
     ("leaf-crl-sign", Spec(key_usage=ku(digital_signature=True, crl_sign=True))),
@@ -311,3 +313,71 @@ def test_leaf_spiffe_id_alone_applies_leaf_rules() -> None:
     assert leaf_spiffe_id(leaf()) == SpiffeId.parse(WORKLOAD_ID)
     with pytest.raises(SvidError, match="leaf-is-ca"):
         leaf_spiffe_id(build(Spec(ca=True, key_usage=CA_KU), LEAF_KEY))
+
+
+def test_credential_with_an_unreadable_leaf_key_is_an_svid_error() -> None:
+    # Found by fuzz/targets/svid.py: a leaf whose EC point is not on the curve made
+    # WorkloadCredential raise cryptography's bare ValueError instead of an SvidError.
+    good = leaf()
+    der = bytearray(good.public_bytes(serialization.Encoding.DER))
+    point = LEAF_KEY.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    at = der.find(point)
+    assert at > 0
+    der[at + len(point) - 1] ^= 1  # last byte of Y: no longer a point on P-256
+    broken = x509.load_der_x509_certificate(bytes(der))
+    with pytest.raises(SvidError) as info:
+        WorkloadCredential.from_chain(LEAF_KEY, [broken, PKI.inter])
+    assert info.value.rule == "malformed-certificate"
+
+
+def test_a_certificate_with_an_unknown_x509_version_is_a_pem_error() -> None:
+    # Found by fuzz/targets/svid.py: cryptography raises x509.InvalidVersion, which is not a
+    # ValueError, so it escaped load_pem_chain untyped.
+    der = bytearray(leaf().public_bytes(serialization.Encoding.DER))
+    at = der.find(bytes([0xA0, 0x03, 0x02, 0x01, 0x02]))  # [0] EXPLICIT INTEGER 2 (= v3)
+    der[at + 4] = 3  # "v4": no such version
+    pem = b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(bytes(der)) + b"-----END CERTIFICATE-----\n"
+    with pytest.raises(SvidError) as info:
+        load_pem_chain(pem)
+    assert info.value.rule == "pem"
+
+
+def test_an_intermediate_with_an_undecodable_subject_is_an_svid_error() -> None:
+    # Found by fuzz/targets/svid.py: naming the certificate in a message decoded its subject,
+    # and cryptography's ValueError escaped verify_svid instead of the chain's real refusal.
+    der = bytearray(PKI.inter.public_bytes(serialization.Encoding.DER))
+    at = der.find(f"{TD} intermediate".encode())
+    der[at] = 0xFF  # not UTF-8 any more; same length, so the DER stays well formed
+    bad_inter = x509.load_der_x509_certificate(bytes(der))
+    with pytest.raises(SvidError) as info:
+        verify_svid([leaf(), bad_inter], bundles(PKI), NOW)
+    assert info.value.rule in ("foreign-signer", "path-validation")
+
+
+def test_a_leaf_with_two_san_extensions_is_malformed() -> None:
+    # Found by fuzz/targets/svid.py: cryptography's DuplicateExtension is not a ValueError and
+    # escaped verify_svid. Built as SAN + issuerAltName (same value, so same length), then the
+    # second extension's OID is turned into the SAN's (2.5.29.18 -> 2.5.29.17).
+    uri = x509.UniformResourceIdentifier(WORKLOAD_ID)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(PKI.inter.subject)
+        .public_key(LEAF_KEY.public_key())
+        .serial_number(7)
+        .not_valid_before(NOW - dt.timedelta(minutes=2))
+        .not_valid_after(NOW + dt.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([uri]), critical=True)
+        .add_extension(x509.IssuerAlternativeName([uri]), critical=False)
+        .add_extension(ku(digital_signature=True), critical=True)
+        .sign(PKI.inter_key, hashes.SHA256())
+    )
+    der = cert.public_bytes(serialization.Encoding.DER)
+    ian_oid = bytes([0x06, 0x03, 0x55, 0x1D, 0x12])
+    assert der.count(ian_oid) == 1
+    dup = x509.load_der_x509_certificate(der.replace(ian_oid, ian_oid[:-1] + b"\x11"))
+    with pytest.raises(SvidError) as info:
+        verify_svid([dup, PKI.inter], bundles(PKI), NOW)
+    assert info.value.rule == "malformed-certificate"

@@ -276,8 +276,50 @@ async def test_connect_timeout_names_the_likely_cause(client_cred, server_cred, 
             mesh.server_addr = Authority.of(*blackhole.getsockname())
             err = await expect_reset(mesh)
             assert err.kind == "connect-timeout", err
-            assert "within 0.5s" in str(err) and "NetworkPolicy/firewall" in str(err)
+            assert "within 0.5s" in str(err)
+            assert f"HBONE port {mesh.server_addr.port} may be blocked between the nodes" in str(err)
+            assert "NetworkPolicy or a firewall" in str(err)
     finally:
         for f in fillers:
             f.close()
         blackhole.close()
+
+
+async def test_open_tunnel_on_a_socketpair_end(client_cred, server_cred, bundles) -> None:
+    """docs/contracts.md: open_tunnel takes any connected socket, also a socketpair end (in-process
+    callers such as a waypoint). Its peer has no IP address: the tunnel goes without a
+    `forwarded` header (the server then uses the connection's peer), instead of IndexError."""
+    seen: list[AuthzRequest] = []
+
+    async def record(req: AuthzRequest) -> AuthzDecision:
+        seen.append(req)
+        return AuthzDecision(True, "test")
+
+    async with running_mesh(
+        client_cred=client_cred, server_cred=server_cred, bundles=bundles, authorize=record
+    ) as mesh:
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        stream = await asyncio.wait_for(
+            mesh.client.open_tunnel(
+                ours,
+                source=client_cred,
+                destination=mesh.backend,
+                agent_address=mesh.server_addr,
+                expected_identities=mesh.expected,
+            ),
+            10,
+        )
+        try:
+            theirs.sendall(b"through a socketpair")
+            theirs.settimeout(5)
+            got = b""
+            while len(got) < 20:
+                got += await asyncio.to_thread(theirs.recv, 100)
+            assert got == b"through a socketpair"
+            assert stream.info.source is None
+            (req,) = seen
+            assert "forwarded" not in req.headers and req.source.ip.is_loopback
+        finally:
+            theirs.close()
+            stream.abort()

@@ -153,7 +153,9 @@ def check_request(fields: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
 def check_response(fields: Iterable[tuple[bytes, bytes]]) -> tuple[int, dict[str, str]]:
     out = _check_fields(fields, frozenset({":status"}))
     text = out.get(":status", "")
-    if len(text) != 3 or not text.isdigit():
+    # str.isdigit() is true for '¹' and other non-ASCII digits, which int() refuses (found by
+    # fuzz/targets/hbone_frames.py): only the ASCII digits are a status code.
+    if len(text) != 3 or not all("0" <= ch <= "9" for ch in text):
         raise MalformedHeaders(f"response :status {text!r} is not a 3-digit code")
     status = int(text)
     if status == 101:
