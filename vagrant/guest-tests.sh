@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Runs inside the lab VM as root: records what the kernel offers, then ztagent's kernel tests.
+#
+#   sudo bash /ztagent/vagrant/guest-tests.sh [pytest args...]    (default: -m kernel tests/kernel)
+#
+# Results go to /var/tmp/ztagent-results: junit.xml, pytest.log, kernel.txt (uname, bpftool feature
+# probe of the program types and helpers capture needs), rc. make vagrant-test copies them out.
+set -uo pipefail
+OUT=/var/tmp/ztagent-results
+rm -rf "$OUT"; mkdir -p "$OUT"
+cd /ztagent
+PY=/opt/ztagent-venv/bin/python
+[ -x "$PY" ] || PY=/ztagent/.venv/bin/python
+mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+{
+  echo "uname: $(uname -r) $(uname -v)"
+  echo "os: $(. /etc/os-release; echo "$PRETTY_NAME")"
+  echo "python: $($PY --version 2>&1)  bcc: $($PY -c 'import bcc; print(bcc.__version__)' 2>&1 | tail -n 1)"
+  echo "nft: $(nft --version 2>&1)  bpftool: $(bpftool version 2>&1 | head -n 1)"
+  echo "--- bpftool feature probe kernel (what capture uses)"
+  bpftool feature probe kernel 2>/dev/null | grep -E \
+    "program_type sk_lookup|program_type sched_cls|map_type sockmap|map_type hash |bpf_sk_assign|bpf_sk_lookup_tcp|bpf_map_lookup_elem|bpf_sk_release" \
+    | grep -E "sk_lookup|bpf_sk_assign|sockmap|hash is" | sort -u
+  echo "--- bpftool feature probe: helpers available to sk_lookup programs"
+  bpftool feature probe kernel 2>/dev/null | sed -n '/program type sk_lookup/,/^$/p' | head -n 80
+} > "$OUT/kernel.txt" 2>&1
+args=("$@")
+[ ${#args[@]} -gt 0 ] || args=(-m kernel tests/kernel)
+echo "[guest-tests] $(uname -r): pytest ${args[*]}" >&2
+# Slower than native under emulation: the tests' own bounded waits stay as they are; only pytest's
+# per-test ceiling is raised.
+timeout "${ZTAGENT_GUEST_TIMEOUT:-5400}" "$PY" -m pytest -p no:cacheprovider -o timeout=900 -rA \
+  --junitxml="$OUT/junit.xml" "${args[@]}" 2>&1 | tee "$OUT/pytest.log"
+rc=${PIPESTATUS[0]}
+echo "$rc" > "$OUT/rc"
+chmod -R a+rX "$OUT"
+exit "$rc"
