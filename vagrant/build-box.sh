@@ -46,7 +46,9 @@ kernel_profile() {
     debian13) SUITE=trixie ;;                                 # 6.12
     debian12-bpo) SUITE=bookworm KSUITE=bookworm-backports    # 6.12 (backports) on Debian 12's userland
                   EXTRA_SOURCES="deb $MIRROR bookworm-backports main" ;;
-    *) die "unknown KERNEL=$KERNEL (known: debian12 debian13 debian12-bpo; add one in kernel_profile)" ;;
+    debian12-k510) SUITE=bookworm KSUITE=bullseye         # 5.10 (Debian 11's) on Debian 12's userland:
+                  EXTRA_SOURCES="deb $MIRROR bullseye main" ;; # older than capture needs (bpf/README.md)
+    *) die "unknown KERNEL=$KERNEL (known: debian12 debian13 debian12-bpo debian12-k510; add one in kernel_profile)" ;;
   esac
 }
 kernel_profile
@@ -147,11 +149,16 @@ in_chroot() { DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8 $NICE chroot "$ROOTF
 # cached rootfs in place instead of rebuilding it. Any change touches rootfs/.done, which rebuilds the disk.
 build_base() {
   local tmp=$BUILD/rootfs.tmp
+  ROOTFS=$tmp
+  # A base whose packages are in (.packages-done) resumes at the configuration after a failure.
+  if [ -f "$tmp/.packages-done" ]; then
+    log "resuming $tmp: packages are in"
+    mount_chroot "$tmp"
+  else
   rm -rf "$tmp"
   log "debootstrap $SUITE (minbase) into $tmp"
   $NICE debootstrap --variant=minbase --keyring="$KEYRING" --include=ca-certificates "$SUITE" "$tmp" "$MIRROR" \
     > "$BUILD/debootstrap.log" 2>&1 || { tail -n 20 "$BUILD/debootstrap.log" >&2; die "debootstrap failed (log: $BUILD/debootstrap.log)"; }
-  ROOTFS=$tmp
   {
     echo "deb $MIRROR $SUITE main"
     echo "deb $MIRROR $SUITE-updates main"
@@ -178,9 +185,12 @@ build_base() {
   if in_chroot apt-cache show systemd-networkd >/dev/null 2>&1; then   # its own package from trixie on
     in_chroot apt-get install -y -q --no-install-recommends systemd-networkd >> "$BUILD/apt.log" 2>&1
   fi
+  touch "$tmp/.packages-done"
+  fi
   check_headers "$tmp"
   configure_guest "$tmp"
   cleanup
+  rm -f "$tmp/.packages-done"
   rm -rf "$BUILD/rootfs"; mv "$tmp" "$BUILD/rootfs"
   ROOTFS=$BUILD/rootfs
 }
@@ -213,12 +223,13 @@ sync_packages() {
   fi
   for p in "${repack[@]}"; do
     log "repacking the host's $p into the box (not in $SUITE's archive)"
+    # Uncompressed: kubectl alone is 400 MB, which xz would take minutes over for a deb used once.
     rm -f "$BUILD"/"$p"_*.deb
-    (cd "$BUILD" && dpkg-repack "$p" >> "$BUILD/apt.log" 2>&1) || die "dpkg-repack $p failed"
+    (cd "$BUILD" && dpkg-repack --deb-option=-Znone "$p" >> "$BUILD/apt.log" 2>&1) || die "dpkg-repack $p failed"
     cp "$BUILD"/"$p"_*.deb "$ROOTFS/tmp/"
     in_chroot sh -c "apt-get install -y -q --no-install-recommends /tmp/${p}_*.deb" >> "$BUILD/apt.log" 2>&1 \
       || die "installing the repacked $p failed"
-    rm -f "$ROOTFS"/tmp/"$p"_*.deb
+    rm -f "$ROOTFS"/tmp/"$p"_*.deb "$BUILD"/"$p"_*.deb
   done
   check_headers "$ROOTFS"
   quiet_services "$ROOTFS"
@@ -261,7 +272,8 @@ check_headers() {
   kver=$(ls "$d/lib/modules" | sort -V | tail -n 1)
   [ "$(ls "$d/lib/modules" | wc -l)" = 1 ] || die "more than one kernel in the box: $(ls "$d/lib/modules")"
   [ -d "$d/usr/src/linux-headers-$kver" ] || die "headers for $kver missing (have: $(ls "$d/usr/src"))"
-  [ -e "$d/lib/modules/$kver/build" ] || die "/lib/modules/$kver/build missing"
+  # Resolved inside the rootfs: the link is absolute (/usr/src/...), which the host would resolve in its own tree.
+  chroot "$d" test -e "/lib/modules/$kver/build/include" || die "/lib/modules/$kver/build does not lead to headers"
   log "kernel $kver with matching headers"
   echo "$kver" > "$BUILD/kernel-version"
 }
@@ -340,11 +352,13 @@ build_disk() {
   rm -f "$raw"
   truncate -s "${DISK_GB}G" "$raw"
   parted -s "$raw" mklabel msdos mkpart primary ext4 1MiB 100% set 1 boot on
-  LOOP=$(losetup -f --show -P "$raw")
-  log "disk on $LOOP"
+  # The loop device maps the partition itself (offset 1 MiB): partition scanning (losetup -P) needs
+  # udev to make /dev/loopNp1, which machines without a system manager (like this one) do not run.
+  LOOP=$(losetup -f --show -o $((1024 * 1024)) "$raw")
+  log "partition on $LOOP"
   # extlinux 6.04 reads ext4 without the 64bit feature.
-  mkfs.ext4 -q -F -L ztroot -U "$ROOT_UUID" -O ^64bit "${LOOP}p1"
-  mkdir -p "$MNT"; mount "${LOOP}p1" "$MNT"
+  mkfs.ext4 -q -F -L ztroot -U "$ROOT_UUID" -O ^64bit "$LOOP"
+  mkdir -p "$MNT"; mount "$LOOP" "$MNT"
   log "copying the rootfs ($(du -sh --exclude=proc "$ROOTFS" 2>/dev/null | cut -f1))"
   $NICE tar -C "$ROOTFS" --exclude=./.done -cf - . | tar -C "$MNT" -xpf -
   mkdir -p "$MNT/boot/extlinux"

@@ -23,6 +23,12 @@ mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
     | grep -E "sk_lookup|bpf_sk_assign|sockmap|hash is" | sort -u
   echo "--- bpftool feature probe: helpers available to sk_lookup programs"
   bpftool feature probe kernel 2>/dev/null | sed -n '/program type sk_lookup/,/^$/p' | head -n 80
+  echo "--- nftables table with flags owner (the fast-reset guard, Linux >= 5.12)"
+  if msg=$(printf 'table ip ztagent-vagrant-probe { flags owner; }\n' | nft -f - 2>&1); then
+    echo "owner tables: supported"
+  else
+    echo "owner tables: refused: $msg"
+  fi
 } > "$OUT/kernel.txt" 2>&1
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(-m kernel tests/kernel)

@@ -14,7 +14,7 @@ log() { printf '[vagrant-lab] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "run as root (libvirtd, loop devices)"
 export VAGRANT_CWD=$HERE
-KNOWN_KERNELS="debian12 debian13 debian12-bpo"
+KNOWN_KERNELS="debian12 debian13 debian12-bpo debian12-k510"
 
 # No system manager here: start libvirt's daemons by hand when they are not running.
 daemons() {
@@ -55,10 +55,10 @@ lab_test() {
   log "libvirt driver: $ZTAGENT_LIBVIRT_DRIVER"
   trap teardown EXIT
   log "vagrant up ($(( $(date +%s) - t0 ))s)"
-  vagrant up --provider libvirt || die "vagrant up failed"
-  # A halted machine from an earlier run comes up without provisioning: sync this tree and run the
-  # (idempotent) setup again, which reinstalls the project only if pyproject.toml changed.
-  vagrant rsync && vagrant provision || die "sync/provision failed"
+  # `up` syncs the tree; provisioning runs once, here, for a new and for a halted machine alike: the
+  # project's setup is idempotent and reinstalls the project only if pyproject.toml changed.
+  vagrant up --provider libvirt --no-provision || die "vagrant up failed"
+  vagrant provision || die "provisioning failed"
   log "kernel tests ($(( $(date +%s) - t0 ))s)"
   vagrant ssh -c "sudo ZTAGENT_GUEST_TIMEOUT=${ZTAGENT_GUEST_TIMEOUT:-5400} bash /ztagent/vagrant/guest-tests.sh $*"
   rc=$?
