@@ -415,5 +415,7 @@ if [ -f "$BOX" ] && [ "$BOX" -nt "$DISK" ]; then log "box file cached"; else bui
 if [ "$ADD" = 1 ]; then
   log "vagrant box add $BOXNAME"
   vagrant box add --force --name "$BOXNAME" --provider libvirt "$BOX" >&2
+  # Vagrant keeps its own copy; disk.qcow2 stays to package it again.
+  rm -f "$BOX"
 fi
 log "done in $(( $(date +%s) - t0 ))s"

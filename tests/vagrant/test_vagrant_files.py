@@ -80,7 +80,7 @@ def test_lab_scripts_parse(name: str) -> None:
 
 
 @pytest.mark.parametrize(("kernel", "suite"), [("debian12", "bookworm"), ("debian13", "trixie"),
-                                               ("debian12-bpo", "bookworm")])
+                                               ("debian12-bpo", "bookworm"), ("debian12-k510", "bookworm")])
 def test_build_box_dry_run_plans_and_checks_its_tools(kernel: str, suite: str, tmp_path: Path) -> None:
     out = subprocess.run(["bash", str(BUILD_BOX), "--dry-run", kernel], capture_output=True, text=True,
                          timeout=60, env={**os.environ, "ZTAGENT_VAGRANT_BUILD": str(tmp_path)})
