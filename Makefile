@@ -35,3 +35,20 @@ fuzz: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# The kernel lab (vagrant/README.md): the kernel tests inside a VM with another kernel. Not part of
+# `make test` (a run takes ~30 min under emulation); tests/vagrant checks the files in CI.
+KERNEL ?= debian12
+.PHONY: vagrant-setup vagrant-box vagrant-test vagrant-clean
+
+vagrant-setup:
+	bash vagrant/setup-host.sh
+
+vagrant-box: setup vagrant-setup
+	nice -n 10 bash vagrant/build-box.sh $(KERNEL)
+
+vagrant-test: setup vagrant-setup
+	bash vagrant/lab.sh test $(KERNEL)
+
+vagrant-clean:
+	bash vagrant/lab.sh clean

@@ -202,8 +202,11 @@ class Capture:
         except subprocess.TimeoutExpired as e:
             raise CaptureError(f"eBPF loader did not finish in {LOADER_TIMEOUT_S}s") from e
         if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-            raise CaptureError("eBPF loader failed: " + " | ".join(tail))
+            lines = (proc.stderr or proc.stdout).strip().splitlines()
+            # The verifier's reason (on Linux < 5.17: "invalid bpf_context access" for ingress_ifindex)
+            # comes before BCC's traceback; without it the error says only "Permission denied".
+            why = [ln.strip() for ln in lines[:-5] if "invalid" in ln or "unknown func" in ln][-2:]
+            raise CaptureError("eBPF loader failed: " + " | ".join(why + lines[-5:]))
         json.loads(proc.stdout)  # the loader's report; malformed output means something else ran
 
     def _require(self) -> PinnedCapture:

@@ -18,6 +18,7 @@ APT_PACKAGES=(
   containernetworking-plugins                             # real CNI plugins (ptp, bridge, host-local) for cni/
   kubectl                                                 # real client for tests/kubeapi (v1.32, in the image; Debian's kubernetes-client is 1.20)
   python3-venv
+  vagrant vagrant-libvirt                                 # `vagrant validate` of vagrant/Vagrantfile in tests/vagrant (~40 MB of Ruby, no daemons; the VM host's libvirt/QEMU: vagrant/setup-host.sh)
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
