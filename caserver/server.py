@@ -277,7 +277,7 @@ class CaServer(ca_pb2_grpc.IstioCertificateServiceServicer):
             target = f"unix:{path}"
         else:
             host, sep, port = listen.rpartition(":")
-            if not sep or not host or not port.isdigit():
+            if not sep or not host or not (port.isascii() and port.isdigit()):
                 raise ValueError(f"--listen {listen!r}: expected unix:/path or host:port")
             target = listen
         bound = server.add_secure_port(target, self.server_credentials())

@@ -225,7 +225,8 @@ def _kind_for(code: Status) -> str:
 
 def _check_address(address: str) -> None:
     host, _, port = address.rpartition(":")
-    tcp = bool(host) and port.isdigit() and "/" not in host and not address.startswith("unix:")
+    numeric_port = port.isascii() and port.isdigit()
+    tcp = bool(host) and numeric_port and "/" not in host and not address.startswith("unix:")
     if not (address.startswith("unix:/") or tcp):
         raise ValueError(f"CA address {address!r}: expected unix:/absolute/path or host:port")
 

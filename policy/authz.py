@@ -262,7 +262,7 @@ def _condition_match(key: str, values: tuple[str, ...], negative: bool) -> dict[
     if key == "destination.ip":
         return {f"{pre}destination_ips": _values_to_ips(values)}
     if key == "destination.port":
-        return {f"{pre}ports": frozenset(int(v) for v in values if v.isdigit())}
+        return {f"{pre}ports": frozenset(int(v) for v in values if v.isascii() and v.isdigit())}
     if key == "source.namespace":
         return {f"{pre}namespaces": tuple(StringMatch.parse(v) for v in values)}
     if key == "source.trustDomain":

@@ -282,7 +282,7 @@ def _strip_port(host: str) -> str:
         end = host.find("]")
         return host[: end + 1] if end != -1 else host
     head, sep, tail = host.rpartition(":")
-    if sep and tail.isdigit() and ":" not in head:
+    if sep and tail.isascii() and tail.isdigit() and ":" not in head:
         return head
     return host
 
@@ -620,7 +620,7 @@ def _condition(c: Condition, policy_ns: str) -> _CondCompiled:
             get = {"source.ip": _src_ip, "remote.ip": _remote_ip, "destination.ip": _dst_ip}[key]
             return _ip_pred(nets, get, negative)
         if key == "destination.port":
-            ports = frozenset(int(v) for v in values if v.isdigit())
+            ports = frozenset(int(v) for v in values if v.isascii() and v.isdigit())
             return (
                 (lambda r: r.destination_port not in ports)
                 if negative

@@ -276,7 +276,7 @@ def parse_ip_block(s: str) -> IPNetwork | None:
     try:
         if "/" in s:
             addr, _, bits = s.partition("/")
-            if not bits.isdigit() or (len(bits) > 1 and bits[0] == "0"):
+            if not (bits.isascii() and bits.isdigit()) or (len(bits) > 1 and bits[0] == "0"):
                 return None
             ipaddress.ip_address(addr)  # refuse "10.0.0/8", which ip_network would also refuse
             return ipaddress.ip_network(s, strict=False)

@@ -102,7 +102,8 @@ class Authority:
                 ip = ipaddress.IPv4Address(host)
             except ValueError as exc:
                 raise HboneError(f"authority {text!r}: {host!r} is not an IPv4 address") from exc
-        if not port_text.isdigit() or len(port_text) > 5:
+        # isdigit() alone accepts '³' and other non-ASCII digits, which int() refuses (fuzz finding).
+        if not (port_text.isascii() and port_text.isdigit()) or len(port_text) > 5:
             raise HboneError(f"authority {text!r} has no valid port; HBONE needs ip:port")
         port = int(port_text)
         if not 0 < port < 65536:

@@ -11,7 +11,7 @@ import h2.config
 import h2.connection
 
 from tunnel import hbone
-from tunnel.hbone import Authority, ClientConnection
+from tunnel.hbone import Authority, ClientConnection, ServerConnection, Status
 
 DEST = Authority.parse("10.0.0.2:8080")
 
@@ -31,3 +31,26 @@ def test_a_status_of_non_ascii_digits_is_a_failed_connect_not_a_value_error() ->
     assert not ok  # never a tunnel behind a malformed answer
     assert any(isinstance(e, (hbone.ConnectResponse, hbone.StreamReset)) for e in events), events
     assert not c.stream_is_open(sid)
+
+
+def test_a_connect_authority_port_of_non_ascii_digits_is_a_400_not_a_value_error() -> None:
+    # fuzz/targets/h2_frames.py: ':authority: 10.0.0.2:8³' passed str.isdigit() and int() raised
+    # out of receive_data. It is a malformed request (400), the connection lives.
+    s = ServerConnection()
+    raw = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None, validate_outbound_headers=False)
+    )
+    raw.initiate_connection()
+    raw.send_headers(1, [(b":method", b"CONNECT"), (b":authority", "10.0.0.2:8³".encode())])
+    events = s.receive_data(raw.data_to_send(), 0.0)  # must not raise
+    assert not [e for e in events if isinstance(e, hbone.ConnectRequest)]
+    (rej,) = [e for e in events if isinstance(e, hbone.RequestRejected)]
+    assert rej.status == Status.BAD_REQUEST
+
+
+def test_authority_parse_refuses_non_ascii_digits() -> None:
+    import pytest
+
+    for text in ("10.0.0.2:8³", "10.0.0.2:٨٠", "[fd00::1]:¹"):
+        with pytest.raises(hbone.HboneError):
+            Authority.parse(text)
