@@ -149,3 +149,42 @@ def accepting(
         t.join(timeout)
         for conn, _ in accepted:
             conn.close()
+
+
+class EchoApp:
+    """A real TCP app in a pod: echoes each connection until EOF; records client addresses.
+    Bounded: it stops accepting after ``max_seconds`` and drops a connection idle ``conn_timeout``."""
+
+    def __init__(self, ns: str, port: int, *, max_seconds: float = 900, conn_timeout: float = 120) -> None:
+        self.sock = socket_in(ns)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("0.0.0.0", port))
+        self.sock.listen(64)
+        self.sock.settimeout(0.1)
+        self.peers: list[str] = []
+        self._max_seconds = max_seconds
+        self._conn_timeout = conn_timeout
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+
+    def _loop(self) -> None:
+        end = time.monotonic() + self._max_seconds
+        while not self._stop.is_set() and time.monotonic() < end:
+            try:
+                conn, peer = self.sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            self.peers.append(peer[0])
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(self._conn_timeout)
+        with conn, contextlib.suppress(OSError):
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._t.join(5)
+        self.sock.close()

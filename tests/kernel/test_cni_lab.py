@@ -24,7 +24,6 @@ import secrets
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ import pytest
 from lab import cni as lab_cni
 from lab import topology as topo
 from lab.runner import UpOptions, http_get_in, restart_agent, up
-from tests.kernel.nsutil import requires_bcc, socket_in
+from tests.kernel.nsutil import EchoApp, requires_bcc, socket_in
 
 pytestmark = [
     pytest.mark.kernel,
@@ -64,42 +63,6 @@ workloads:
   - {name: other, namespace: frontend, serviceAccount: other, node: node-a, ips: [10.244.1.4], labels: {app: other}}
   - {name: httpbin, namespace: backend, serviceAccount: httpbin, node: node-b, ips: [10.244.2.2], labels: {app: httpbin}}
 """
-
-
-class EchoApp:
-    """A real TCP app in a pod: echoes each connection until EOF; records client addresses."""
-
-    def __init__(self, ns: str, port: int) -> None:
-        self.sock = socket_in(ns)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("0.0.0.0", port))
-        self.sock.listen(64)
-        self.sock.settimeout(0.1)
-        self.peers: list[str] = []
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._loop, daemon=True)
-        self._t.start()
-
-    def _loop(self) -> None:
-        end = time.monotonic() + 600
-        while not self._stop.is_set() and time.monotonic() < end:
-            try:
-                conn, peer = self.sock.accept()
-            except (TimeoutError, OSError):
-                continue
-            self.peers.append(peer[0])
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        conn.settimeout(30)
-        with conn, contextlib.suppress(OSError):
-            while data := conn.recv(65536):
-                conn.sendall(data)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._t.join(5)
-        self.sock.close()
 
 
 @dataclass

@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lab import topology as topo
 from lab.runner import UpOptions, http_get_in, pin_root, up, ztagent_argv
-from tests.kernel.nsutil import requires_bcc, socket_in, wait_until
+from tests.kernel.nsutil import EchoApp, requires_bcc, socket_in, wait_until
 
 pytestmark = [pytest.mark.kernel, requires_bcc, pytest.mark.timeout(600)]
 
@@ -85,42 +85,6 @@ kind: PeerAuthentication
 metadata: {name: strict, namespace: backend}
 spec: {mtls: {mode: STRICT}}
 """
-
-
-class EchoApp:
-    """A real TCP app in a pod: echoes each connection until EOF; records client addresses."""
-
-    def __init__(self, ns: str, port: int) -> None:
-        self.sock = socket_in(ns)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("0.0.0.0", port))
-        self.sock.listen(64)
-        self.sock.settimeout(0.1)
-        self.peers: list[str] = []
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._loop, daemon=True)
-        self._t.start()
-
-    def _loop(self) -> None:
-        end = time.monotonic() + 900
-        while not self._stop.is_set() and time.monotonic() < end:
-            try:
-                conn, peer = self.sock.accept()
-            except (TimeoutError, OSError):
-                continue
-            self.peers.append(peer[0])
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        conn.settimeout(120)
-        with conn, contextlib.suppress(OSError):
-            while data := conn.recv(65536):
-                conn.sendall(data)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._t.join(5)
-        self.sock.close()
 
 
 @dataclass
