@@ -293,16 +293,23 @@ class CaClient:
         impersonate: bool = True,
         server_name: str = CA_SERVER_NAME,
     ) -> None:
+        self.node = node
+        self._init_channel_state(address, timeout, clock, impersonate, server_name, in_use=None)
+
+    def _init_channel_state(
+        self, address: str, timeout: float, clock: Clock, impersonate: bool, server_name: str, *,
+        in_use: str | None,
+    ) -> None:  # fmt: skip
+        """What every CA client holds, whatever it authenticates with."""
         _check_address(address)
         self.address = address
-        self.node = node
         self.timeout = timeout
         self._clock = clock
         self._impersonate = impersonate
         self._server_name = server_name
         self._channel: UnaryChannel | None = None
         self._channel_cred: WorkloadCredential | None = None  # what the channel's TLS presents
-        self._in_use: str | None = None  # which credential was last chosen (for transition logs)
+        self._in_use: str | None = in_use  # which credential was last chosen (for transition logs)
         self._draining: dict[asyncio.Task[None], UnaryChannel] = {}
 
     def bundles(self) -> TrustBundleSet:
@@ -669,17 +676,8 @@ class TokenCaClient(CaClient):
         impersonate: bool = True,
         server_name: str = CA_SERVER_NAME,
     ) -> None:
-        _check_address(address)
-        self.address = address
         self.token = token
-        self.timeout = timeout
-        self._clock = clock
-        self._impersonate = impersonate
-        self._server_name = server_name
-        self._channel = None
-        self._channel_cred = None
-        self._in_use = TOKEN
-        self._draining = {}
+        self._init_channel_state(address, timeout, clock, impersonate, server_name, in_use=TOKEN)
 
     def bundles(self) -> TrustBundleSet:
         return self.token.bundles
